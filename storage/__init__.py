@@ -1,0 +1,1 @@
+"""Parquet schemas, shard layout, atomic writers and the ledger of finished work (a leaf package)."""

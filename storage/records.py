@@ -1,0 +1,157 @@
+"""Typed records passed between stages; each has an explicit Arrow schema in storage.schemas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True, frozen=True)
+class Box:
+    """One annotated box; (x, y, w, h) in pixels, top-left origin (COCO convention)."""
+
+    ann_id: int
+    category_id: int
+    label: str
+    x: float
+    y: float
+    w: float
+    h: float
+
+
+@dataclass(slots=True)
+class ImageRecord:
+    """One image of the plan with its validated boxes."""
+
+    image_id: int
+    file_name: str
+    width: int
+    height: int
+    shard: int
+    boxes: list[Box] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Caption:
+    """One caption of one image. caption_id is the index 0..N_Cap-1 within the image."""
+
+    image_id: int
+    caption_id: int
+    text: str
+    is_duplicate: bool
+    captioner: str
+    captioner_revision: str
+    sampling: str  # JSON of the generation settings (or "oracle")
+
+
+@dataclass(slots=True)
+class ParsedRelation:
+    """One (subject, relation, object) text triple parsed from one caption."""
+
+    image_id: int
+    caption_id: int
+    subject_text: str
+    subject_head: str
+    relation: str  # raw relation span, e.g. "sitting on"
+    relation_lemma: str
+    object_text: str
+    object_head: str
+
+
+@dataclass(slots=True)
+class Candidate:
+    """One ordered (subject box, object box, relation text) candidate for the tagger."""
+
+    image_id: int
+    subject_ann_id: int
+    object_ann_id: int
+    subject_category_id: int
+    object_category_id: int
+    subject_label: str
+    object_label: str
+    relation: str
+    relation_lemma: str
+    caption_ids: list[int]  # sorted caption indices that support this (pair, relation)
+    n_captions: int
+    subject_rule: str  # which matching rule matched the subject: name / synonym / lemma / reference
+    subject_synonym: str
+    object_rule: str
+    object_synonym: str
+
+
+@dataclass(slots=True)
+class TaggedRelation:
+    """A candidate with the tagger's three confidence factors (paper Sec. 4.2.2, Eq. 5)."""
+
+    image_id: int
+    subject_ann_id: int
+    object_ann_id: int
+    subject_category_id: int
+    object_category_id: int
+    subject_label: str
+    object_label: str
+    relation: str
+    relation_lemma: str
+    caption_ids: list[int]
+    n_captions: int
+    p_subject: float
+    p_object: float
+    p_relation: float
+    confidence: float
+    relation_rank: int  # 1 = the pair's best-scored relation text
+    tagger: str
+
+
+@dataclass(slots=True)
+class Triplet:
+    """An accepted <subject, relation, object> triplet with its provenance."""
+
+    image_id: int
+    subject_ann_id: int
+    object_ann_id: int
+    subject_category_id: int
+    object_category_id: int
+    subject_label: str
+    object_label: str
+    subject_box: list[float]  # x, y, w, h in pixels
+    object_box: list[float]
+    relation: str
+    relation_lemma: str
+    confidence: float
+    p_subject: float
+    p_object: float
+    p_relation: float
+    relation_rank: int
+    caption_ids: list[int]
+    n_captions: int
+    tagger: str
+    run_key: str
+
+
+@dataclass(slots=True)
+class Reject:
+    """A tagged relation below the threshold (or otherwise dropped), with the reason."""
+
+    image_id: int
+    subject_ann_id: int
+    object_ann_id: int
+    subject_label: str
+    object_label: str
+    relation: str
+    confidence: float
+    p_subject: float
+    p_object: float
+    p_relation: float
+    caption_ids: list[int]
+    reason: str
+    run_key: str
+
+
+@dataclass(slots=True)
+class Quarantined:
+    """An input record set aside with the reason; the run goes on without it."""
+
+    stage: str  # plan / caption / parse / ...
+    image_id: int | None
+    record: str  # file name, annotation id or caption reference that names the record
+    reason: str  # short machine-countable reason, e.g. "bbox_outside_image"
+    detail: str  # human-readable message with the offending values

