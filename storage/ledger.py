@@ -1,0 +1,90 @@
+"""The ledger of finished work: one marker file per (stage, shard, batch), written after the output is durable."""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from dataclasses import dataclass
+
+from storage.atomic import read_json, write_json
+from storage.layout import RunLayout, batch_name, shard_name
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """One unit of work: a stage over one batch of one shard (batch None: a whole-shard stage such as write)."""
+
+    stage: str
+    shard: int
+    batch: int | None = None
+
+    def rel(self) -> str:
+        b = "shard" if self.batch is None else batch_name(self.batch)
+        return posixpath.join(self.stage, shard_name(self.shard), b)
+
+
+class Ledger:
+    """Marker files under `<run>/_ledger/`. A unit is done iff its `.done.json` exists.
+
+    The output of a unit is written first (temporary name, close, rename); only then is its marker written,
+    itself atomically. A crash between the two leaves no marker, so the unit is simply redone.
+    """
+
+    def __init__(self, layout: RunLayout):
+        self.layout = layout
+        self.fs = layout.fs
+        self.dir = layout.ledger_dir
+
+    def _path(self, unit: Unit, kind: str) -> str:
+        return posixpath.join(self.dir, f"{unit.rel()}.{kind}.json")
+
+    def is_done(self, unit: Unit) -> bool:
+        return self.fs.exists(self._path(unit, "done"))
+
+    def record_done(self, unit: Unit, info: dict) -> None:
+        """Record a finished unit. Refuses to record a unit twice (that would mean duplicated work)."""
+        path = self._path(unit, "done")
+        if self.fs.exists(path):
+            raise RuntimeError(
+                f"ledger: {unit.rel()} is already recorded as done; refusing to record it twice"
+            )
+        failed = self._path(unit, "failed")
+        attempts = 1
+        if self.fs.exists(failed):
+            attempts += int(read_json(self.fs, failed).get("attempts", 1))
+        write_json(
+            self.fs, path, {"unit": unit.rel(), "finished_at": time.time(), "attempts": attempts, **info}
+        )
+        if self.fs.exists(failed):
+            self.fs.rm(failed)
+
+    def record_failed(self, unit: Unit, error: str) -> None:
+        failed = self._path(unit, "failed")
+        attempts = 1
+        if self.fs.exists(failed):
+            attempts += int(read_json(self.fs, failed).get("attempts", 1))
+        write_json(
+            self.fs,
+            failed,
+            {"unit": unit.rel(), "failed_at": time.time(), "attempts": attempts, "error": error},
+        )
+
+    def read(self, unit: Unit) -> dict:
+        return read_json(self.fs, self._path(unit, "done"))
+
+    def snapshot(self) -> dict[str, set[str]]:
+        """{'done': {rel, ...}, 'failed': {rel, ...}} from one listing of the ledger folder."""
+        out: dict[str, set[str]] = {"done": set(), "failed": set()}
+        if not self.fs.exists(self.dir):
+            return out
+        prefix = self.dir.rstrip("/") + "/"
+        for p in self.fs.find(self.dir):
+            rel = p[len(prefix) :] if p.startswith(prefix) else p
+            name = posixpath.basename(rel)
+            if name.startswith("."):
+                continue  # a temporary file of an interrupted write
+            for kind in ("done", "failed"):
+                if rel.endswith(f".{kind}.json"):
+                    out[kind].add(rel[: -len(f".{kind}.json")])
+        out["failed"] -= out["done"]
+        return out
