@@ -1,0 +1,255 @@
+"""The `reltag` command line: plan, run, status, stats, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# flag -> (config section, field, type); every flag overrides the config file
+OVERRIDES = {
+    "dataset": (None, "dataset", str),
+    "shard_size": ("plan", "shard_size", int),
+    "batch_size": ("plan", "batch_size", int),
+    "box_policy": ("plan", "box_policy", str),
+    "captioner": ("caption", "captioner", str),
+    "caption_model": ("caption", "model", str),
+    "caption_revision": ("caption", "model_revision", str),
+    "n_cap": ("caption", "n_cap", int),
+    "top_p": ("caption", "top_p", float),
+    "caption_batch_size": ("caption", "batch_size", int),
+    "caption_dtype": ("caption", "dtype", str),
+    "caption_device": ("caption", "device", str),
+    "vocabulary": ("match", "vocabulary", str),
+    "match_mode": ("match", "mode", str),
+    "tagger": ("tag", "tagger", str),
+    "checkpoint": ("tag", "checkpoint", str),
+    "tag_device": ("tag", "device", str),
+    "tag_batch_size": ("tag", "batch_size", int),
+    "eta": ("threshold", "eta", float),
+    "rule": ("threshold", "rule", str),
+}
+
+
+def load_config(path: str | None, args: argparse.Namespace):
+    """Config file (YAML or JSON) with the command-line flags applied on top."""
+    from tasks.config import PipelineConfig
+
+    data: dict = {}
+    if path:
+        text = Path(path).read_text()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    for flag, (section, field, _) in OVERRIDES.items():
+        v = getattr(args, flag, None)
+        if v is None:
+            continue
+        if field == "captioner" and "," in v:
+            v = tuple(x.strip() for x in v.split(","))
+        if section is None:
+            data[field] = v
+        else:
+            data.setdefault(section, {})[field] = v
+    return PipelineConfig.model_validate(data)
+
+
+def _add_run_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
+    if inputs:
+        p.add_argument("--annotations", required=True, help="COCO / Objects365 detection JSON")
+        p.add_argument("--images", required=True, help="image folder the file_name entries are relative to")
+        p.add_argument("--captions", help="COCO-Captions JSON (for the oracle captioner)")
+    p.add_argument("--out", required=True, help="output root (local path or fsspec URI)")
+    p.add_argument(
+        "--config", help="pipeline config, YAML or JSON (sections plan/caption/parse/match/tag/threshold)"
+    )
+    g = p.add_argument_group("config overrides")
+    for flag, (section, field, typ) in OVERRIDES.items():
+        g.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=f"{section or 'top'}.{field}")
+
+
+def _params(args):
+    from flows.params import LabelParams
+
+    cfg = load_config(args.config, args)
+    return LabelParams(
+        annotations=args.annotations, images=args.images, out=args.out, captions=args.captions, config=cfg
+    )
+
+
+def cmd_plan(args) -> int:
+    from tasks.plan_run import plan_run
+
+    p = _params(args)
+    ctx, manifest = plan_run(p.annotations, p.images, p.out, p.captions, p.dataset_name, p.config)
+    c = manifest["counts"]
+    print(
+        f"run key {ctx.run_key}: {c.get('images_planned', 0)} images, {c.get('boxes_planned', 0)} boxes in "
+        f"{len(manifest['shards'])} shards; {manifest['quarantined']} records quarantined"
+    )
+    print(f"manifest: {ctx.layout.manifest}")
+    return 0
+
+
+def _run(params) -> int:
+    from flows.label import label_dataset
+
+    summary = label_dataset(params)
+    print(
+        f"done: {summary['triplets']} triplets on {summary['images_with_triplets']}/{summary['images']} images "
+        f"in {summary['shards']} shard(s), run key {summary['run_key']}"
+    )
+    print(f"output: {summary['output']}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    return _run(_params(args))
+
+
+def cmd_demo(args) -> int:
+    from flows.params import LabelParams
+
+    sample = Path(args.sample or EXAMPLES)
+    det = sample / "sample_detections.json"
+    if not det.exists():
+        raise SystemExit(
+            f"reltag demo: no bundled sample at {det} (run from a source checkout, or pass --sample DIR)"
+        )
+    args.annotations, args.captions, args.images = (
+        str(det),
+        str(sample / "sample_captions.json"),
+        str(sample / "images"),
+    )
+    cfg = load_config(args.config, args)
+    if args.dataset is None:
+        cfg = cfg.model_copy(update={"dataset": "sample"})
+    return _run(
+        LabelParams(
+            annotations=args.annotations, images=args.images, out=args.out, captions=args.captions, config=cfg
+        )
+    )
+
+
+def cmd_status(args) -> int:
+    from flows.status import find_runs, run_status
+
+    runs = [r for r in find_runs(args.out) if not args.run_key or r.run_key == args.run_key]
+    if not runs:
+        print(f"no runs under {args.out}", file=sys.stderr)
+        return 1
+    report = [run_status(r) for r in runs]
+    if args.json:
+        print(json.dumps(report if len(report) > 1 else report[0], indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    for st in report:
+        t = Table(
+            title=f"{st['dataset']} / {st['run_key']}  ({st['images']} images, "
+            f"{'complete' if st['complete'] else 'incomplete'})"
+        )
+        t.add_column("shard")
+        for stage in st["totals"]:
+            t.add_column(stage, justify="right")
+        for row in st["shards"]:
+            cells = []
+            for c in row["stages"].values():
+                cell = f"{c['done']}/{c['done'] + c['failed'] + c['pending']}"
+                if c["failed"]:
+                    cell += f" [red]{c['failed']} failed[/red]"
+                cells.append(cell)
+            t.add_row(f"{row['shard']:05d}", *cells)
+        con.print(t)
+        if st["failed_units"]:
+            con.print("[red]failed:[/red] " + ", ".join(st["failed_units"]))
+        if st.get("triplets") is not None:
+            con.print(f"triplets: {st['triplets']}")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from flows.status import find_runs
+    from storage.atomic import read_json
+
+    runs = [r for r in find_runs(args.out) if not args.run_key or r.run_key == args.run_key]
+    done = [r for r in runs if r.fs.exists(r.run_stats)]
+    if not done:
+        print(f"no finished run under {args.out}", file=sys.stderr)
+        return 1
+    for r in done:
+        print(json.dumps(read_json(r.fs, r.run_stats), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="reltag",
+        description="Turn detection datasets (COCO, Objects365) into relation-triplet Parquet shards "
+        "(RLIPv2 pseudo-labelling), as resumable Prefect flows.",
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser(
+        "plan",
+        help="validate the detection file and cut it into shards (writes the manifest)",
+        description="Stream the detection JSON, quarantine bad records, write images/shard-*.parquet "
+        "and manifest.json under <out>/<dataset>/<run-key>/. Idempotent.",
+    )
+    _add_run_args(p)
+    p.set_defaults(func=cmd_plan)
+    p = sub.add_parser(
+        "run",
+        help="label a dataset: plan, caption, parse, match, tag, threshold, write",
+        description="Run the label-dataset flow. Rerunning the same command after a crash resumes: "
+        "finished batches are skipped, the rest redone.",
+    )
+    _add_run_args(p)
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser(
+        "demo",
+        help="run the whole pipeline on the bundled sample (examples/)",
+        description="The same pipeline as `run`, on five bundled photographs with oracle captions "
+        "and the greedy overlap tagger (no model weights needed).",
+    )
+    _add_run_args(p, inputs=False)
+    p.add_argument("--sample", help="folder with sample_detections.json, sample_captions.json, images/")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser(
+        "status",
+        help="per shard and stage: batches done, failed, pending",
+        description="Read the ledger of every run under --out (or one --run-key).",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--run-key")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("stats", help="print the statistics of finished runs (stats/run.json)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--run-key")
+    p.set_defaults(func=cmd_stats)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # bad input or config: one clear line, no traceback
+        print(f"reltag {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""The labelling flows: `label-dataset` (plan -> every shard -> roll-up) and `label-shard` (stages per batch)."""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect.concurrency.sync import concurrency
+
+from flows.params import LabelParams
+from flows.progress import advance, show_progress
+from storage.atomic import read_json, write_json
+from storage.layout import BATCH_STAGES
+from storage.ledger import Ledger, Unit
+from tasks.pipeline import RunContext, finalize_shard, merge_stats, run_batch_stage
+from tasks.plan_run import plan_run
+
+UNIT = {"caption": "images", "parse": "images", "match": "images", "tag": "images", "threshold": "images"}
+
+
+def _io_error_only(task, task_run, state) -> bool:
+    """Retry on I/O errors only; never around a model bug, a bad input or an out-of-memory error."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+def _on_accelerator(ctx: RunContext, stage: str) -> bool:
+    """Stages on a GPU take a slot of the Prefect global concurrency limit named "gpu" (a no-op if none exists)."""
+    cfg = ctx.config
+    return (stage == "caption" and cfg.caption.device != "cpu") or (
+        stage == "tag" and cfg.tag.device != "cpu"
+    )
+
+
+_retry = dict(retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_io_error_only)
+
+
+@task(name="plan", cache_policy=None, persist_result=False, **_retry)
+def plan_task(params: LabelParams) -> RunContext:
+    ctx, manifest = plan_run(
+        params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config
+    )
+    get_run_logger().info(
+        "run %s: %d images in %d shards (%s)",
+        ctx.run_key,
+        manifest["counts"].get("images_planned", 0),
+        len(manifest["shards"]),
+        ctx.layout.base,
+    )
+    return ctx
+
+
+@task(
+    name="stage",
+    task_run_name="{stage} shard-{shard:05d} batch-{batch:05d}",
+    cache_policy=None,
+    persist_result=False,
+    **_retry,
+)
+def stage_task(ctx: RunContext, stage: str, shard: int, batch: int) -> dict:
+    if _on_accelerator(ctx, stage):
+        with concurrency("gpu", occupy=1):
+            info = run_batch_stage(ctx, stage, shard, batch)
+    else:
+        info = run_batch_stage(ctx, stage, shard, batch)
+    if not info.get("skipped"):
+        secs = max(info["seconds"], 1e-9)
+        get_run_logger().info(
+            "%s shard-%05d batch-%05d: %d %s -> %d rows in %.2f s (%.1f %s/s)",
+            stage,
+            shard,
+            batch,
+            info["items"],
+            UNIT[stage],
+            info["rows"],
+            info["seconds"],
+            info["items"] / secs,
+            UNIT[stage],
+        )
+    return info
+
+
+@task(
+    name="write-shard",
+    task_run_name="write shard-{shard:05d}",
+    cache_policy=None,
+    persist_result=False,
+    **_retry,
+)
+def write_shard_task(ctx: RunContext, shard: int, n_batches: int) -> dict:
+    return finalize_shard(ctx, shard, n_batches)
+
+
+@flow(
+    name="label-shard", flow_run_name="label {ctx.dataset} {ctx.run_key} shard-{shard:05d}", log_prints=True
+)
+def label_shard(ctx: RunContext, shard: int, n_batches: int, n_total: int) -> dict:
+    """Run every stage over every batch of one shard, then write its triplet file.
+
+    A batch that fails does not stop the others; the shard's triplet file is only written when every batch
+    is done, and the flow fails (listing the failed units) when any is not. Rerunning redoes only those.
+    """
+    log = get_run_logger()
+    ledger = Ledger(ctx.layout)
+    snap = ledger.snapshot()
+    if Unit("write", shard).rel() in snap["done"]:
+        for stage in BATCH_STAGES:
+            advance(stage, n_total)
+        return {"shard": shard, "skipped": True}
+    failed = []
+    bs = ctx.config.plan.batch_size
+    n_images = {b: min(bs, max(0, n_total - b * bs)) for b in range(n_batches)}
+    for b in range(n_batches):
+        for stage in BATCH_STAGES:
+            if Unit(stage, shard, b).rel() in snap["done"]:
+                advance(stage, n_images[b])
+                continue
+            try:
+                info = stage_task(ctx, stage, shard, b)
+                advance(stage, info["items"], None if info.get("skipped") else info["seconds"])
+            except Exception as e:  # recorded in the ledger by run_batch_stage; go on with the next batch
+                log.error("%s shard-%05d batch-%05d failed: %s: %s", stage, shard, b, type(e).__name__, e)
+                failed.append(Unit(stage, shard, b).rel())
+                break
+    if failed:
+        raise RuntimeError(
+            f"shard-{shard:05d}: {len(failed)} unit(s) failed: {', '.join(failed)}; rerun to redo them"
+        )
+    return write_shard_task(ctx, shard, n_batches)
+
+
+@flow(name="label-dataset", flow_run_name="label {params.dataset_name}", log_prints=True)
+def label_dataset(params: LabelParams) -> dict:
+    """Plan the dataset, label every shard, roll the statistics up. Safe to rerun after any crash."""
+    t0 = time.perf_counter()
+    ctx = plan_task(params)
+    manifest = read_json(ctx.layout.fs, ctx.layout.manifest)
+    failures = []
+    with show_progress(sum(sh["images"] for sh in manifest["shards"]), BATCH_STAGES):
+        for sh in manifest["shards"]:
+            try:
+                label_shard(ctx, sh["shard"], sh["batches"], sh["images"])
+            except Exception as e:
+                failures.append(str(e))
+    if failures:
+        raise RuntimeError("; ".join(failures))
+    summary = rollup(ctx, manifest)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    return summary
+
+
+def rollup(ctx: RunContext, manifest: dict) -> dict:
+    """Merge every shard's stats into `stats/run.json`."""
+    layout = ctx.layout
+    shard_stats = [read_json(layout.fs, layout.shard_stats(sh["shard"])) for sh in manifest["shards"]]
+    stages = {}
+    for stage in BATCH_STAGES:
+        stages[stage] = merge_stats([s["stages"][stage] for s in shard_stats])
+    summary = {
+        "run_key": ctx.run_key,
+        "dataset": ctx.dataset,
+        "output": layout.base,
+        "shards": len(shard_stats),
+        "images": sum(s["images"] for s in shard_stats),
+        "triplets": sum(s["triplets"] for s in shard_stats),
+        "images_with_triplets": sum(s["images_with_triplets"] for s in shard_stats),
+        "plan": manifest["counts"],
+        "stages": stages,
+    }
+    write_json(layout.fs, layout.run_stats, summary)
+    return summary
