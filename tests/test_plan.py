@@ -1,0 +1,179 @@
+"""Planning: validation of detection records, sharding, quarantine, run keys."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+
+from storage import schemas
+from storage.layout import RunLayout
+from storage.records import Quarantined
+from tasks.config import PipelineConfig, PlanConfig
+from tasks.plan import plan_shards, read_categories, safe_file_name, shard_records
+from tasks.plan_run import plan_run
+
+CATS = [{"id": 1, "name": "Person"}, {"id": 2, "name": "Chair"}]
+
+
+def _write(tmp_path, images, annotations, categories=CATS, name="det.json"):
+    p = tmp_path / name
+    p.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return str(p)
+
+
+def _img(i, w=100, h=80, f=None):
+    return {"id": i, "file_name": f or f"{i:06d}.jpg", "width": w, "height": h}
+
+
+def _ann(a, i, c=1, bbox=(10, 10, 20, 20), crowd=0):
+    return {"id": a, "image_id": i, "category_id": c, "bbox": list(bbox), "iscrowd": crowd}
+
+
+def _plan(tmp_path, path, **cfg):
+    layout = RunLayout(str(tmp_path / "out"), "ds", "key")
+    out = plan_shards(path, layout, PlanConfig(**cfg))
+    return layout, out
+
+
+def _quarantine(layout) -> list[Quarantined]:
+    return schemas.from_table(pq.read_table(layout.quarantine("plan")), Quarantined)
+
+
+def test_shards_are_cut_in_file_order_and_boxes_attached(tmp_path):
+    images = [_img(i) for i in range(1, 8)]
+    anns = [_ann(100 + i, i, c=1 + i % 2) for i in range(1, 8)] + [_ann(200, 3, bbox=(0, 0, 5, 5))]
+    layout, out = _plan(tmp_path, _write(tmp_path, images, anns), shard_size=3, batch_size=2)
+    assert [s["images"] for s in out.shards] == [3, 3, 1]
+    assert [s["batches"] for s in out.shards] == [2, 2, 1]
+    recs = shard_records(layout, 1)
+    assert [r.image_id for r in recs] == [4, 5, 6]
+    recs0 = shard_records(layout, 0)
+    assert [b.ann_id for b in recs0[2].boxes] == [103, 200]
+    assert recs0[0].boxes[0].label == "Chair"
+    assert layout.images(2).endswith("images/shard-00002.parquet")
+
+
+def test_crowd_and_zero_area_boxes_are_dropped_and_counted(tmp_path):
+    anns = [_ann(1, 1, crowd=1), _ann(2, 1, bbox=(5, 5, 0, 10)), _ann(3, 1, bbox=(5, 5, 10, -1)), _ann(4, 1)]
+    layout, out = _plan(tmp_path, _write(tmp_path, [_img(1)], anns))
+    assert out.counts["dropped_crowd"] == 1
+    assert out.counts["dropped_zero_area"] == 2
+    assert [b.ann_id for b in shard_records(layout, 0)[0].boxes] == [4]
+
+
+def test_box_outside_image_is_clipped_by_default(tmp_path):
+    anns = [_ann(1, 1, bbox=(-5, 70, 20, 20))]
+    layout, out = _plan(tmp_path, _write(tmp_path, [_img(1, w=100, h=80)], anns))
+    b = shard_records(layout, 0)[0].boxes[0]
+    assert (b.x, b.y, b.w, b.h) == (0.0, 70.0, 15.0, 10.0)
+    assert out.counts["clipped_boxes"] == 1
+
+
+def test_box_outside_image_is_quarantined_when_asked(tmp_path):
+    anns = [_ann(7, 1, bbox=(90, 10, 20, 20))]
+    layout, out = _plan(tmp_path, _write(tmp_path, [_img(1)], anns), box_policy="quarantine")
+    assert shard_records(layout, 0)[0].boxes == []
+    (q,) = _quarantine(layout)
+    assert q.reason == "bbox_outside_image" and q.record == "annotation 7"
+    assert "[90.0, 10.0, 20.0, 20.0] leaves image 1 of size 100x80" in q.detail
+
+
+def test_box_entirely_outside_is_quarantined_even_when_clipping(tmp_path):
+    layout, _ = _plan(tmp_path, _write(tmp_path, [_img(1)], [_ann(7, 1, bbox=(200, 10, 20, 20))]))
+    assert [q.reason for q in _quarantine(layout)] == ["bbox_outside_image"]
+
+
+@pytest.mark.parametrize(
+    "image, reason, detail",
+    [
+        ({"id": 5, "file_name": "a.jpg", "width": 10}, "missing_size", "image 5 has width 10 and height None"),
+        ({"id": 5, "file_name": "/etc/passwd", "width": 10, "height": 10}, "unsafe_file_name", "is absolute"),
+        ({"id": 5, "file_name": "../x.jpg", "width": 10, "height": 10}, "unsafe_file_name", "escapes the image root"),
+        ({"id": 5, "file_name": "a/../../x.jpg", "width": 10, "height": 10}, "unsafe_file_name", "escapes"),
+        ({"id": "5", "file_name": "a.jpg", "width": 10, "height": 10}, "malformed_image", "has id '5', not an integer"),
+        ([1, 2], "malformed_image", "is list, not an object"),
+    ],
+)
+def test_bad_images_are_quarantined_with_reason(tmp_path, image, reason, detail):
+    layout, out = _plan(tmp_path, _write(tmp_path, [image, _img(9)], [_ann(1, 9)]))
+    (q,) = _quarantine(layout)
+    assert q.reason == reason and detail in q.detail
+    assert [r.image_id for r in shard_records(layout, 0)] == [9]
+    assert out.counts[f"quarantined_{reason}"] == 1
+
+
+def test_duplicate_image_id_keeps_first_and_quarantines_the_rest(tmp_path):
+    images = [_img(1, f="first.jpg"), _img(2), _img(1, f="second.jpg")]
+    layout, _ = _plan(tmp_path, _write(tmp_path, images, [_ann(10, 1)]))
+    recs = shard_records(layout, 0)
+    assert [(r.image_id, r.file_name) for r in recs] == [(1, "first.jpg"), (2, "000002.jpg")]
+    assert [b.ann_id for b in recs[0].boxes] == [10]
+    (q,) = _quarantine(layout)
+    assert q.reason == "duplicate_image_id" and "'second.jpg'" in q.detail
+
+
+@pytest.mark.parametrize(
+    "ann, reason, detail",
+    [
+        (_ann(3, 1, c=99), "unknown_category", "has category_id 99, not in 'categories'"),
+        (_ann(3, 42), "unknown_image_id", "refers to image 42"),
+        ({"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}, "malformed_bbox", "bbox of annotation 3 is [1, 2, 3]"),
+        ({"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, "a", 4]}, "malformed_bbox", "4 finite numbers"),
+        ({"id": 3, "image_id": 1, "bbox": [1, 2, 3, 4]}, "malformed_annotation", "has category_id None"),
+    ],
+)
+def test_bad_annotations_are_quarantined_with_reason(tmp_path, ann, reason, detail):
+    layout, _ = _plan(tmp_path, _write(tmp_path, [_img(1)], [ann, _ann(4, 1)]))
+    (q,) = _quarantine(layout)
+    assert q.reason == reason and detail in q.detail
+    assert [b.ann_id for b in shard_records(layout, 0)[0].boxes] == [4]
+
+
+def test_invalid_json_is_a_clear_error(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('{"categories": [{"id": 1, "name": "a"}], "images": [{"id": 1,')
+    with pytest.raises(ValueError, match=r"bad.json is not valid JSON"):
+        _plan(tmp_path, str(p))
+
+
+def test_categories_are_validated(tmp_path):
+    with pytest.raises(ValueError, match="category id 1 appears twice"):
+        read_categories(_write(tmp_path, [], [], categories=[{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]))
+    with pytest.raises(ValueError, match="has no 'categories'"):
+        read_categories(_write(tmp_path, [], [], categories=[]))
+    with pytest.raises(ValueError, match="needs an integer 'id'"):
+        read_categories(_write(tmp_path, [], [], categories=[{"id": "x", "name": "a"}]))
+
+
+def test_safe_file_name():
+    assert safe_file_name("train/patch0/objects365_v1_00000001.jpg") is None
+    assert "absolute" in safe_file_name("C:\\x.jpg")
+    assert "absolute" in safe_file_name("s3://bucket/x.jpg")
+    assert "NUL" in safe_file_name("a\x00.jpg")
+    assert "non-empty" in safe_file_name("")
+
+
+def test_run_key_changes_with_config_and_input_and_planning_is_idempotent(tmp_path):
+    det = _write(tmp_path, [_img(1)], [_ann(1, 1)])
+    caps = tmp_path / "caps.json"
+    caps.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a man on a chair"}]}))
+    out = str(tmp_path / "out")
+    cfg = PipelineConfig()
+    ctx1, m1 = plan_run(det, str(tmp_path), out, str(caps), "ds", cfg)
+    ctx2, m2 = plan_run(det, str(tmp_path), out, str(caps), "ds", cfg)
+    assert ctx1.run_key == ctx2.run_key and m1 == m2
+    ctx3, _ = plan_run(det, str(tmp_path), out, str(caps), "ds", cfg.model_copy(update={"threshold": cfg.threshold.model_copy(update={"eta": 0.5})}))
+    assert ctx3.run_key != ctx1.run_key
+    det2 = _write(tmp_path, [_img(1)], [_ann(2, 1)], name="det2.json")
+    ctx4, _ = plan_run(det2, str(tmp_path), out, str(caps), "ds", cfg)
+    assert ctx4.run_key != ctx1.run_key
+    # device and tagger batch size do not change the output, so they do not change the key
+    ctx5, _ = plan_run(det, str(tmp_path), out, str(caps), "ds", cfg.model_copy(update={"tag": cfg.tag.model_copy(update={"batch_size": 9})}))
+    assert ctx5.run_key == ctx1.run_key
+    assert m1["versions"]["torch"] and m1["categories"] == CATS
+    with pytest.raises(ValueError, match="needs a captions file"):
+        plan_run(det, str(tmp_path), out, None, "ds", cfg)
+    with pytest.raises(ValueError, match="dataset name '../x'"):
+        plan_run(det, str(tmp_path), out, str(caps), "../x", cfg)

@@ -1,0 +1,98 @@
+"""Storage: explicit schemas, atomic writers, the ledger."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from storage import records as r
+from storage import schemas
+from storage.atomic import ParquetBatchWriter, write_json, write_table
+from storage.layout import RunLayout
+from storage.ledger import Ledger, Unit
+
+
+def test_every_schema_matches_its_record_type():
+    for cls, schema in schemas.SCHEMAS.items():
+        assert [f.name for f in dataclasses.fields(cls)] == schema.names, cls.__name__
+
+
+def test_records_round_trip_through_arrow():
+    im = r.ImageRecord(7, "a.jpg", 10, 20, 0, [r.Box(1, 3, "cup", 1.5, 2.0, 3.0, 4.0)])
+    assert schemas.from_table(schemas.to_table([im], r.ImageRecord), r.ImageRecord) == [im]
+    t = r.Triplet(1, 2, 3, 4, 5, "a", "b", [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0], "on", "on", 0.5, 1.0, 0.5, 1.0, 1,
+                  [0, 3], 2, "greedy_overlap", "k")
+    assert schemas.from_table(schemas.to_table([t], r.Triplet), r.Triplet) == [t]
+
+
+def test_zero_rows_still_write_a_valid_file(tmp_path):
+    fs = fsspec.filesystem("file")
+    path = str(tmp_path / "x" / "empty.parquet")
+    rows, nbytes = write_table(fs, path, schemas.to_table([], r.Triplet), schemas.TRIPLETS)
+    assert rows == 0 and nbytes > 0
+    assert pq.read_table(path).schema.equals(schemas.TRIPLETS)
+
+
+def test_a_failed_write_leaves_no_file_and_no_temporary(tmp_path):
+    fs = fsspec.filesystem("file")
+    path = str(tmp_path / "out.parquet")
+    write_table(fs, path, schemas.to_table([], r.Quarantined), schemas.QUARANTINE)
+    before = (tmp_path / "out.parquet").read_bytes()
+    with pytest.raises(RuntimeError, match="boom"):
+        with ParquetBatchWriter(fs, path, schemas.QUARANTINE) as w:
+            w.write(schemas.to_table([r.Quarantined("plan", 1, "image 1", "x", "y")], r.Quarantined))
+            raise RuntimeError("boom")
+    assert (tmp_path / "out.parquet").read_bytes() == before  # the old file is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out.parquet"]
+
+
+def test_writer_rejects_a_table_of_another_schema(tmp_path):
+    fs = fsspec.filesystem("file")
+    with pytest.raises((pa.ArrowInvalid, ValueError, KeyError)):
+        with ParquetBatchWriter(fs, str(tmp_path / "t.parquet"), schemas.TRIPLETS) as w:
+            w.write(pa.table({"nope": [1]}))
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_same_rows_give_byte_identical_files(tmp_path):
+    fs = fsspec.filesystem("file")
+    rows = [r.Quarantined("plan", i, f"image {i}", "missing_size", "d") for i in range(100)]
+    write_table(fs, str(tmp_path / "a.parquet"), schemas.to_table(rows, r.Quarantined), schemas.QUARANTINE)
+    write_table(fs, str(tmp_path / "b.parquet"), schemas.to_table(rows, r.Quarantined), schemas.QUARANTINE)
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+
+
+def test_ledger_records_once_and_tracks_failures(tmp_path):
+    layout = RunLayout(str(tmp_path), "ds", "key")
+    led = Ledger(layout)
+    u = Unit("parse", 3, 12)
+    assert not led.is_done(u)
+    led.record_failed(u, "ValueError: x")
+    led.record_failed(u, "ValueError: y")
+    assert led.snapshot() == {"done": set(), "failed": {"parse/shard-00003/batch-00012"}}
+    led.record_done(u, {"rows": 5})
+    assert led.read(u)["attempts"] == 3 and led.read(u)["rows"] == 5
+    assert led.snapshot() == {"done": {"parse/shard-00003/batch-00012"}, "failed": set()}
+    with pytest.raises(RuntimeError, match="already recorded as done"):
+        led.record_done(u, {"rows": 5})
+
+
+def test_ledger_ignores_temporaries_of_interrupted_writes(tmp_path):
+    layout = RunLayout(str(tmp_path), "ds", "key")
+    led = Ledger(layout)
+    led.record_done(Unit("write", 0), {})
+    d = tmp_path / "ds" / "key" / "_ledger" / "caption" / "shard-00000"
+    d.mkdir(parents=True)
+    (d / ".batch-00000.done.json.tmp-abc").write_text("{")
+    assert led.snapshot()["done"] == {"write/shard-00000/shard"}
+
+
+def test_write_json_is_stable(tmp_path):
+    fs = fsspec.filesystem("file")
+    write_json(fs, str(tmp_path / "a.json"), {"b": 1, "a": [1, 2]})
+    write_json(fs, str(tmp_path / "b.json"), {"a": [1, 2], "b": 1})
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
