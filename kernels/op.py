@@ -1,0 +1,203 @@
+"""The torch.library op reltag::ms_deform_attn (schema, kernels, fake kernel, autograd) and its entry point."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels import _build
+from kernels.dispatch import select_backend
+from kernels.reference import ms_deform_attn_reference, ms_deform_attn_reference_backward
+
+# On CPU the C++ kernel computes in fp32 / fp64; fp16 and bf16 inputs are upcast to fp32 and the results
+# cast back (CPUs have no fast 16-bit path worth a separate kernel). The CUDA kernel takes all four.
+_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_levels(spatial_shapes: Tensor, level_start_index: Tensor, s: int) -> None:
+    """Data checks the fake kernel cannot do: positive level sizes, start offsets, sum(H*W) == S."""
+    shapes = spatial_shapes.tolist()
+    starts = level_start_index.tolist()
+    total = 0
+    for lvl, ((h, w), start) in enumerate(zip(shapes, starts)):
+        if h <= 0 or w <= 0:
+            raise ValueError(f"ms_deform_attn: level {lvl} has spatial shape ({h}, {w}); both must be > 0")
+        if start != total:
+            raise ValueError(
+                f"ms_deform_attn: level_start_index[{lvl}] = {start} but levels 0..{lvl - 1} hold {total} positions"
+            )
+        total += h * w
+    if total != s:
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes {shapes} hold {total} positions but value has S = {s}"
+        )
+
+
+def _cpu_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    compute = value.dtype if value.dtype in _CPU_KERNEL_DTYPES else torch.float32
+    return (
+        value.to(compute).contiguous(),
+        spatial_shapes.to("cpu", torch.int64).contiguous(),
+        level_start_index.to("cpu", torch.int64).contiguous(),
+        sampling_locations.to(compute).contiguous(),
+        attention_weights.to(compute).contiguous(),
+    )
+
+
+def _cuda_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    dev = value.device
+    return (
+        value.contiguous(),
+        spatial_shapes.to(dev, torch.int64).contiguous(),
+        level_start_index.to(dev, torch.int64).contiguous(),
+        sampling_locations.contiguous(),
+        attention_weights.contiguous(),
+    )
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+@torch.library.custom_op("reltag::ms_deform_attn", mutates_args=())
+def _ms_deform_attn_op(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    _check_levels(spatial_shapes, level_start_index, value.shape[1])
+    backend = select_backend(value.device)
+    if backend == "cpu":
+        args = _cpu_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return _build.get_extension("cpu").forward(*args).to(value.dtype)
+    if backend == "cuda":
+        args = _cuda_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return _build.get_extension("cuda").forward(*args, _stream(value.device))
+    return ms_deform_attn_reference(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    )
+
+
+@_ms_deform_attn_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    n, _, m, d = value.shape
+    return value.new_empty((n, sampling_locations.shape[1], m * d))
+
+
+@torch.library.custom_op("reltag::ms_deform_attn_backward", mutates_args=())
+def _ms_deform_attn_backward_op(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    grad_output: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    backend = select_backend(value.device)
+    if backend == "cpu":
+        args = _cpu_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        gv, gl, ga = _build.get_extension("cpu").backward(*args, grad_output.to(args[0].dtype).contiguous())
+        return gv.to(value.dtype), gl.to(sampling_locations.dtype), ga.to(attention_weights.dtype)
+    if backend == "cuda":
+        args = _cuda_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        gv, gl, ga = _build.get_extension("cuda").backward(
+            *args, grad_output.contiguous(), _stream(value.device)
+        )
+        return gv, gl, ga
+    return ms_deform_attn_reference_backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+    )
+
+
+@_ms_deform_attn_backward_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
+    return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_output):
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+    gv, gl, ga = _ms_deform_attn_backward_op(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+    )
+    need = ctx.needs_input_grad
+    return (gv if need[0] else None, None, None, gl if need[3] else None, ga if need[4] else None)
+
+
+_ms_deform_attn_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def ms_deform_attn(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention (Deformable DETR, Zhu et al. 2021, Eq. 3), backend chosen per device.
+
+    Bilinear sampling with zero padding and align_corners=False (exactly F.grid_sample's), weighted by the
+    attention weights and summed over levels and points. Differentiable in value, sampling_locations and
+    attention_weights; traceable by torch.compile(fullgraph=True).
+
+    Args:
+        value: Tensor[N, S, M, D] float (fp32 / fp64; fp16 / bf16 on CUDA, upcast to fp32 on CPU).
+        spatial_shapes: Tensor[L, 2] int64, (H_l, W_l) per level; S = sum of H_l * W_l.
+        level_start_index: Tensor[L] int64, offset of each level in S.
+        sampling_locations: Tensor[N, Lq, M, L, P, 2], (x, y) normalised to [0, 1] (outside: zero padding).
+        attention_weights: Tensor[N, Lq, M, L, P].
+
+    Returns:
+        Tensor[N, Lq, M * D], dtype of value.
+
+    Raises:
+        ValueError: on inconsistent shapes, dtypes or devices (naming them).
+        RuntimeError: when $RELTAG_MSDA_BACKEND forces a backend that cannot run (listing every reason).
+    """
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be [N, S, M, D], got shape {tuple(value.shape)}")
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            f"ms_deform_attn: sampling_locations must be [N, Lq, M, L, P, 2], got {tuple(sampling_locations.shape)}"
+        )
+    n, _, m, _ = value.shape
+    _, lq, _, n_levels, n_points, _ = sampling_locations.shape
+    expected = (n, lq, m, n_levels, n_points)
+    if sampling_locations.shape[0] != n or sampling_locations.shape[2] != m:
+        raise ValueError(
+            f"ms_deform_attn: sampling_locations {tuple(sampling_locations.shape)} does not match value "
+            f"{tuple(value.shape)} in N or M"
+        )
+    if tuple(attention_weights.shape) != expected:
+        raise ValueError(
+            f"ms_deform_attn: attention_weights has shape {tuple(attention_weights.shape)}, expected "
+            f"[N, Lq, M, L, P] = {list(expected)} from sampling_locations {tuple(sampling_locations.shape)}"
+        )
+    if tuple(spatial_shapes.shape) != (n_levels, 2) or tuple(level_start_index.shape) != (n_levels,):
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes {tuple(spatial_shapes.shape)} / level_start_index "
+            f"{tuple(level_start_index.shape)} must be [L, 2] / [L] with L = {n_levels}"
+        )
+    if not value.is_floating_point():
+        raise ValueError(f"ms_deform_attn: value must be floating point, got {value.dtype}")
+    if sampling_locations.dtype != value.dtype or attention_weights.dtype != value.dtype:
+        raise ValueError(
+            f"ms_deform_attn: value, sampling_locations, attention_weights have dtypes {value.dtype}, "
+            f"{sampling_locations.dtype}, {attention_weights.dtype}; they must match"
+        )
+    if spatial_shapes.is_floating_point() or level_start_index.is_floating_point():
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes / level_start_index must be integer (int64), got "
+            f"{spatial_shapes.dtype} / {level_start_index.dtype}"
+        )
+    if sampling_locations.device != value.device or attention_weights.device != value.device:
+        raise ValueError(
+            f"ms_deform_attn: value on {value.device}, sampling_locations on {sampling_locations.device}, "
+            f"attention_weights on {attention_weights.device}; they must share a device"
+        )
+    return _ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
