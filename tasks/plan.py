@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import fsspec
 import ijson
 import numpy as np
+import pyarrow as pa
 
 from storage import schemas
 from storage.atomic import ParquetBatchWriter, write_table
 from storage.layout import RunLayout
-from storage.records import Box, ImageRecord, Quarantined
+from storage.records import ImageRecord, Quarantined
 from tasks.config import PlanConfig
 
 #: One spilled annotation (fixed width, so a shard's annotations load with one np.fromfile).
@@ -198,33 +199,26 @@ def plan_shards(
             same = sorted_ids[1:] == sorted_ids[:-1]
             dup[order[1:][same]] = True  # every occurrence after the first (stable sort keeps file order)
         # -- pass 2: annotations, spilled per shard ----------------------------------------------------------
-        buf = np.zeros(CHUNK, dtype=ANN_DTYPE)
-        n = 0
+        chunk = _AnnChunk()
+        j = -1
         for j, a in enumerate(_items(annotations, "annotations.item")):
-            counts["annotations_in_file"] += 1
-            row = _ann_row(a, j, quarantine)
-            if row is None:
-                continue
-            buf[n] = row
-            n += 1
-            if n == CHUNK:
-                _spill_anns(tmp, buf[:n], sorted_ids, order, cfg.shard_size, quarantine, counts)
-                n = 0
-        if n:
-            _spill_anns(tmp, buf[:n], sorted_ids, order, cfg.shard_size, quarantine, counts)
-        del buf
+            chunk.add(a, j, quarantine)
+            if len(chunk) == CHUNK:
+                _spill_anns(tmp, chunk.to_array(quarantine), sorted_ids, order, cfg.shard_size, quarantine)
+                chunk = _AnnChunk()
+        counts["annotations_in_file"] = j + 1
+        if len(chunk):
+            _spill_anns(tmp, chunk.to_array(quarantine), sorted_ids, order, cfg.shard_size, quarantine)
         # -- build each shard --------------------------------------------------------------------------------
         shards = []
         for s, img_file in enumerate(image_files):
-            records = _build_shard(s, tmp, img_file, dup, cat_names, cfg, quarantine, counts)
-            rows, nbytes = write_table(
-                fs, layout.images(s), schemas.to_table(records, ImageRecord), schemas.IMAGES
-            )
+            table = _build_shard(s, tmp, img_file, dup, cat_names, cfg, quarantine, counts)
+            rows, nbytes = write_table(fs, layout.images(s), table, schemas.IMAGES)
             shards.append(
                 {
                     "shard": s,
                     "images": rows,
-                    "boxes": sum(len(r.boxes) for r in records),
+                    "boxes": len(table.column("boxes").combine_chunks().flatten()),
                     "batches": max(1, math.ceil(rows / cfg.batch_size)),
                     "bytes": nbytes,
                 }
@@ -248,43 +242,96 @@ def _spill_images(tmp: str, shard: int, rows: list) -> str:
     return path
 
 
-def _ann_row(a, j: int, q: _Quarantine):
-    if not isinstance(a, dict):
-        q.add(
-            None,
-            f"annotations[{j}]",
-            "malformed_annotation",
-            f"annotation #{j} is {type(a).__name__}, not an object",
+_NUM = (int, float)
+
+
+class _AnnChunk:
+    """Up to CHUNK annotations as columns; malformed records are quarantined as they arrive."""
+
+    def __init__(self):
+        self.ann_id, self.image_id, self.category_id, self.bbox, self.crowd, self.index = (
+            [],
+            [],
+            [],
+            [],
+            [],
+            [],
         )
-        return None
-    aid, iid, cid, bbox = a.get("id"), a.get("image_id"), a.get("category_id"), a.get("bbox")
-    rec = f"annotation {aid}"
-    for name, v in (("id", aid), ("image_id", iid), ("category_id", cid)):
-        if not isinstance(v, int) or isinstance(v, bool):
+
+    def __len__(self):
+        return len(self.ann_id)
+
+    def add(self, a, j: int, q: _Quarantine) -> None:
+        # fast path: exact types checked with `type(...) is` (bool is not an int here)
+        if type(a) is dict:
+            aid, iid, cid, bb = a.get("id"), a.get("image_id"), a.get("category_id"), a.get("bbox")
+            if (
+                type(aid) is int
+                and type(iid) is int
+                and type(cid) is int
+                and type(bb) is list
+                and len(bb) == 4
+                and type(bb[0]) in _NUM
+                and type(bb[1]) in _NUM
+                and type(bb[2]) in _NUM
+                and type(bb[3]) in _NUM
+            ):
+                self.ann_id.append(aid)
+                self.image_id.append(iid)
+                self.category_id.append(cid)
+                self.bbox.append(bb)
+                self.crowd.append(1 if a.get("iscrowd", 0) else 0)
+                self.index.append(j)
+                return
+        self._reject(a, j, q)
+
+    @staticmethod
+    def _reject(a, j: int, q: _Quarantine) -> None:
+        if not isinstance(a, dict):
             q.add(
-                iid if isinstance(iid, int) else None,
-                rec,
+                None,
+                f"annotations[{j}]",
                 "malformed_annotation",
-                f"annotation {aid!r} (#{j}) has {name} {v!r}, not an integer",
+                f"annotation #{j} is {type(a).__name__}, not an object",
             )
-            return None
-    if (
-        not isinstance(bbox, list | tuple)
-        or len(bbox) != 4
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in bbox)
-    ):
+            return
+        aid, iid, bbox = a.get("id"), a.get("image_id"), a.get("bbox")
+        for name in ("id", "image_id", "category_id"):
+            v = a.get(name)
+            if type(v) is not int:
+                q.add(
+                    iid if type(iid) is int else None,
+                    f"annotation {aid}",
+                    "malformed_annotation",
+                    f"annotation {aid!r} (#{j}) has {name} {v!r}, not an integer",
+                )
+                return
         q.add(
             iid,
-            rec,
+            f"annotation {aid}",
             "malformed_bbox",
             f"bbox of annotation {aid} is {bbox!r:.100}; expected 4 finite numbers [x, y, w, h]",
         )
-        return None
-    crowd = a.get("iscrowd", 0)
-    return (aid, iid, cid, tuple(float(v) for v in bbox), 1 if crowd else 0)
+
+    def to_array(self, q: _Quarantine) -> np.ndarray:
+        rows = np.zeros(len(self), dtype=ANN_DTYPE)
+        rows["ann_id"] = self.ann_id
+        rows["image_pos"] = self.image_id  # holds the image id until _spill_anns looks its position up
+        rows["category_id"] = self.category_id
+        rows["bbox"] = np.asarray(self.bbox, dtype=np.float64).reshape(-1, 4)
+        rows["iscrowd"] = self.crowd
+        finite = np.isfinite(rows["bbox"]).all(axis=1)
+        for r in rows[~finite]:
+            q.add(
+                int(r["image_pos"]),
+                f"annotation {int(r['ann_id'])}",
+                "malformed_bbox",
+                f"bbox of annotation {int(r['ann_id'])} is {r['bbox'].tolist()}; expected 4 finite numbers [x, y, w, h]",
+            )
+        return rows[finite]
 
 
-def _spill_anns(tmp, rows, sorted_ids, order, shard_size, q, counts):
+def _spill_anns(tmp, rows, sorted_ids, order, shard_size, q):
     # image_pos holds the image id on the way in; look the ids up in one vectorised search
     iid = rows["image_pos"].copy()
     k = np.searchsorted(sorted_ids, iid)
@@ -307,64 +354,110 @@ def _spill_anns(tmp, rows, sorted_ids, order, shard_size, q, counts):
 
 def _build_shard(
     s, tmp, img_file, dup, cat_names, cfg: PlanConfig, q: _Quarantine, counts: Counter
-) -> list[ImageRecord]:
+) -> pa.Table:
+    """Validate the shard's boxes (vectorised) and return its images table."""
     images = np.load(img_file, allow_pickle=True)
     ann_path = os.path.join(tmp, f"anns-{s:05d}.bin")
     anns = np.fromfile(ann_path, dtype=ANN_DTYPE) if os.path.exists(ann_path) else np.zeros(0, ANN_DTYPE)
     anns = anns[np.lexsort((anns["ann_id"], anns["image_pos"]))]
     base = s * cfg.shard_size
-    by_pos: dict[int, list] = {}
-    for a in anns:
-        by_pos.setdefault(int(a["image_pos"]) - base, []).append(a)
-    out = []
-    for local, (iid, fname, width, height) in enumerate(images):
-        if dup[base + local]:
-            q.add(
-                int(iid),
-                f"image {iid}",
-                "duplicate_image_id",
-                f"image id {iid} appears more than once (file_name {fname!r}); the first occurrence is kept",
-            )
-            continue
-        boxes = []
-        for a in by_pos.get(local, ()):
-            box = _check_box(a, int(iid), int(width), int(height), cat_names, cfg, q, counts)
-            if box is not None:
-                boxes.append(box)
-        out.append(ImageRecord(int(iid), str(fname), int(width), int(height), s, boxes))
-    return out
-
-
-def _check_box(a, iid, width, height, cat_names, cfg, q, counts) -> Box | None:
-    aid, cid = int(a["ann_id"]), int(a["category_id"])
-    x, y, w, h = (float(v) for v in a["bbox"])
-    if cid not in cat_names:
+    local = anns["image_pos"] - base
+    widths = np.array([im[2] for im in images], dtype=np.float64) if len(images) else np.zeros(0)
+    heights = np.array([im[3] for im in images], dtype=np.float64) if len(images) else np.zeros(0)
+    image_ids = np.array([im[0] for im in images], dtype=np.int64)
+    keep = np.ones(len(anns), dtype=bool)
+    # unknown category -> quarantine
+    known = np.isin(anns["category_id"], np.fromiter(cat_names, dtype=np.int64, count=len(cat_names)))
+    for a in anns[~known]:
+        aid, iid = int(a["ann_id"]), int(image_ids[int(a["image_pos"]) - base])
         q.add(
             iid,
             f"annotation {aid}",
             "unknown_category",
-            f"annotation {aid} of image {iid} has category_id {cid}, not in 'categories'",
+            f"annotation {aid} of image {iid} has category_id {int(a['category_id'])}, not in 'categories'",
         )
-        return None
-    if a["iscrowd"]:
-        counts["dropped_crowd"] += 1
-        return None
-    if w <= 0 or h <= 0:
-        counts["dropped_zero_area"] += 1
-        return None
-    x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
-    if (x0, y0, x1, y1) != (x, y, x + w, y + h):
-        if cfg.box_policy == "quarantine" or x1 <= x0 or y1 <= y0:
-            q.add(
-                iid,
-                f"annotation {aid}",
-                "bbox_outside_image",
-                f"bbox of annotation {aid} [{x}, {y}, {w}, {h}] leaves image {iid} of size {width}x{height}",
-            )
-            return None
-        counts["clipped_boxes"] += 1
-        x, y, w, h = x0, y0, x1 - x0, y1 - y0
-    return Box(aid, cid, cat_names[cid], x, y, w, h)
+    keep &= known
+    # crowd and zero/negative size -> dropped and counted, as the reference does
+    crowd = keep & (anns["iscrowd"] != 0)
+    counts["dropped_crowd"] += int(crowd.sum())
+    keep &= ~crowd
+    x, y, w, h = (anns["bbox"][:, k] for k in range(4))
+    empty = keep & ((w <= 0) | (h <= 0))
+    counts["dropped_zero_area"] += int(empty.sum())
+    keep &= ~empty
+    # boxes leaving the image -> clipped, or quarantined (policy, or nothing left after clipping)
+    W, H = widths[local], heights[local]
+    x0, y0 = np.maximum(x, 0.0), np.maximum(y, 0.0)
+    x1, y1 = np.minimum(x + w, W), np.minimum(y + h, H)
+    outside = keep & ((x0 != x) | (y0 != y) | (x1 != x + w) | (y1 != y + h))
+    lost = outside & ((x1 <= x0) | (y1 <= y0) | (cfg.box_policy == "quarantine"))
+    for k in np.flatnonzero(lost):
+        aid, iid, li = int(anns["ann_id"][k]), int(image_ids[local[k]]), int(local[k])
+        q.add(
+            iid,
+            f"annotation {aid}",
+            "bbox_outside_image",
+            f"bbox of annotation {aid} {anns['bbox'][k].tolist()} leaves image {iid} of size "
+            f"{int(widths[li])}x{int(heights[li])}",
+        )
+    keep &= ~lost
+    clipped = outside & ~lost
+    counts["clipped_boxes"] += int(clipped.sum())
+    x, y, w, h = (
+        np.where(clipped, x0, x),
+        np.where(clipped, y0, y),
+        np.where(clipped, x1 - x0, w),
+        np.where(clipped, y1 - y0, h),
+    )
+    # duplicate image ids: every occurrence after the first is quarantined (its boxes went to the first)
+    keep_img = ~dup[base : base + len(images)]
+    for li in np.flatnonzero(~keep_img):
+        iid = int(image_ids[li])
+        q.add(
+            iid,
+            f"image {iid}",
+            "duplicate_image_id",
+            f"image id {iid} appears more than once (file_name {images[li][1]!r}); the first occurrence is kept",
+        )
+    # columnar build: boxes of kept images as list<struct>, offsets from the sorted image positions
+    sel = np.flatnonzero(keep)
+    kept_local = local[sel]
+    img_sel = np.flatnonzero(keep_img)
+    # kept_local is sorted: the boxes of image li are the run kept_local == li
+    starts = np.searchsorted(kept_local, img_sel, side="left")
+    ends = np.searchsorted(kept_local, img_sel, side="right")
+    take = (
+        np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+        if len(img_sel)
+        else np.zeros(0, np.int64)
+    )
+    take = take.astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int32)
+    idx = sel[take]
+    labels = pa.array([cat_names[int(c)] for c in anns["category_id"][idx]], pa.string())
+    struct = pa.StructArray.from_arrays(
+        [
+            pa.array(anns["ann_id"][idx], pa.int64()),
+            pa.array(anns["category_id"][idx].astype(np.int32), pa.int32()),
+            labels,
+            pa.array(x[idx].astype(np.float32)),
+            pa.array(y[idx].astype(np.float32)),
+            pa.array(w[idx].astype(np.float32)),
+            pa.array(h[idx].astype(np.float32)),
+        ],
+        fields=list(schemas.IMAGES.field("boxes").type.value_type),
+    )
+    return pa.Table.from_arrays(
+        [
+            pa.array(image_ids[img_sel], pa.int64()),
+            pa.array([str(images[li][1]) for li in img_sel], pa.string()),
+            pa.array(widths[img_sel].astype(np.int32), pa.int32()),
+            pa.array(heights[img_sel].astype(np.int32), pa.int32()),
+            pa.array(np.full(len(img_sel), s, dtype=np.int32), pa.int32()),
+            pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct),
+        ],
+        schema=schemas.IMAGES,
+    )
 
 
 def shard_records(layout: RunLayout, shard: int) -> list[ImageRecord]:
