@@ -1,0 +1,269 @@
+"""Caption entity -> annotated class: whole-word, lemma-aware, longest-match vocabulary, plus the reference matcher."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Literal
+
+RULE_RANK = {"name": 0, "synonym": 1, "lemma": 2}
+
+# Irregular plurals seen in captions; regular ones are handled by suffix rules checked against the vocabulary.
+IRREGULAR = {
+    "men": "man",
+    "women": "woman",
+    "people": "person",
+    "persons": "person",
+    "children": "child",
+    "mice": "mouse",
+    "knives": "knife",
+    "shelves": "shelf",
+    "leaves": "leaf",
+    "wolves": "wolf",
+    "halves": "half",
+    "loaves": "loaf",
+    "scarves": "scarf",
+    "wives": "wife",
+    "calves": "calf",
+    "lives": "life",
+    "thieves": "thief",
+    "feet": "foot",
+    "teeth": "tooth",
+    "geese": "goose",
+    "oxen": "ox",
+    "dice": "die",
+    "policemen": "policeman",
+    "policewomen": "policewoman",
+    "firemen": "fireman",
+    "fishermen": "fisherman",
+    "postmen": "postman",
+    "businessmen": "businessman",
+    "gentlemen": "gentleman",
+    "sheep": "sheep",
+    "deer": "deer",
+    "fish": "fish",
+    "buses": "bus",
+    "tomatoes": "tomato",
+    "potatoes": "potato",
+    "mangoes": "mango",
+    "heroes": "hero",
+    "cacti": "cactus",
+}
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def words(text: str) -> list[str]:
+    """Lower-cased alphanumeric words: "A man's T-shirt" -> [a, man, s, t, shirt]."""
+    return _WORD.findall(text.lower())
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.split()).lower()
+
+
+def _split_names(name: str) -> list[str]:
+    """Objects365 joins alternatives with "/": "Cabinet/shelf" -> ["cabinet", "shelf"]."""
+    return [n for n in (" ".join(p.lower().split()) for p in name.split("/")) if n]
+
+
+def _read_json(name: str):
+    return json.loads(resources.files("models.data.synonyms").joinpath(name).read_text(encoding="utf-8"))
+
+
+@dataclass(slots=True, frozen=True)
+class VocabClass:
+    """One annotated class with the phrases that name it."""
+
+    category_id: int
+    label: str  # the detection file's name, unchanged
+    key: str  # paraphrase-list key ("" when the class has no list)
+    names: tuple[str, ...]  # lower-cased own names ("Cabinet/shelf" -> cabinet, shelf)
+    synonyms: tuple[str, ...]  # the paraphrase list (order kept; used by the reference matcher)
+
+
+@dataclass(slots=True, frozen=True)
+class Match:
+    """A caption entity matched to a class: which rule, which listed phrase, which words of the span."""
+
+    category_id: int
+    label: str
+    rule: str  # name / synonym / lemma / reference
+    synonym: str  # the listed phrase that matched
+    start: int = -1  # word span [start, end) in words(text); -1 in reference mode
+    end: int = -1
+
+
+class Vocabulary:
+    """Phrases of every class, indexed by their words and by their words' lemmas.
+
+    Correct mode (`match`): the phrase must cover the entity's head word; the longest phrase wins; on a tie in
+    length the rule ranks name < synonym < lemma, then the lowest category id wins. The span is chosen over
+    the whole vocabulary before the image's classes are consulted, so "a hot dog" is a hot dog even when only
+    a dog is annotated (and then matches nothing); a phrase listed for several classes picks among those
+    present in the image.
+    """
+
+    def __init__(self, classes: list[VocabClass], synonyms: str):
+        ids = [c.category_id for c in classes]
+        if len(set(ids)) != len(ids):
+            dup = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"vocabulary {synonyms!r} has duplicate category ids {dup}")
+        self.synonyms_source = synonyms
+        self.classes = classes
+        self.by_id = {c.category_id: c for c in classes}
+        self._vocab_words: set[str] = set()
+        phrases: list[tuple[tuple[str, ...], int, str, str]] = []  # words, category id, rule, phrase
+        for c in classes:
+            seen: set[tuple[str, ...]] = set()
+            for rule, plist in (("name", c.names), ("synonym", c.synonyms)):
+                for p in plist:
+                    w = tuple(words(p))
+                    if w and w not in seen:
+                        seen.add(w)
+                        phrases.append((w, c.category_id, rule, p))
+                        self._vocab_words.update(w)
+        self._exact: dict[tuple[str, ...], list[tuple[int, str, str]]] = {}
+        self._lemma: dict[tuple[str, ...], list[tuple[int, str, str]]] = {}
+        for w, cid, rule, p in phrases:
+            self._exact.setdefault(w, []).append((cid, rule, p))
+            self._lemma.setdefault(tuple(self.lemma(x) for x in w), []).append((cid, rule, p))
+        self.max_words = max((len(w) for w, *_ in phrases), default=0)
+
+    # ---- construction ---------------------------------------------------------------------------------
+    @classmethod
+    def from_categories(cls, categories: list[dict], synonyms: Literal["o365", "coco"]) -> Vocabulary:
+        """Vocabulary for a detection file's categories `[{"id", "name"}, ...]` with a shipped synonym list.
+
+        o365: the paraphrase keys are the official names lower-cased and typo-fixed, in id order, so a
+        category takes the key at its official position when its name is the official one (case and
+        surrounding spaces ignored), else the key equal to its lower-cased name. coco: keyed by name.
+        A category with no key still matches by its own names.
+        """
+        if synonyms not in ("o365", "coco"):
+            raise ValueError(f"synonyms must be 'o365' or 'coco', got {synonyms!r}")
+        if synonyms == "o365":
+            para = _read_json("o365_obj_paraphrase.json")
+            official = sorted(_read_json("o365_categories.json"), key=lambda d: d["id"])
+            key_of_official = {(d["id"], _norm(d["name"])): k for d, k in zip(official, para, strict=True)}
+        else:
+            para = _read_json("coco_obj_paraphrase.json")
+            key_of_official = {(i, n): n for n, i in _read_json("coco_object_names.json").items()}
+        out = []
+        for d in categories:
+            if not isinstance(d, dict) or "id" not in d or "name" not in d:
+                raise ValueError(f"category {d!r} needs 'id' and 'name'")
+            cid, name = d["id"], d["name"]
+            if not isinstance(cid, int) or not isinstance(name, str) or not name.strip():
+                raise ValueError(
+                    f"category {cid!r} has id {cid!r} / name {name!r}; need an int id and a non-empty name"
+                )
+            norm = _norm(name)
+            key = key_of_official.get((cid, norm))
+            if key is None and norm in para:
+                key = norm
+            names = _split_names(name)
+            if key is not None:  # the typo-fixed key is a name too ("Bakset" -> "basket")
+                names = list(dict.fromkeys(names + _split_names(key)))
+            out.append(
+                VocabClass(cid, name, key or "", tuple(names), tuple(para.get(key, ())) if key else ())
+            )
+        return cls(out, synonyms)
+
+    @classmethod
+    def load(cls, synonyms: Literal["o365", "coco"]) -> Vocabulary:
+        """The full shipped list: all 365 Objects365 or all 80 COCO classes with their official ids."""
+        if synonyms == "o365":
+            cats = _read_json("o365_categories.json")
+        elif synonyms == "coco":
+            cats = [{"id": i, "name": n} for n, i in _read_json("coco_object_names.json").items()]
+        else:
+            raise ValueError(f"synonyms must be 'o365' or 'coco', got {synonyms!r}")
+        return cls.from_categories(cats, synonyms)
+
+    # ---- lemmas ---------------------------------------------------------------------------------------
+    def lemma(self, w: str) -> str:
+        """Singular form of a plural word when that form is a vocabulary word ("knives" -> "knife")."""
+        if w in IRREGULAR:
+            return IRREGULAR[w]
+        if len(w) < 3 or not w.endswith("s") or w.endswith("ss"):
+            return w
+        cands = []
+        if w.endswith("ies"):
+            cands += [w[:-1], w[:-3] + "y"]  # cookies -> cookie, berries -> berry
+        elif w.endswith("ves"):
+            cands += [w[:-1], w[:-3] + "f", w[:-3] + "fe"]  # gloves, shelves, knives
+        elif w.endswith("es"):
+            cands += [w[:-1], w[:-2]]  # horses -> horse, benches -> bench
+        else:
+            cands.append(w[:-1])
+        for c in cands:
+            if c in self._vocab_words:
+                return c
+        return w
+
+    # ---- correct mode ---------------------------------------------------------------------------------
+    def match(self, text: str, head: str = "", present: set[int] | None = None) -> Match | None:
+        """The class the entity `text` names, or None.
+
+        Args:
+            text: the entity span ("a man's hat").
+            head: the entity's head noun (sng_parser's head, compounds included: "tennis shoes"); its last
+                word must be inside the matched phrase. Empty: the span's last word.
+            present: category ids annotated in the image; None accepts every class.
+        """
+        toks = words(text)
+        if not toks:
+            return None
+        lem = [self.lemma(t) for t in toks]
+        hw = words(head)
+        h = len(toks) - 1
+        if hw:
+            pos = [i for i, t in enumerate(toks) if t == hw[-1]]
+            if pos:
+                h = pos[-1]
+        best = None  # (sort key, start, end, entries-with-rule)
+        for start in range(max(0, h - self.max_words + 1), h + 1):
+            for end in range(h + 1, min(len(toks), start + self.max_words) + 1):
+                exact = self._exact.get(tuple(toks[start:end]), [])
+                entries = [(cid, rule, p) for cid, rule, p in exact]
+                got = {cid for cid, _, _ in exact}
+                for cid, _rule, p in self._lemma.get(tuple(lem[start:end]), []):
+                    if cid not in got:
+                        entries.append((cid, "lemma", p))
+                if not entries:
+                    continue
+                n = end - start
+                # longer first; then the phrase ending at the head (the noun) over one running past it;
+                # then the later start (deterministic)
+                key = (-n, end != h + 1, -start)
+                if best is None or key < best[0]:
+                    best = (key, start, end, entries)
+        if best is None:
+            return None
+        _, start, end, entries = best
+        ok = [e for e in entries if present is None or e[0] in present]
+        if not ok:
+            return None
+        cid, rule, p = min(ok, key=lambda e: (RULE_RANK[e[1]], e[0], e[2]))
+        return Match(cid, self.by_id[cid].label, rule, p, start, end)
+
+    # ---- reference mode -------------------------------------------------------------------------------
+    def match_reference(self, span: str, image_classes: list[int]) -> Match | None:
+        """The original RLIPv2 matcher, reproduced exactly: for each class of the image, in the order its
+        boxes first appear, a raw substring test of every listed phrase against the raw span; the last
+        class that hits wins (BLIP_o365_caption_helper.MatchWithGTbboxes_O365, strategy 'paraphrases').
+        A class without a list uses its own names.
+        """
+        hit = None
+        for cid in image_classes:
+            c = self.by_id.get(cid)
+            if c is None:
+                continue
+            for p in c.synonyms or c.names:
+                if p in span:
+                    hit = Match(cid, c.label, "reference", p)
+                    break  # the original keeps scanning but only records the class; the first phrase names it
+        return hit
