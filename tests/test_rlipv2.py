@@ -1,0 +1,297 @@
+"""RLIPv2-ParSeD / R-Tagger model: shapes, padding invariance, denoising, matching, training, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.ms_deform_attn import MSDeformAttn
+from models.rlipv2.checkpoint import checkpoint_revision, load_checkpoint, save_checkpoint
+from models.rlipv2.config import RLIPv2Config
+from models.rlipv2.denoising import flip_labels, noise_boxes, pair_block_mask, region_block_mask
+from models.rlipv2.layers import ALIF
+from models.rlipv2.matcher import hungarian_match
+from models.rlipv2.model import RLIPv2ParSeD
+from models.rlipv2.tagger import TagImage, entity_phrases, pad_images, tag_images
+from models.rlipv2.tokenizer import build_word_tokenizer
+from models.rlipv2.train import tiny_config, train
+
+VG_TINY = Path(__file__).resolve().parents[1] / "examples" / "vg_tiny" / "relationships.json"
+LABELS = ["person", "horse", "dog", "table", "cup"]
+RELS = ["riding on", "next to", "holding", "sitting at", "looking at"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    cfg = tiny_config(entity_names=["tree"])
+    tok = build_word_tokenizer(LABELS + RELS + ["tree", cfg.no_object_text])
+    return RLIPv2ParSeD(cfg, tok).eval()
+
+
+def _image(n_boxes: int, seed: int = 0, size=(80, 112)) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    g = torch.Generator().manual_seed(seed)
+    px = torch.randn(3, *size, generator=g)
+    c = torch.rand(n_boxes, 2, generator=g) * 0.6 + 0.2
+    wh = torch.rand(n_boxes, 2, generator=g) * 0.3 + 0.05
+    labels = [LABELS[i % len(LABELS)] for i in range(n_boxes)]
+    return px, torch.cat([c, wh], 1), labels
+
+
+def test_msdeformattn_shapes_reference_modes_and_padding():
+    torch.manual_seed(0)
+    attn = MSDeformAttn(d_model=32, n_levels=2, n_heads=4, n_points=3)
+    with torch.no_grad():
+        attn.attention_weights.weight.normal_()  # non-uniform weights so padding could matter if not masked
+    shapes = torch.tensor([[6, 8], [3, 4]])
+    lsi = torch.tensor([0, 48])
+    x = torch.randn(2, 60, 32)
+    q = torch.randn(2, 5, 32)
+    mask = torch.zeros(2, 60, dtype=torch.bool)
+    mask[1, 40:48] = True
+    out2 = attn(q, torch.rand(2, 5, 2, 2), x, shapes, lsi, mask)
+    ref4 = torch.rand(2, 5, 2, 4)
+    out4 = attn(q, ref4, x, shapes, lsi, mask)
+    assert out2.shape == out4.shape == (2, 5, 32)
+    x2 = x.clone()
+    x2[1, 40:48] = 1e3  # values under the padding mask cannot reach the output
+    assert torch.equal(attn(q, ref4, x2, shapes, lsi, mask), out4)
+    with pytest.raises(ValueError, match="last dim is 3"):
+        attn(q, torch.rand(2, 5, 2, 3), x, shapes, lsi, mask)
+    with pytest.raises(ValueError, match="S=59"):
+        attn(q, ref4, x[:, :59], shapes, lsi, mask[:, :59])
+
+
+def test_config_validation_and_hash():
+    cfg = RLIPv2Config()
+    assert (cfg.d_model, cfg.n_heads, cfg.n_points, cfg.d_ffn, cfg.enc_layers, cfg.n_alif, cfg.dec_layers) == (
+        256, 8, 4, 1024, 6, 3, 3,
+    )  # fmt: skip
+    assert (cfg.dn_box_noise, cfg.dn_label_flip, cfg.w_l1, cfg.w_giou, cfg.w_cls, cfg.w_rel) == (
+        0.4,
+        0.2,
+        2.5,
+        1,
+        1,
+        1,
+    )
+    assert RLIPv2Config.from_dict(cfg.to_dict()).hash() == cfg.hash()
+    assert RLIPv2Config(n_q=50).hash() != cfg.hash()
+    with pytest.raises(ValueError, match="d_model 250 not divisible by n_heads 8"):
+        RLIPv2Config(d_model=250)
+    with pytest.raises(ValueError, match="unknown keys \\['bogus'\\]"):
+        RLIPv2Config.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_shapes_end_to_end_both_query_modes(tiny):
+    px, boxes, labels = _image(4)
+    px2, _, _ = _image(3, seed=1, size=(64, 96))
+    pixels, mask = pad_images([px, px2])
+    ents = [entity_phrases(tiny, labels), entity_phrases(tiny, ["dog"])]
+    with torch.no_grad():
+        st = tiny.encode(pixels, mask, ents, [["riding on", "next to"], ["holding"]])
+        assert st.entity_feats.shape == (2, len(ents[0]), 32) and st.rel_feats.shape == (2, 2, 32)
+        assert st.rel_mask.tolist() == [[False, False], [False, True]]
+        g, q = 3, 7
+        idx = torch.tensor([0, 0, 1])
+        sb = boxes[torch.randint(0, 3, (g, q))]
+        lab = torch.zeros(g, q, dtype=torch.long)
+        out = tiny.decode(st, idx, sb, sb.flip(1), lab, lab, torch.ones(g, q, dtype=torch.bool))
+        assert out.sub_boxes.shape == out.obj_boxes.shape == (g, q, 4)
+        assert out.sub_logits.shape == (g, q, len(ents[0])) and out.rel_logits.shape == (g, q, 2)
+        assert torch.isinf(out.rel_logits[2, :, 1]).all() and torch.isfinite(out.rel_logits[:2]).all()
+        assert ((out.sub_boxes >= 0) & (out.sub_boxes <= 1)).all()
+        learned = tiny.decode(st, torch.tensor([0, 1]))
+        assert learned.sub_logits.shape == (2, tiny.cfg.n_q, len(ents[0]))
+
+
+def test_padding_invariance_30_pairs_in_100_slots(tiny):
+    """Empty slots are masked: scores of 30 real pairs are bitwise identical whatever the padding holds,
+    and equal (to float rounding of different matrix sizes) to an unpadded 30-slot forward."""
+    px, boxes, labels = _image(8)
+    pairs = [(s, o) for s in range(8) for o in range(8) if s != o][:30]
+    ents = entity_phrases(tiny, labels)
+    lab = torch.tensor([ents.index(lb) for lb in labels])
+    s_idx = torch.tensor([p[0] for p in pairs])
+    o_idx = torch.tensor([p[1] for p in pairs])
+    pixels, mask = pad_images([px])
+    with torch.no_grad():
+        st = tiny.encode(pixels, mask, [ents], [RELS])
+
+        def run(q, seed):
+            g = torch.Generator().manual_seed(seed)
+            sb = torch.rand(1, q, 4, generator=g) * 0.5 + 0.1  # padding content: random boxes and labels
+            ob = torch.rand(1, q, 4, generator=g) * 0.5 + 0.1
+            sl = torch.randint(0, len(ents), (1, q), generator=g)
+            ol = torch.randint(0, len(ents), (1, q), generator=g)
+            sb[0, :30], ob[0, :30], sl[0, :30], ol[0, :30] = (
+                boxes[s_idx],
+                boxes[o_idx],
+                lab[s_idx],
+                lab[o_idx],
+            )
+            valid = torch.zeros(1, q, dtype=torch.bool)
+            valid[0, :30] = True
+            out = tiny.decode(st, torch.tensor([0]), sb, ob, sl, ol, valid)
+            return [
+                t[0] for t in (out.sub_logits, out.obj_logits, out.rel_logits, out.sub_boxes, out.obj_boxes)
+            ]
+
+        a, b, unpadded = run(100, 1), run(100, 2), run(30, 3)
+    for x, y, z in zip(a, b, unpadded):
+        assert torch.equal(x[:30], y[:30])
+        torch.testing.assert_close(x[:30], z, rtol=1e-5, atol=1e-5)
+    # the tagger pads every group to n_q slots, so its logits are bitwise those of the padded forward; the
+    # probabilities may differ in the last bits only (vectorised sigmoid/softmax handle tails by tensor length)
+    scores, counters = tag_images(tiny, [TagImage(px, boxes, labels, [pairs], RELS)], n_q=100)
+    torch.testing.assert_close(scores[0][0].p_relation, a[2][:30].sigmoid(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(scores[0][0].p_subject, a[0][:30].softmax(-1).amax(-1), rtol=1e-6, atol=1e-7)
+    assert counters == {"encoder_passes": 1, "decoder_groups": 1}
+
+
+def test_shared_encoder_equals_reference_style(tiny):
+    px, boxes, labels = _image(12)
+    pairs = [(s, o) for s in range(12) for o in range(12) if s != o][:130]
+    im = TagImage(px, boxes, labels, [pairs[:100], pairs[100:]], RELS[:3])
+    ours, c1 = tag_images(tiny, [im], n_q=100)
+    ref, c2 = tag_images(tiny, [im], n_q=100, reference_style=True)
+    assert c1["encoder_passes"] == 1 and c2["encoder_passes"] == 2
+    for a, b in zip(ours[0], ref[0]):
+        torch.testing.assert_close(a.p_relation, b.p_relation, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.p_subject, b.p_subject, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="group 0 has 101 pairs"):
+        tag_images(tiny, [TagImage(px, boxes, labels, [pairs[:101]], RELS)], n_q=100)
+
+
+def test_denoising_mask_blocks_exactly_copies_of_one_region():
+    # slots: subjects [r7, r7, r3, pad] | objects [r3, r9, r7, pad]
+    regions = torch.tensor([[7, 7, 3, -1, 3, 9, 7, -1]])
+    m = region_block_mask(regions)[0]
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    same = {7: [0, 1, 6], 3: [2, 4], 9: [5]}
+    for slots in same.values():
+        for i in slots:
+            for j in slots:
+                expected[i, j] = i != j
+    assert torch.equal(m, expected)
+    pm = pair_block_mask(torch.tensor([[1, 1, 2, 1, -1]]), torch.tensor([[2, 2, 1, 3, -1]]))[0]
+    exp_pairs = torch.zeros(5, 5, dtype=torch.bool)
+    exp_pairs[0, 1] = exp_pairs[1, 0] = True  # only the two copies of pair (1, 2); (2, 1) is another pair
+    assert torch.equal(pm, exp_pairs)
+
+
+def test_box_noise_and_label_flip_statistics():
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.4]]).repeat(20000, 1)
+    noised = noise_boxes(boxes, 0.4, g)
+    shift = (noised[:, :2] - boxes[:, :2]).abs()
+    assert (shift <= 0.4 * boxes[:, 2:] / 2 + 1e-6).all() and shift.max() > 0.9 * 0.4 * 0.2 / 2
+    ratio = noised[:, 2:] / boxes[:, 2:]
+    assert ratio.min() >= 0.6 - 1e-5 and ratio.max() <= 1.4 + 1e-5
+    labels = torch.zeros(20000, dtype=torch.long)
+    flipped = flip_labels(labels, 5, 0.2, g)
+    changed = (flipped != labels).float().mean().item()
+    assert 0.2 * 4 / 5 - 0.015 < changed < 0.2 * 4 / 5 + 0.015  # a flip to the same class changes nothing
+    assert flipped.max() < 5 and torch.equal(flip_labels(labels, 5, 0.0, g), labels)
+
+
+def test_alif_masks_padded_text_and_pixels():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    alif = ALIF(cfg).eval()
+    v, t = torch.randn(1, 12, 32), torch.randn(1, 5, 32)
+    v_mask = torch.zeros(1, 12, dtype=torch.bool)
+    v_mask[0, 9:] = True
+    t_mask = torch.tensor([[False, False, False, True, True]])
+    v2, t2 = v.clone(), t.clone()
+    v2[0, 9:] += 100.0
+    t2[0, 3:] -= 100.0
+    with torch.no_grad():
+        a, b = alif(v, v_mask, t, t_mask), alif(v2, v_mask, t2, t_mask)
+    assert torch.equal(a[0][0, :9], b[0][0, :9]) and torch.equal(a[1][0, :3], b[1][0, :3])
+    assert not torch.equal(a[1][0, :3], t[0, :3])  # the text side is really updated
+
+
+def test_phrase_cache_reuses_features(tiny):
+    tiny.phrases.clear_cache()
+    with torch.no_grad():
+        a = tiny.phrases(["person", "riding on"])
+        misses = tiny.phrases.cache_misses
+        b = tiny.phrases(["riding on", "person", "person"])
+    assert tiny.phrases.cache_misses == misses
+    assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0])
+    torch.testing.assert_close(tiny.phrases(["person"], use_cache=False)[0], a[0], rtol=1e-5, atol=1e-6)
+
+
+def test_hungarian_matcher_recovers_permutation():
+    g = torch.Generator().manual_seed(0)
+    tb = torch.rand(4, 4, generator=g) * 0.3 + torch.tensor([0.3, 0.3, 0.1, 0.1])
+    to = torch.rand(4, 4, generator=g) * 0.3 + torch.tensor([0.3, 0.3, 0.1, 0.1])
+    tl = torch.tensor([0, 1, 2, 1])
+    tr = torch.eye(4)[[0, 1, 2, 3]]
+    perm = torch.tensor([2, 0, 3, 1, 4, 5])
+    pb = torch.cat([tb, torch.rand(2, 4, generator=g) * 0.1 + 0.8])[perm.argsort()]
+    po = torch.cat([to, torch.rand(2, 4, generator=g) * 0.1 + 0.8])[perm.argsort()]
+    sl = torch.full((6, 4), -5.0)
+    sl[torch.arange(6), torch.cat([tl, torch.tensor([3, 3])])[perm.argsort()]] = 5.0
+    rl = torch.full((6, 4), -5.0)
+    rl[torch.arange(6), torch.tensor([0, 1, 2, 3, 0, 0])[perm.argsort()]] = 5.0
+    qi, ti = hungarian_match(pb, po, sl, sl, rl, tb, to, tl, tl, tr)
+    inv = perm.argsort().tolist()  # query i carries target inv[i] (4, 5 are the junk rows)
+    assert dict(zip(qi.tolist(), ti.tolist())) == {i: inv[i] for i in range(6) if inv[i] < 4}
+
+
+def test_training_steps_lower_the_loss_tagger_mode():
+    model, hist = train(VG_TINY, None, steps=8, mode="tagger", lr=2e-3, tiny=True, fixed_batch=True)
+    first, last = hist[0]["loss"], hist[-1]["loss"]
+    assert last < 0.9 * first, [round(h["loss"], 3) for h in hist]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
+
+
+@pytest.mark.slow
+def test_training_steps_lower_the_loss_detect_mode():
+    _, hist = train(VG_TINY, None, steps=8, mode="detect", lr=2e-3, tiny=True, fixed_batch=True)
+    assert hist[-1]["loss"] < hist[0]["loss"], [round(h["loss"], 3) for h in hist]
+    assert "loss_noobj" in hist[0]
+
+
+def test_checkpoint_roundtrip_identical_outputs(tiny, tmp_path):
+    px, boxes, labels = _image(5)
+    im = TagImage(px, boxes, labels, [[(0, 1), (1, 2), (3, 4), (4, 0)]], RELS)
+    before, _ = tag_images(tiny, [im], n_q=16)
+    rev = save_checkpoint(tiny, tmp_path / "ckpt")
+    assert rev == checkpoint_revision(tmp_path / "ckpt")
+    loaded = load_checkpoint(tmp_path / "ckpt")
+    after, _ = tag_images(loaded, [im], n_q=16)
+    for a, b in zip(before[0], after[0]):
+        assert torch.equal(a.p_relation, b.p_relation) and torch.equal(a.p_subject, b.p_subject)
+    assert loaded.cfg.hash() != tiny.cfg.hash() or loaded.cfg.backbone_config == tiny.cfg.backbone_config
+    (tmp_path / "broken").mkdir()
+    with pytest.raises(ValueError, match="has no rlipv2_config.json"):
+        load_checkpoint(tmp_path / "broken")
+
+
+def test_pretrained_parts_load_through_from_pretrained(tmp_path):
+    """The real loading path (hub id or local dir): tiny ResNet / RoBERTa saved with save_pretrained."""
+    from transformers import ResNetBackbone, ResNetConfig, RobertaConfig, RobertaModel
+
+    torch.manual_seed(1)
+    rcfg = tiny_config()
+    resnet = ResNetBackbone(ResNetConfig(**rcfg.backbone_config, out_features=["stage2", "stage3", "stage4"]))
+    resnet.save_pretrained(tmp_path / "resnet")
+    roberta = RobertaModel(RobertaConfig(**rcfg.text_config), add_pooling_layer=True)
+    roberta.save_pretrained(tmp_path / "roberta")
+    tok = build_word_tokenizer(LABELS + RELS, tmp_path / "roberta")
+    cfg = tiny_config(
+        backbone=str(tmp_path / "resnet"),
+        backbone_config=None,
+        text_model=str(tmp_path / "roberta"),
+        text_config=None,
+    )
+    model = RLIPv2ParSeD(cfg, tok, pretrained=True)
+    for k, v in resnet.state_dict().items():
+        assert torch.equal(model.backbone.body.state_dict()[k], v), k
+    for k, v in roberta.state_dict().items():
+        assert torch.equal(model.phrases.roberta.state_dict()[k], v), k
