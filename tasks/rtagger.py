@@ -6,7 +6,6 @@ import json
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,50 +17,11 @@ from models.rlipv2.preprocess import preprocess_image
 from models.rlipv2.tagger import TagImage, tag_images
 from storage.records import Candidate, ImageRecord, TaggedRelation
 from tasks.config import TagConfig
+from tasks.match import group_candidates
 from tasks.tag import rank_within_pairs
 
 RTAGGER = "rtagger"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-@dataclass(slots=True)
-class PairGroup:
-    """Mirror of tasks.match.PairGroup (used only while tasks.match is absent; see group_candidates)."""
-
-    image_id: int
-    pairs: list[tuple[int, int]]
-    texts: list[str]
-    pair_texts: list[list[int]]
-
-
-def _group_candidates_local(candidates: list[Candidate], n_q: int) -> list[PairGroup]:
-    """Per image, ordered (subject, object) pairs sorted, cut into chunks of n_q; texts = the chunk's distinct
-    relation texts, sorted; pair_texts = per pair, indices into texts. Same contract as tasks.match."""
-    by_image: dict[int, dict[tuple[int, int], set[str]]] = defaultdict(lambda: defaultdict(set))
-    for c in candidates:
-        by_image[c.image_id][(c.subject_ann_id, c.object_ann_id)].add(c.relation)
-    groups = []
-    for image_id in sorted(by_image):
-        pairs = sorted(by_image[image_id])
-        for start in range(0, len(pairs), n_q):
-            chunk = pairs[start : start + n_q]
-            texts = sorted({t for p in chunk for t in by_image[image_id][p]})
-            index = {t: i for i, t in enumerate(texts)}
-            groups.append(
-                PairGroup(
-                    image_id, chunk, texts, [sorted(index[t] for t in by_image[image_id][p]) for p in chunk]
-                )
-            )
-    return groups
-
-
-def group_candidates(candidates: list[Candidate], n_q: int) -> tuple[list, str]:
-    """Group pairs with tasks.match.group_candidates when it exists; returns (groups, which implementation)."""
-    try:
-        from tasks.match import group_candidates as match_group
-    except ImportError:
-        return _group_candidates_local(candidates, n_q), "local"
-    return match_group(candidates, n_q), "tasks.match"
 
 
 _RUNNERS: dict[tuple, RTaggerRunner] = {}
@@ -142,7 +102,7 @@ def tag_batch_rtagger(
             raise ValueError(
                 f"candidate ({c.subject_ann_id}, {c.object_ann_id}, {c.relation!r}) names image {c.image_id}, not in the batch"
             )
-    groups, grouping = group_candidates(candidates, cfg.n_q)
+    groups = group_candidates(candidates, cfg.n_q)
     per_image: dict[int, list] = defaultdict(list)
     for g in groups:
         per_image[g.image_id].append(g)
@@ -211,7 +171,6 @@ def tag_batch_rtagger(
         "encoder_passes": enc_passes,
         "phrase_cache_hits": model.phrases.cache_hits - hits0,
         "phrase_cache_misses": model.phrases.cache_misses - miss0,
-        "grouping_local": int(grouping == "local"),
         "seconds": time.perf_counter() - t0,
     }
 

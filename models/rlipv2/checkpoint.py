@@ -88,5 +88,5 @@ def state_revision(model: RLIPv2ParSeD) -> str:
     h = hashlib.sha256(offline_config(model).hash(64).encode())
     for k, v in sorted(model.state_dict().items()):
         h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]

@@ -50,8 +50,9 @@ class PhraseEncoder(nn.Module):
         self.cache_misses = 0
 
     def train(self, mode: bool = True):
-        # weights may change while training: cached features would be stale
-        self._cache.clear()
+        # weights may change while training: cached features would be stale (nothing is cached while training)
+        if mode:
+            self._cache.clear()
         return super().train(mode)
 
     def clear_cache(self) -> None:

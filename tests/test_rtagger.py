@@ -1,0 +1,184 @@
+"""tasks.rtagger: the R-Tagger stage over records (grouping, factors, text modes, loading, validation)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+
+import pytest
+import torch
+from PIL import Image
+
+from models.rlipv2.checkpoint import save_checkpoint
+from models.rlipv2.model import RLIPv2ParSeD
+from models.rlipv2.tokenizer import build_word_tokenizer
+from models.rlipv2.train import tiny_config
+from storage.records import Box, Candidate, ImageRecord
+from tasks.config import TagConfig
+from tasks.rtagger import RTaggerRunner, tag_batch_rtagger
+
+LABELS = ["person", "horse", "dog", "table", "cup", "car"]
+RELS = ["riding on", "next to", "holding", "near", "behind"]
+
+
+@pytest.fixture(scope="module")
+def runner():
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    tok = build_word_tokenizer(LABELS + RELS + [cfg.no_object_text])
+    return RTaggerRunner.from_model(RLIPv2ParSeD(cfg, tok))
+
+
+def _image(image_id: int, n_boxes: int, width=160, height=120, seed=0) -> tuple[ImageRecord, Image.Image]:
+    g = torch.Generator().manual_seed(seed)
+    boxes = []
+    for k in range(n_boxes):
+        x, y = (torch.rand(2, generator=g) * torch.tensor([width * 0.6, height * 0.6])).tolist()
+        w, h = (torch.rand(2, generator=g) * torch.tensor([width * 0.3, height * 0.3]) + 4).tolist()
+        label = LABELS[k % len(LABELS)]
+        boxes.append(Box(100 * image_id + k, LABELS.index(label) + 1, label, x, y, w, h))
+    arr = (torch.rand(height, width, 3, generator=g) * 255).to(torch.uint8).numpy()
+    return ImageRecord(image_id, f"img{image_id}.jpg", width, height, 0, boxes), Image.fromarray(arr)
+
+
+def _candidates(im: ImageRecord, n_pairs: int, texts_per_pair=(1, 2)) -> list[Candidate]:
+    pairs = [(a, b) for a in im.boxes for b in im.boxes if a.ann_id != b.ann_id][:n_pairs]
+    assert len(pairs) == n_pairs
+    out = []
+    for k, (a, b) in enumerate(pairs):
+        n_t = texts_per_pair[k % len(texts_per_pair)]
+        for j in range(n_t):
+            rel = RELS[(k + j) % len(RELS)]
+            out.append(
+                Candidate(
+                    im.image_id,
+                    a.ann_id,
+                    b.ann_id,
+                    a.category_id,
+                    b.category_id,
+                    a.label,
+                    b.label,
+                    rel,
+                    rel.split()[0],
+                    [k % 3],
+                    1,
+                    "name",
+                    "",
+                    "name",
+                    "",
+                )  # fmt: skip
+            )
+    return out
+
+
+def test_250_pairs_run_in_3_forwards_every_pair_once(runner):
+    im, px = _image(1, 17)  # 17 boxes: 272 ordered pairs, 250 used
+    cands = _candidates(im, 250)
+    cfg = TagConfig(tagger="rtagger", n_q=100)
+    rows, stats = tag_batch_rtagger([im], [px], cands, runner, cfg)
+    assert stats["forwards"] == 3 and stats["encoder_passes"] == 1 and stats["groups"] == 3
+    assert stats["pairs"] == 250 and stats["forwards_per_image"] == 3.0
+    # matched mode: one row per candidate, every (pair, text) exactly once
+    keys = Counter((r.subject_ann_id, r.object_ann_id, r.relation) for r in rows)
+    assert set(keys) == {(c.subject_ann_id, c.object_ann_id, c.relation) for c in cands}
+    assert max(keys.values()) == 1 and len(rows) == len(cands)
+    assert len({(r.subject_ann_id, r.object_ann_id) for r in rows}) == 250
+
+
+def test_factors_in_unit_interval_confidence_product_and_ranks(runner):
+    im, px = _image(2, 6, seed=2)
+    cands = _candidates(im, 20, texts_per_pair=(1, 2, 3))
+    rows, _ = tag_batch_rtagger([im], [px], cands, runner, TagConfig(tagger="rtagger", n_q=8))
+    assert rows
+    for r in rows:
+        for p in (r.p_subject, r.p_object, r.p_relation, r.confidence):
+            assert 0.0 <= p <= 1.0
+        assert r.confidence == r.p_subject * r.p_object * r.p_relation
+        assert r.tagger == "rtagger"
+    by_pair = defaultdict(list)
+    for r in rows:
+        by_pair[(r.subject_ann_id, r.object_ann_id)].append(r)
+    for group in by_pair.values():
+        assert sorted(r.relation_rank for r in group) == list(range(1, len(group) + 1))
+        best = min(group, key=lambda r: r.relation_rank)
+        assert best.confidence == max(r.confidence for r in group)
+    # provenance is carried through
+    c0 = cands[0]
+    r0 = next(
+        r
+        for r in rows
+        if (r.subject_ann_id, r.object_ann_id, r.relation)
+        == (c0.subject_ann_id, c0.object_ann_id, c0.relation)
+    )
+    assert r0.caption_ids == c0.caption_ids and r0.relation_lemma == c0.relation_lemma
+
+
+def test_texts_all_scores_every_image_text_and_agrees_with_matched(runner):
+    im, px = _image(3, 5, seed=3)
+    cands = _candidates(im, 12, texts_per_pair=(1, 2))
+    matched, _ = tag_batch_rtagger([im], [px], cands, runner, TagConfig(tagger="rtagger", texts="matched"))
+    every, _ = tag_batch_rtagger([im], [px], cands, runner, TagConfig(tagger="rtagger", texts="all"))
+    texts = {c.relation for c in cands}
+    assert len(every) == 12 * len(texts)
+    by_key = {(r.subject_ann_id, r.object_ann_id, r.relation): r for r in every}
+    for r in matched:
+        e = by_key[(r.subject_ann_id, r.object_ann_id, r.relation)]
+        assert (e.p_subject, e.p_object, e.p_relation, e.caption_ids) == (
+            r.p_subject,
+            r.p_object,
+            r.p_relation,
+            r.caption_ids,
+        )
+    unmatched = [r for r in every if not r.caption_ids]
+    assert len(unmatched) == len(every) - len(matched) and all(r.n_captions == 0 for r in unmatched)
+
+
+def test_images_batched_and_phrases_cached(runner):
+    recs = [_image(10 + k, 4, seed=10 + k) for k in range(3)]
+    cands = [c for im, _ in recs for c in _candidates(im, 6)]
+    cfg = TagConfig(tagger="rtagger", batch_size=2)
+    runner.model.phrases.clear_cache()
+    rows, stats = tag_batch_rtagger([r[0] for r in recs], [r[1] for r in recs], cands, runner, cfg)
+    assert stats["images_tagged"] == 3 and stats["encoder_passes"] == 3 and stats["forwards"] == 3
+    assert stats["phrase_cache_hits"] > 0  # the second encoder batch reuses the first one's phrases
+    _, again = tag_batch_rtagger([r[0] for r in recs], [r[1] for r in recs], cands, runner, cfg)
+    assert again["phrase_cache_misses"] == 0
+    assert {r.image_id for r in rows} == {10, 11, 12}
+
+
+def test_validation_errors_name_the_record(runner):
+    im, px = _image(4, 4, seed=4)
+    cands = _candidates(im, 3)
+    cfg = TagConfig(tagger="rtagger")
+    with pytest.raises(ValueError, match="2 image records but 1 decoded"):
+        tag_batch_rtagger([im, im], [px], cands, runner, cfg)
+    with pytest.raises(ValueError, match=r"image 4 \(img4.jpg\): decoded size \(80, 60\)"):
+        tag_batch_rtagger([im], [px.resize((80, 60))], cands, runner, cfg)
+    bad = [
+        Candidate(4, 999, im.boxes[0].ann_id, 1, 1, "x", "y", "near", "near", [0], 1, "name", "", "name", "")
+    ]
+    with pytest.raises(ValueError, match="names box 999"):
+        tag_batch_rtagger([im], [px], bad, runner, cfg)
+    other = [Candidate(77, 1, 2, 1, 1, "x", "y", "near", "near", [0], 1, "name", "", "name", "")]
+    with pytest.raises(ValueError, match="names image 77"):
+        tag_batch_rtagger([im], [px], other, runner, cfg)
+    rows, stats = tag_batch_rtagger([im], [px], [], runner, cfg)
+    assert rows == [] and stats["forwards"] == 0
+
+
+def test_from_config_needs_a_checkpoint_and_loads_once(runner, tmp_path):
+    with pytest.raises(ValueError, match="TagConfig.checkpoint is None: the R-Tagger needs trained weights"):
+        RTaggerRunner.from_config(TagConfig(tagger="rtagger"))
+    with pytest.raises(ValueError, match="has no rlipv2_config.json"):
+        RTaggerRunner.from_config(TagConfig(tagger="rtagger", checkpoint=str(tmp_path)))
+    save_checkpoint(runner.model, tmp_path / "ckpt")
+    cfg = TagConfig(tagger="rtagger", checkpoint=str(tmp_path / "ckpt"))
+    a = RTaggerRunner.from_config(cfg)
+    assert RTaggerRunner.from_config(cfg) is a
+    assert a.revision.startswith("ckpt:") and len(a.revision) == 21
+    im, px = _image(5, 4, seed=5)
+    cands = _candidates(im, 5)
+    r1, _ = tag_batch_rtagger([im], [px], cands, runner, cfg)
+    r2, _ = tag_batch_rtagger([im], [px], cands, a, cfg)
+    assert [(r.p_subject, r.p_relation) for r in r1] == [(r.p_subject, r.p_relation) for r in r2]
+    assert not math.isnan(r1[0].confidence)
