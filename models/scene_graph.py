@@ -78,10 +78,119 @@ def _graphs_from_docs(ext, texts, docs) -> list[dict]:
     return out
 
 
-def _load_nlp(spacy_model: str):
+# Token attributes the attribute ruler's single-token patterns test, read the way spaCy's Matcher reads them.
+_TOKEN_GETTERS = {
+    "TAG": lambda t: t.tag_,
+    "LOWER": lambda t: t.lower_,
+    "DEP": lambda t: t.dep_,
+    "POS": lambda t: t.pos_,
+    "ORTH": lambda t: t.text,
+    "TEXT": lambda t: t.text,
+    "IS_SPACE": lambda t: t.is_space,
+}
+
+
+class FastAttributeMatch:
+    """Drop-in for `AttributeRuler.match`: the same sorted (attr_id, match_id, start, end) list, faster.
+
+    The profile of `nlp.pipe` on captions puts ~19% of the time in the attribute ruler's Matcher, which
+    tests all 179 patterns of en_core_web_sm at every token. Most are one token with exact or IN values
+    (TAG, LOWER+TAG, LOWER in [...] ...): those become dict look-ups on the token's values (IN expanded into
+    every combination); one-token NOT_IN patterns become a predicate; the rest (several tokens, REGEX) stay
+    in a spaCy Matcher of their own. `AttributeRuler.set_annotations` is unchanged, so rules apply in the
+    same order; tests compare the match lists with the Matcher's on thousands of docs.
+    """
+
+    def __init__(self, ruler):
+        import itertools
+        import operator
+
+        from spacy.matcher import Matcher
+
+        self.vocab = ruler.vocab
+        self.complex = Matcher(ruler.vocab, validate=False)
+        self.n_complex = 0
+        self.keys = sorted(_TOKEN_GETTERS)
+        self.getters = [_TOKEN_GETTERS[k] for k in self.keys]
+        col = {k: j for j, k in enumerate(self.keys)}
+        tables: dict[tuple[str, ...], dict] = {}
+        predicates = []  # (attr_id, match_id, [(column, allowed set | None, excluded set | None)])
+        for attr_id in range(len(ruler.attrs)):
+            match_id = ruler.vocab.strings[str(attr_id)]
+            _, patterns = ruler.matcher.get(match_id)
+            plan = []
+            for pat in patterns:
+                if len(pat) != 1 or not pat[0] or any(k not in _TOKEN_GETTERS for k in pat[0]):
+                    break
+                conds = {}
+                for k, v in pat[0].items():
+                    if isinstance(v, bool) != (k == "IS_SPACE"):
+                        break
+                    if isinstance(v, (str, bool)):
+                        conds[k] = ("in", (v,))
+                    elif isinstance(v, dict) and len(v) == 1 and set(v) <= {"IN", "NOT_IN"}:
+                        op, vals = next(iter(v.items()))
+                        if not all(isinstance(x, str) for x in vals):
+                            break
+                        conds[k] = (op.lower().replace("not_in", "not"), tuple(vals))
+                    else:
+                        break
+                else:
+                    plan.append(conds)
+                    continue
+                break
+            else:
+                for conds in plan:
+                    if any(op == "not" for op, _ in conds.values()):
+                        predicates.append(
+                            (
+                                attr_id,
+                                match_id,
+                                [(col[k], op, frozenset(vals)) for k, (op, vals) in conds.items()],
+                            )
+                        )
+                        continue
+                    keys = tuple(sorted(conds))
+                    table = tables.setdefault(keys, {})
+                    for combo in itertools.product(*(conds[k][1] for k in keys)):
+                        table.setdefault(combo if len(keys) > 1 else combo[0], []).append((attr_id, match_id))
+                continue
+            self.complex.add(str(attr_id), patterns)
+            self.n_complex += 1
+        self.tables = [
+            (operator.itemgetter(*(col[k] for k in keys)), table) for keys, table in tables.items()
+        ]
+        self.predicates = predicates
+
+    def __call__(self, doc) -> list[tuple[int, int, int, int]]:
+        found = set()
+        getters = self.getters
+        for i, tok in enumerate(doc):
+            vals = [g(tok) for g in getters]
+            for key_of, table in self.tables:
+                hits = table.get(key_of(vals))
+                if hits:
+                    for attr_id, match_id in hits:
+                        found.add((attr_id, match_id, i, i + 1))
+            for attr_id, match_id, conds in self.predicates:
+                if all((vals[c] in vs) == (op == "in") for c, op, vs in conds):
+                    found.add((attr_id, match_id, i, i + 1))
+        if self.n_complex:
+            for m_id, s, e in self.complex(doc, allow_missing=True, as_spans=False):
+                found.add((int(self.vocab.strings[m_id]), m_id, s, e))
+        return sorted(found)
+
+
+def _load_nlp(spacy_model: str, fast_attribute_ruler: bool = True):
     import spacy
 
-    return spacy.load(spacy_model, disable=list(DISABLED_PIPES))
+    nlp = spacy.load(spacy_model, disable=list(DISABLED_PIPES))
+    if fast_attribute_ruler and "attribute_ruler" in nlp.pipe_names:
+        ruler = nlp.get_pipe("attribute_ruler")
+        ruler.match = FastAttributeMatch(
+            ruler
+        )  # instance attribute: AttributeRuler.__call__ calls self.match
+    return nlp
 
 
 # --- worker-process side (spawned: safe beside torch threads and Prefect's thread pool) -------------------

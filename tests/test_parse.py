@@ -196,3 +196,32 @@ def test_clean_caption_keeps_clean_text_unchanged():
 def test_parser_rejects_bad_settings():
     with pytest.raises(ValueError, match="processes must be >= 1, got 0"):
         SceneGraphParser(MODEL, processes=0)
+
+
+def test_fast_attribute_match_equals_matcher():
+    import spacy
+
+    from models.scene_graph import FastAttributeMatch
+
+    nlp = spacy.load(MODEL, disable=["ner"])
+    ruler = nlp.get_pipe("attribute_ruler")
+    fast = FastAttributeMatch(ruler)
+    # most of the 179 patterns became look-ups; the multi-token / REGEX ones stay in a Matcher
+    assert fast.n_complex < 15 and len(fast.tables) >= 5
+    texts = _bench_module().realistic_captions(1500, seed=13) + [
+        "I ain't doin' nothin' y'all",
+        "Let's go, ol' man, c'mon",
+        "we're gonna get it, gotta go",
+        "There is a dog that I saw and it's mine.",
+        "Did you do it? I did, because I'd have to.",
+        "   two  spaces\n\nnew line\t tab",
+        "whether or not it is, it isn't",
+    ]
+    with nlp.select_pipes(disable=["attribute_ruler", "lemmatizer"]):
+        docs = list(nlp.pipe(texts))
+    n_matches = 0
+    for text, doc in zip(texts, docs):
+        want = sorted(set(type(ruler).match(ruler, doc)))
+        assert fast(doc) == want, text
+        n_matches += len(want)
+    assert n_matches > 10 * len(texts)
