@@ -6,8 +6,29 @@ import json
 import random
 
 O365_NAMES = [
-    "Person", "Chair", "Car", "Cup", "Bottle", "Desk", "Handbag/Satchel", "Plate", "Helmet", "Book", "Bench",
-    "Bowl", "Flag", "Pillow", "Boots", "Umbrella", "Dog", "Cat", "Horse", "Bicycle", "Tie", "Spoon", "Knife",
+    "Person",
+    "Chair",
+    "Car",
+    "Cup",
+    "Bottle",
+    "Desk",
+    "Handbag/Satchel",
+    "Plate",
+    "Helmet",
+    "Book",
+    "Bench",
+    "Bowl",
+    "Flag",
+    "Pillow",
+    "Boots",
+    "Umbrella",
+    "Dog",
+    "Cat",
+    "Horse",
+    "Bicycle",
+    "Tie",
+    "Spoon",
+    "Knife",
 ]
 
 
@@ -30,8 +51,17 @@ def write_detections(path: str, n_images: int, boxes_per_image: int = 9, seed: i
         for i in range(n_images):
             if i:
                 f.write(",")
-            f.write(json.dumps({"height": 512, "id": i + 1, "license": 5, "width": 683,
-                                "file_name": f"images/v1/patch{i % 16}/objects365_v1_{i + 1:08d}.jpg"}))
+            f.write(
+                json.dumps(
+                    {
+                        "height": 512,
+                        "id": i + 1,
+                        "license": 5,
+                        "width": 683,
+                        "file_name": f"images/v1/patch{i % 16}/objects365_v1_{i + 1:08d}.jpg",
+                    }
+                )
+            )
         f.write('], "annotations": [')
         for i in range(n_images):
             for _ in range(boxes_per_image):
@@ -40,10 +70,98 @@ def write_detections(path: str, n_images: int, boxes_per_image: int = 9, seed: i
                 if n_ann:
                     f.write(",")
                 n_ann += 1
-                f.write(json.dumps({"id": n_ann, "iscrowd": 0, "isfake": 0, "area": w * h, "isreflected": 0,
-                                    "bbox": [round(x, 2), round(y, 2), round(w, 2), round(h, 2)],
-                                    "image_id": i + 1, "category_id": rng.choice(ids)}))
+                f.write(
+                    json.dumps(
+                        {
+                            "id": n_ann,
+                            "iscrowd": 0,
+                            "isfake": 0,
+                            "area": w * h,
+                            "isreflected": 0,
+                            "bbox": [round(x, 2), round(y, 2), round(w, 2), round(h, 2)],
+                            "image_id": i + 1,
+                            "category_id": rng.choice(ids),
+                        }
+                    )
+                )
         f.write('], "categories": ')
         f.write(json.dumps(cats))
         f.write(', "licenses": []}')
     return {"images": n_images, "annotations": n_ann}
+
+
+# (O365 category name, caption words for it)
+_SCENE_CLASSES = [
+    ("Person", ["man", "woman", "person", "boy", "girl"]),
+    ("Chair", ["chair"]),
+    ("Cup", ["cup"]),
+    ("Dog", ["dog"]),
+    ("Car", ["car"]),
+    ("Bench", ["bench"]),
+    ("Horse", ["horse"]),
+    ("Umbrella", ["umbrella"]),
+    ("Bottle", ["bottle"]),
+    ("Bicycle", ["bicycle", "bike"]),
+    ("Dinning Table", ["table"]),
+]
+_RELATIONS = [
+    "sitting on",
+    "holding",
+    "next to",
+    "riding",
+    "standing near",
+    "on top of",
+    "in front of",
+    "looking at",
+]
+_ADJ = ["", "", "small ", "red ", "old ", "white ", "wooden ", "large "]
+
+
+def write_dataset(folder: str, n_images: int, captions_per_image: int = 5, seed: int = 0) -> dict:
+    """A small labelled dataset with relation-bearing captions: detections.json + captions.json (oracle).
+
+    Boxes are placed so that some pairs overlap and some do not; captions name classes present in the image.
+    """
+    import os
+
+    rng = random.Random(seed)
+    cats = categories()
+    by_name = {c["name"]: c["id"] for c in cats}
+    images, anns, caps = [], [], []
+    for i in range(1, n_images + 1):
+        images.append({"id": i, "file_name": f"img/{i:07d}.jpg", "width": 640, "height": 480})
+        present = rng.sample(_SCENE_CLASSES, k=rng.randint(2, 4))
+        for name, _ in present:
+            for _ in range(rng.randint(1, 2)):
+                x, y = rng.uniform(0, 500), rng.uniform(0, 380)
+                anns.append(
+                    {
+                        "id": len(anns) + 1,
+                        "image_id": i,
+                        "category_id": by_name[name],
+                        "iscrowd": 0,
+                        "bbox": [
+                            round(x, 1),
+                            round(y, 1),
+                            round(rng.uniform(20, 140), 1),
+                            round(rng.uniform(20, 100), 1),
+                        ],
+                    }
+                )
+        for _ in range(captions_per_image):
+            (_, sw), (_, ow) = rng.sample(present, k=2)
+            text = f"A {rng.choice(_ADJ)}{rng.choice(sw)} {rng.choice(_RELATIONS)} a {rng.choice(_ADJ)}{rng.choice(ow)}."
+            caps.append({"id": len(caps) + 1, "image_id": i, "caption": text.replace("  ", " ")})
+    os.makedirs(folder, exist_ok=True)
+    det, cap = os.path.join(folder, "detections.json"), os.path.join(folder, "captions.json")
+    with open(det, "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+    with open(cap, "w") as f:
+        json.dump({"annotations": caps}, f)
+    return {
+        "detections": det,
+        "captions": cap,
+        "images": n_images,
+        "boxes": len(anns),
+        "captions_n": len(caps),
+    }

@@ -1,4 +1,4 @@
-"""The `reltag` command line: plan, run, status, stats, demo."""
+"""The `reltag` command line: plan, run, status, stats, show, demo."""
 
 from __future__ import annotations
 
@@ -193,6 +193,62 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_show(args) -> int:
+    """Draw the triplets of some images of a finished run into one PNG."""
+    import random
+
+    import pyarrow.parquet as pq
+
+    from flows.status import find_runs
+    from storage import schemas
+    from storage.atomic import read_json
+    from storage.records import Triplet
+    from tasks.images import load_image
+    from tasks.plan import shard_records
+    from tasks.visualize import contact_sheet, draw_triplets
+
+    runs = [r for r in find_runs(args.out) if not args.run_key or r.run_key == args.run_key]
+    if not runs:
+        print(f"no runs under {args.out}", file=sys.stderr)
+        return 1
+    run = runs[-1]
+    manifest = read_json(run.fs, run.manifest)
+    images_root = manifest["inputs"]["images_root"]
+    wanted = set(args.image_id or [])
+    picked = []
+    for sh in manifest["shards"]:
+        if not run.fs.exists(run.triplets(sh["shard"])):
+            continue
+        with run.fs.open(run.triplets(sh["shard"]), "rb") as f:
+            trips = schemas.from_table(pq.read_table(f), Triplet)
+        by_image: dict[int, list] = {}
+        for t in trips:
+            by_image.setdefault(t.image_id, []).append(t)
+        for rec in shard_records(run, sh["shard"]):
+            if (wanted and rec.image_id in wanted) or (not wanted and rec.image_id in by_image):
+                picked.append((rec, by_image.get(rec.image_id, [])))
+    if wanted and len(picked) < len(wanted):
+        missing = sorted(wanted - {r.image_id for r, _ in picked})
+        print(f"reltag show: image ids {missing} are not in run {run.run_key}", file=sys.stderr)
+        return 1
+    if not wanted:
+        random.Random(args.seed).shuffle(picked)
+        picked = sorted(picked[: args.sample], key=lambda p: p[0].image_id)
+    if not picked:
+        print(f"run {run.run_key} has no triplets to show", file=sys.stderr)
+        return 1
+    tiles = []
+    for rec, trips in picked:
+        img, q = load_image(images_root, rec)
+        if q is not None:
+            print(f"reltag show: skipping image {rec.image_id}: {q.detail}", file=sys.stderr)
+            continue
+        tiles.append(draw_triplets(img, rec, trips))
+    contact_sheet(tiles).save(args.png)
+    print(f"wrote {args.png}: {len(tiles)} image(s) with their triplets")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="reltag",
@@ -238,6 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--run-key")
     p.set_defaults(func=cmd_stats)
+    p = sub.add_parser(
+        "show",
+        help="draw the triplets of a finished run on its images (one PNG)",
+        description="Pick images with triplets (at random, or by --image-id) and draw boxes, "
+        "subject->object arrows and relation labels.",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--run-key")
+    p.add_argument("--png", required=True, help="PNG file to write")
+    p.add_argument("--image-id", type=int, action="append", help="image id to draw (repeatable)")
+    p.add_argument("--sample", type=int, default=6, help="how many random images with triplets (default 6)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_show)
     return ap
 
 
@@ -246,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # bad input or config: one clear line, no traceback
+    except (
+        ValueError,
+        FileNotFoundError,
+        NotADirectoryError,
+    ) as e:  # bad input or config: one line, no traceback
         print(f"reltag {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 

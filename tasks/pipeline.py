@@ -230,19 +230,37 @@ def run_batch_stage(ctx: RunContext, stage: str, shard: int, batch: int) -> dict
     return info
 
 
+#: derived stats: recomputed from the merged counts instead of being summed
+RATIOS = {
+    "match_rate": ("relations_matched", "relations"),
+    "relations_per_caption": ("relations", "captions_parsed"),
+    "n_unique_mean": ("unique_captions", "images_captioned"),
+    "forwards_per_image": ("forwards", "images"),
+    "pairs_per_forward": ("pairs", "forwards"),
+}
+#: settings reported by a stage (the largest value seen is kept)
+MAXIMA = {"micro_batch", "processes_used"}
+
+
 def merge_stats(parts: list[dict]) -> dict:
-    """Sum numeric stats; merge `top_*` count tables (keeping the 50 largest)."""
+    """Merge per-batch stage stats: counts are summed, `top_*` tables merged (50 largest kept), ratios recomputed."""
     total: Counter = Counter()
     tops: dict[str, Counter] = {}
+    maxima: dict[str, float] = {}
     for p in parts:
         for k, v in p.items():
             if k.startswith("top_") and isinstance(v, dict):
                 tops.setdefault(k, Counter()).update(v)
-            elif isinstance(v, bool):
+            elif k in RATIOS or isinstance(v, bool) or not isinstance(v, int | float):
                 continue
-            elif isinstance(v, int | float):
+            elif k in MAXIMA:
+                maxima[k] = max(maxima.get(k, v), v)
+            else:
                 total[k] += v
-    out: dict = dict(total)
+    out: dict = {**dict(total), **maxima}
+    for k, (num, den) in RATIOS.items():
+        if any(k in p for p in parts):
+            out[k] = round(total[num] / total[den], 4) if total[den] else 0.0
     for k, c in tops.items():
         out[k] = dict(c.most_common(50))
     return out

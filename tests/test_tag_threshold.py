@@ -12,13 +12,23 @@ from tasks.tag import boxes_overlap, tag_greedy
 from tasks.threshold import confidence, threshold_batch
 
 IM = ImageRecord(
-    1, "a.jpg", 100, 100, 0,
-    [Box(1, 1, "Person", 0, 0, 50, 50), Box(2, 3, "Chair", 40, 40, 30, 30), Box(3, 3, "Chair", 80, 80, 10, 10)],
+    1,
+    "a.jpg",
+    100,
+    100,
+    0,
+    [
+        Box(1, 1, "Person", 0, 0, 50, 50),
+        Box(2, 3, "Chair", 40, 40, 30, 30),
+        Box(3, 3, "Chair", 80, 80, 10, 10),
+    ],
 )
 
 
 def _cand(s, o, rel, caps=(0,)):
-    return Candidate(1, s, o, 1, 3, "Person", "Chair", rel, rel, list(caps), len(caps), "name", "person", "name", "chair")
+    return Candidate(
+        1, s, o, 1, 3, "Person", "Chair", rel, rel, list(caps), len(caps), "name", "person", "name", "chair"
+    )
 
 
 def test_boxes_overlap_needs_positive_area():
@@ -28,7 +38,9 @@ def test_boxes_overlap_needs_positive_area():
 
 
 def test_greedy_assigns_relations_and_scores_overlap():
-    rows, stats = tag_greedy([IM], [_cand(1, 2, "sitting on", (0, 2)), _cand(1, 2, "next to"), _cand(1, 3, "sitting on")])
+    rows, stats = tag_greedy(
+        [IM], [_cand(1, 2, "sitting on", (0, 2)), _cand(1, 2, "next to"), _cand(1, 3, "sitting on")]
+    )
     by = {(r.object_ann_id, r.relation): r for r in rows}
     assert by[(2, "sitting on")].confidence == 1.0 and by[(2, "next to")].confidence == 1.0
     assert by[(3, "sitting on")].p_relation == 0.0 and by[(3, "sitting on")].confidence == 0.0
@@ -44,21 +56,58 @@ def test_greedy_names_a_candidate_with_an_unknown_box():
 
 
 def _tag(ps, po, pr, rel="on", o=2):
-    return TaggedRelation(1, 1, o, 1, 3, "Person", "Chair", rel, rel, [0], 1, ps, po, pr, ps * po * pr, 1, "t")
+    return TaggedRelation(
+        1, 1, o, 1, 3, "Person", "Chair", rel, rel, [0], 1, ps, po, pr, ps * po * pr, 1, "t"
+    )
 
 
 def test_threshold_paper_rule_keeps_at_eta_and_rejects_below():
     tags = [_tag(1.0, 1.0, 0.2), _tag(0.4, 0.5, 0.9, rel="near"), _tag(1.0, 1.0, math.nan, rel="x")]
     acc, rej, stats = threshold_batch([IM], tags, ThresholdConfig(eta=0.2), "rk")
     assert [a.relation for a in acc] == ["on"]
-    assert acc[0].subject_box == [0, 0, 50, 50] and acc[0].object_box == [40, 40, 30, 30] and acc[0].run_key == "rk"
+    assert (
+        acc[0].subject_box == [0, 0, 50, 50]
+        and acc[0].object_box == [40, 40, 30, 30]
+        and acc[0].run_key == "rk"
+    )
     assert sorted((r.relation, r.reason) for r in rej) == [("near", "below_eta"), ("x", "nan_confidence")]
-    assert stats["accepted"] == 1 and stats["rejected_below_eta"] == 1 and stats["rejected_nan_confidence"] == 1
+    assert (
+        stats["accepted"] == 1 and stats["rejected_below_eta"] == 1 and stats["rejected_nan_confidence"] == 1
+    )
 
 
 def test_threshold_relation_only_rule_reproduces_the_reference_code():
-    acc, rej, _ = threshold_batch([IM], [_tag(0.5, 0.5, 0.9)], ThresholdConfig(eta=0.2, rule="relation_only"), "rk")
+    acc, rej, _ = threshold_batch(
+        [IM], [_tag(0.5, 0.5, 0.9)], ThresholdConfig(eta=0.2, rule="relation_only"), "rk"
+    )
     assert len(acc) == 1 and acc[0].confidence == pytest.approx(0.9) and not rej
     assert confidence(_tag(0.5, 0.5, 0.9), "paper") == pytest.approx(0.225)
     with pytest.raises(ValueError, match="unknown confidence rule 'max'"):
         confidence(_tag(1, 1, 1), "max")
+
+
+def test_merge_stats_sums_counts_and_recomputes_ratios():
+    from tasks.pipeline import merge_stats
+
+    a = {
+        "relations": 10,
+        "relations_matched": 5,
+        "match_rate": 0.5,
+        "micro_batch": 8,
+        "top_heads": {"hat": 1},
+    }
+    b = {
+        "relations": 30,
+        "relations_matched": 3,
+        "match_rate": 0.1,
+        "micro_batch": 4,
+        "top_heads": {"hat": 2, "sky": 1},
+    }
+    m = merge_stats([a, b])
+    assert m == {
+        "relations": 40,
+        "relations_matched": 8,
+        "match_rate": 0.2,
+        "micro_batch": 8,
+        "top_heads": {"hat": 3, "sky": 1},
+    }
