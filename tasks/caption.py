@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 
+import torch
+
 from models.captioners.base import Captioner
+from models.captioners.factory import make_captioner
 from storage.records import Caption, ImageRecord, Quarantined
+from tasks.config import CaptionConfig
+from tasks.images import load_image
 
 
 @dataclass(slots=True)
@@ -20,37 +27,175 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(" .")
 
 
-def caption_batch(images: list[ImageRecord], captioners: list[Captioner], image_root: str | None, seed: int) -> CaptionOutput:
+def build_captioners(cfg: CaptionConfig, captions_file: str | None) -> list[Captioner]:
+    """The captioners of the config, in its order (their captions are concatenated per image).
+
+    oracle reads captions_file; blip loads cfg.model and blip2 cfg.blip2_model (hub id or local directory,
+    safetensors, no remote code) at cfg.model_revision, with the config's generation settings.
+    """
+    names = cfg.captioner if isinstance(cfg.captioner, tuple) else (cfg.captioner,)
+    if not names:
+        raise ValueError("caption config names no captioner (captioner=())")
+    dup = [n for n, c in Counter(names).items() if c > 1]
+    if dup:
+        raise ValueError(
+            f"captioner {dup[0]!r} is listed {Counter(names)[dup[0]]} times in {names}; with the same batch "
+            "seed it would only repeat the same captions"
+        )
+    gen = dict(
+        n_cap=cfg.n_cap,
+        top_p=cfg.top_p,
+        max_length=cfg.max_length,
+        min_length=cfg.min_length,
+        repetition_penalty=cfg.repetition_penalty,
+        num_beams=cfg.num_beams,
+        prompt=cfg.prompt,
+        dtype=cfg.dtype,
+        device=cfg.device,
+    )
+    out: list[Captioner] = []
+    for name in names:
+        if name == "oracle":
+            out.append(make_captioner("oracle", captions_file=captions_file))
+        elif name == "blip":
+            out.append(
+                make_captioner(
+                    "blip", model=cfg.model, revision=cfg.model_revision, image_size=cfg.image_size, **gen
+                )
+            )
+        elif name == "blip2":
+            # BLIP-2's ViT-g keeps the input size of its own processor config (224), not cfg.image_size.
+            out.append(make_captioner("blip2", model=cfg.blip2_model, revision=cfg.model_revision, **gen))
+        else:
+            out.append(make_captioner(name))  # raises with the reason
+    return out
+
+
+def batch_seed(run_key: str, shard: int, batch: int) -> int:
+    """The sampling seed of one batch: sha256 of (run key, shard, batch), 63 bits.
+
+    Promise: the same batch (shard, batch) of the same run key gets the same captions on any rerun
+    on the same software and hardware class. The run key covers the config (captioners, model revisions,
+    sampling settings, batch size) and the input; each image then draws from its own generator seeded by
+    (this seed, image id), so its captions also do not depend on how the batch is split into generate calls.
+    Different batches or run keys get unrelated seeds.
+    """
+    if not run_key:
+        raise ValueError(
+            f"batch_seed needs a non-empty run key, got {run_key!r} (shard {shard}, batch {batch})"
+        )
+    if shard < 0 or batch < 0:
+        raise ValueError(f"batch_seed: shard {shard} and batch {batch} must be >= 0 (run key {run_key})")
+    blob = f"reltag-caption:{run_key}:{int(shard)}:{int(batch)}".encode()
+    return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") & ((1 << 63) - 1)
+
+
+def _run_captioner(cap: Captioner, images, pixels, seed: int, micro: int, state: dict) -> list[list[str]]:
+    """Captions of one captioner in micro-batches; a CUDA OOM halves the micro-batch and retries it."""
+    out: list[list[str]] = []
+    i = 0
+    while i < len(images):
+        j = min(i + micro, len(images))
+        try:
+            texts = cap.caption(images[i:j], pixels[i:j], seed)
+        except torch.OutOfMemoryError:
+            # Only an out-of-memory error is retried, and only with a smaller micro-batch; at 1 image the
+            # batch fails like any other error and the flow redoes it alone later.
+            if micro == 1:
+                raise
+            micro = max(1, micro // 2)
+            state["oom_halvings"] += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
+        if len(texts) != j - i:
+            raise ValueError(
+                f"captioner {cap.name} returned {len(texts)} caption lists for {j - i} images "
+                f"(image ids {images[i].image_id}..{images[j - 1].image_id})"
+            )
+        out.extend(texts)
+        i = j
+    state["micro_batch"] = min(state["micro_batch"], micro)
+    return out
+
+
+def caption_batch(
+    images: list[ImageRecord],
+    captioners: list[Captioner],
+    image_root: str | None,
+    seed: int,
+    cfg: CaptionConfig | None = None,
+) -> CaptionOutput:
     """Captions for every image, numbered 0.. per image across captioners, duplicates flagged.
+
+    Pure function (no Prefect). Images are decoded (tasks.images.load_image) only when a captioner needs
+    pixels; an image that cannot be decoded is quarantined and gets no captions. A CUDA out-of-memory
+    error halves the generate micro-batch (cfg.batch_size images) and retries (stats["oom_halvings"]);
+    any other error propagates and the flow marks the batch failed.
 
     Args:
         images: the batch.
         captioners: run in order; their captions are concatenated per image.
-        image_root: folder the images' file names are relative to (only read when a captioner needs pixels).
-        seed: the batch's sampling seed (derived from the run key and the batch id by the caller).
+        image_root: folder or fsspec URI the images' file names are relative to (read only when a
+            captioner needs pixels).
+        seed: the batch's sampling seed (batch_seed(run_key, shard, batch)).
+        cfg: caption settings; only batch_size (images per generate call) is read here.
     """
-    per_image: list[list[tuple[str, Captioner]]] = [[] for _ in images]
+    cfg = cfg or CaptionConfig()
+    if not captioners:
+        raise ValueError(f"caption_batch got no captioners for {len(images)} images")
+    quarantine: list[Quarantined] = []
+    pixels: list = [None] * len(images)
+    kept = list(range(len(images)))
+    if any(c.needs_pixels for c in captioners):
+        if image_root is None:
+            names = [c.name for c in captioners if c.needs_pixels]
+            raise ValueError(f"captioners {names} read pixels but image_root is None")
+        kept = []
+        for i, im in enumerate(images):
+            pil, q = load_image(image_root, im, stage="caption")
+            if q is not None:
+                quarantine.append(q)
+            else:
+                pixels[i] = pil
+                kept.append(i)
+    kimages = [images[i] for i in kept]
+    kpixels = [pixels[i] for i in kept]
+
+    state = {"oom_halvings": 0, "micro_batch": cfg.batch_size}
+    per_image: list[list[tuple[str, Captioner]]] = [[] for _ in kimages]
     for cap in captioners:
-        if cap.needs_pixels:
-            raise NotImplementedError("pixel captioners are wired in by the captioning issue")
-        texts = cap.caption(images, [None] * len(images), seed)
-        for i, t in enumerate(texts):
-            per_image[i].extend((x, cap) for x in t)
+        pix = kpixels if cap.needs_pixels else [None] * len(kimages)
+        texts = _run_captioner(cap, kimages, pix, seed, state["micro_batch"], state)
+        for k, t in enumerate(texts):
+            per_image[k].extend((x, cap) for x in t)
+
     rows: list[Caption] = []
-    n_unique = []
-    for im, caps in zip(images, per_image):
+    n_unique: list[int] = []
+    sampling = {c.name: json.dumps(c.sampling(), sort_keys=True) for c in captioners}
+    for im, caps in zip(kimages, per_image):
         seen: set[str] = set()
         for k, (text, cap) in enumerate(caps):
             key = _norm(text)
             rows.append(
-                Caption(im.image_id, k, text, key in seen, cap.name, cap.revision, json.dumps(cap.sampling(), sort_keys=True))
+                Caption(im.image_id, k, text, key in seen, cap.name, cap.revision, sampling[cap.name])
             )
             seen.add(key)
         n_unique.append(len(seen))
+    hist = Counter(n_unique)
     stats = {
         "images": len(images),
+        "images_captioned": len(kimages),
         "captions": len(rows),
         "unique_captions": sum(n_unique),
+        # N_Unique (paper Table 21): unique captions per image, as a histogram {n: images} and a mean.
+        "n_unique_hist": {str(k): hist[k] for k in sorted(hist)},
+        "n_unique_mean": (sum(n_unique) / len(n_unique)) if n_unique else 0.0,
         "images_without_captions": sum(1 for u in n_unique if u == 0),
+        "quarantined": len(quarantine),
+        "quarantine_reasons": dict(Counter(q.reason for q in quarantine)),
+        "oom_halvings": state["oom_halvings"],
+        "micro_batch": state["micro_batch"],
+        "captions_by_captioner": dict(Counter(r.captioner for r in rows)),
     }
-    return CaptionOutput(rows, [], stats)
+    return CaptionOutput(rows, quarantine, stats)

@@ -28,6 +28,8 @@ class Captioner(Protocol):
         """The generation settings, recorded with every caption."""
         ...
 
-    def caption(self, images: list[ImageRecord], pixels: list[Image.Image | None], seed: int) -> list[list[str]]:
+    def caption(
+        self, images: list[ImageRecord], pixels: list[Image.Image | None], seed: int
+    ) -> list[list[str]]:
         """Captions per image, in image order. `seed` makes sampling reproducible for the batch."""
         ...

@@ -25,11 +25,15 @@ class OracleCaptioner:
             raise ValueError(f"captions file {path} is not valid JSON: {e}") from e
         anns = doc.get("annotations") if isinstance(doc, dict) else None
         if not isinstance(anns, list):
-            raise ValueError(f"captions file {path} has no 'annotations' list (COCO-Captions format expected)")
+            raise ValueError(
+                f"captions file {path} has no 'annotations' list (COCO-Captions format expected)"
+            )
         self._by_image: dict[int, list[str]] = defaultdict(list)
         for i, a in enumerate(anns):
             if not isinstance(a, dict) or "image_id" not in a or "caption" not in a:
-                raise ValueError(f"captions file {path}: annotation #{i} lacks image_id or caption: {a!r:.200}")
+                raise ValueError(
+                    f"captions file {path}: annotation #{i} lacks image_id or caption: {a!r:.200}"
+                )
             if not isinstance(a["caption"], str):
                 raise ValueError(
                     f"captions file {path}: annotation #{i} (image {a['image_id']}) caption is "
