@@ -13,7 +13,11 @@
 
 #if defined(__CUDACC__)
 #define MSDA_HD __host__ __device__ __forceinline__
+#if defined(__CUDA_ARCH__)  // device pass only: the host compiler does not know "#pragma unroll"
 #define MSDA_UNROLL _Pragma("unroll")
+#else
+#define MSDA_UNROLL
+#endif
 #define MSDA_SIMD
 #define MSDA_SIMD_SUM_S
 #else
@@ -63,8 +67,10 @@ MSDA_HD MsdaCorners<acc_t> msda_corners(acc_t loc_x, acc_t loc_y, int64_t height
   const acc_t hx = acc_t(1) - lx;
   const acc_t hy = acc_t(1) - ly;
   // Far outside (including NaN and huge values): every corner is padding. Checked in floating point so
-  // the integer conversion below never overflows.
-  const bool inside = x > acc_t(-1) && y > acc_t(-1) && x < static_cast<acc_t>(width) &&
+  // the integer conversion below never overflows. x == -1 counts as inside, as in grid_sample: its
+  // high corner (x = 0) has weight 0 but a non-zero location gradient. (The Deformable-DETR kernel tests
+  // x > -1 and drops that gradient.)
+  const bool inside = x >= acc_t(-1) && y >= acc_t(-1) && x < static_cast<acc_t>(width) &&
                       y < static_cast<acc_t>(height);
   const int64_t x0 = inside ? static_cast<int64_t>(x_floor) : -2;
   const int64_t y0 = inside ? static_cast<int64_t>(y_floor) : -2;
