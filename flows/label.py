@@ -96,18 +96,14 @@ def write_shard_task(ctx: RunContext, shard: int, n_batches: int) -> dict:
     return finalize_shard(ctx, shard, n_batches)
 
 
-@flow(
-    name="label-shard", flow_run_name="label {ctx.dataset} {ctx.run_key} shard-{shard:05d}", log_prints=True
-)
-def label_shard(ctx: RunContext, shard: int, n_batches: int, n_total: int) -> dict:
-    """Run every stage over every batch of one shard, then write its triplet file.
+def run_shard(ctx: RunContext, shard: int, n_batches: int, n_total: int, snap: dict[str, set[str]]) -> dict:
+    """Every stage over every batch of one shard (as Prefect tasks), then the shard's triplet file.
 
     A batch that fails does not stop the others; the shard's triplet file is only written when every batch
-    is done, and the flow fails (listing the failed units) when any is not. Rerunning redoes only those.
+    is done, and a RuntimeError lists the failed units when any is not. Rerunning redoes only those.
+    `snap` is one listing of the ledger, so finished units cost no task run at all.
     """
     log = get_run_logger()
-    ledger = Ledger(ctx.layout)
-    snap = ledger.snapshot()
     if Unit("write", shard).rel() in snap["done"]:
         for stage in BATCH_STAGES:
             advance(stage, n_total)
@@ -134,6 +130,19 @@ def label_shard(ctx: RunContext, shard: int, n_batches: int, n_total: int) -> di
     return write_shard_task(ctx, shard, n_batches)
 
 
+@flow(name="label-shard", flow_run_name="label {params.dataset_name} shard-{shard:05d}", log_prints=True)
+def label_shard(params: LabelParams, shard: int) -> dict:
+    """Label one shard of a planned run (plans it first if needed): for spreading shards over workers."""
+    ctx = plan_task(params)
+    manifest = read_json(ctx.layout.fs, ctx.layout.manifest)
+    by_id = {sh["shard"]: sh for sh in manifest["shards"]}
+    if shard not in by_id:
+        raise ValueError(f"run {ctx.run_key} has shards 0..{len(by_id) - 1}; there is no shard {shard}")
+    sh = by_id[shard]
+    with show_progress(sh["images"], BATCH_STAGES):
+        return run_shard(ctx, shard, sh["batches"], sh["images"], Ledger(ctx.layout).snapshot())
+
+
 @flow(name="label-dataset", flow_run_name="label {params.dataset_name}", log_prints=True)
 def label_dataset(params: LabelParams) -> dict:
     """Plan the dataset, label every shard, roll the statistics up. Safe to rerun after any crash."""
@@ -141,10 +150,18 @@ def label_dataset(params: LabelParams) -> dict:
     ctx = plan_task(params)
     manifest = read_json(ctx.layout.fs, ctx.layout.manifest)
     failures = []
+    snap = Ledger(ctx.layout).snapshot()  # one listing for the whole run
+    if ctx.layout.fs.exists(ctx.layout.run_stats) and all(
+        Unit("write", sh["shard"]).rel() in snap["done"] for sh in manifest["shards"]
+    ):
+        get_run_logger().info("run %s is complete; nothing to do (%s)", ctx.run_key, ctx.layout.base)
+        summary = read_json(ctx.layout.fs, ctx.layout.run_stats)
+        summary["seconds"] = round(time.perf_counter() - t0, 3)
+        return summary
     with show_progress(sum(sh["images"] for sh in manifest["shards"]), BATCH_STAGES):
         for sh in manifest["shards"]:
             try:
-                label_shard(ctx, sh["shard"], sh["batches"], sh["images"])
+                run_shard(ctx, sh["shard"], sh["batches"], sh["images"], snap)
             except Exception as e:
                 failures.append(str(e))
     if failures:

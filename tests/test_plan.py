@@ -177,3 +177,20 @@ def test_run_key_changes_with_config_and_input_and_planning_is_idempotent(tmp_pa
         plan_run(det, str(tmp_path), out, None, "ds", cfg)
     with pytest.raises(ValueError, match="dataset name '../x'"):
         plan_run(det, str(tmp_path), out, str(caps), "../x", cfg)
+
+
+def test_input_checksums_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    import os
+
+    import tasks.plan_run as pr
+
+    det = _write(tmp_path, [_img(1)], [_ann(1, 1)])
+    calls = []
+    real = pr.file_checksum
+    monkeypatch.setattr(pr, "file_checksum", lambda p: (calls.append(p), real(p))[1])
+    out = str(tmp_path / "out")
+    first = pr.cached_checksum(det, out)
+    assert pr.cached_checksum(det, out) == first and len(calls) == 1
+    _write(tmp_path, [_img(2)], [_ann(1, 2)])  # same path, new content
+    os.utime(det, (1, 1))
+    assert pr.cached_checksum(det, out) != first and len(calls) == 2
