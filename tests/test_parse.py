@@ -225,3 +225,24 @@ def test_fast_attribute_match_equals_matcher():
         assert fast(doc) == want, text
         n_matches += len(want)
     assert n_matches > 10 * len(texts)
+
+
+@pytest.mark.slow
+def test_dead_worker_raises_then_recovers():
+    import os
+    import signal
+
+    texts = [f"a dog number {i} sitting on a bed" for i in range(40)]
+    parser = SceneGraphParser(MODEL, processes=2, min_texts_for_processes=10)
+    try:
+        first = parser.parse_many(texts)
+        pids = list(parser._pool._processes)
+        assert len(pids) == 1
+        os.kill(pids[0], signal.SIGKILL)  # the worker this test started
+        with pytest.raises(RuntimeError, match="worker process died while parsing 40 captions"):
+            # the pool may notice the death on submit or on result; either way the call fails loudly
+            for _ in range(3):
+                parser.parse_many(texts)
+        assert parser.parse_many(texts) == first  # a fresh pool
+    finally:
+        parser.close()

