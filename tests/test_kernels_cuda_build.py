@@ -29,23 +29,14 @@ def _symbols(obj, *flags: str) -> set[str]:
 @pytest.mark.nvcc
 @pytest.mark.slow
 def test_cuda_kernel_compiles_with_nvcc_for_sm90(tmp_path):
-    """nvcc compiles the .cu (shared header + launchers; fp32/fp64/fp16/bf16 instantiations) warning-free."""
+    """nvcc compiles the .cu (shared header + launchers; fp32/fp64/fp16/bf16 instantiations) warning-free,
+    with the flags torch's extension build adds (they remove implicit __half / bf16 conversions)."""
+    from torch.utils import cpp_extension
+
     obj = tmp_path / "ms_deform_attn_cuda.o"
-    cmd = [
-        shutil.which("nvcc"),
-        "-c",
-        "-arch=sm_90",
-        "-O3",
-        "-std=c++17",
-        "--Werror",
-        "all-warnings",
-        "-Xcompiler",
-        "-Wall,-Wextra",
-        f"-I{_build.CSRC}",
-        str(CU),
-        "-o",
-        str(obj),
-    ]
+    cmd = [shutil.which("nvcc"), "-c", "-arch=sm_90", "-std=c++17", *cpp_extension.COMMON_NVCC_FLAGS]
+    cmd += [*_build.cuda_cflags(), "--Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra"]
+    cmd += [f"-I{_build.CSRC}", str(CU), "-o", str(obj)]
     done = _run(cmd)
     assert done.returncode == 0, f"nvcc failed:\n{done.stderr[-4000:]}"
     assert obj.stat().st_size > 0

@@ -17,6 +17,19 @@
 #include "ms_deform_attn_cuda.h"
 #include "ms_deform_attn_sampling.h"
 
+// 16-bit conversions through the intrinsics: torch's extension build passes -D__CUDA_NO_HALF_CONVERSIONS__
+// and -D__CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit __half <-> float conversions.
+namespace reltag_msda {
+template <>
+__host__ __device__ __forceinline__ float msda_to_acc<float, __half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__host__ __device__ __forceinline__ float msda_to_acc<float, __nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+}  // namespace reltag_msda
+
 namespace {
 
 using reltag_msda::msda_accumulate_channel;
@@ -31,6 +44,14 @@ constexpr int kWarpsPerBlock = kThreads / 32;
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ scalar_t from_acc(acc_t v) {
   return static_cast<scalar_t>(v);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half, float>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
 }
 
 template <typename acc_t>
