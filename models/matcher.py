@@ -255,8 +255,10 @@ class Vocabulary:
         """The original RLIPv2 matcher, reproduced exactly: for each class of the image, in the order its
         boxes first appear, a raw substring test of every listed phrase against the raw span; the last
         class that hits wins (BLIP_o365_caption_helper.MatchWithGTbboxes_O365, strategy 'paraphrases').
-        A class without a list uses its own names.
+        The span is lower-cased first, as the original's grammartical_tranform did before matching. A class
+        without a list uses its own names.
         """
+        span = span.lower()
         hit = None
         for cid in image_classes:
             c = self.by_id.get(cid)

@@ -149,6 +149,13 @@ def test_golden_coco(coco, text, head, labels, want, want_ref):
     _check(coco, text, head, labels, want, want_ref)
 
 
+def test_reference_lower_cases_spans_like_the_original(o365):
+    # the original lower-cased every entity span (grammartical_tranform) before the substring test
+    chair_person = _ids(o365, "Chair", "Person")
+    assert o365.match_reference("A CHAIR", chair_person).label == "Person"
+    assert o365.match("A CHAIR", "CHAIR", set(chair_person)).label == "Chair"
+
+
 def test_match_without_image_restriction_and_spans(o365):
     m = o365.match("a man's hat", "hat")
     assert (m.label, m.start, m.end) == ("Hat", 3, 4)
