@@ -7,18 +7,21 @@
 //   sampling_locations  [N, Lq, M, L, P, 2] (x, y) in [0, 1]
 //   attention_weights   [N, Lq, M, L, P]
 //   output              [N, Lq, M * D]
-// Forward: parallel over (N, Lq, M) with at::parallel_for, vectorised over D.
-// Backward: atomics-free partitioning. Every task owns one (n, m, channel-chunk) slice of grad_value, so no
+// Forward: parallel over (N, Lq, M) (at::parallel_for threads pulling blocks of 64), vectorised over D;
+// the corner rows of one (n, q, m) are prefetched before they are summed.
+// Backward: corners of one query computed and their value / grad_value rows prefetched first; then
+// atomics-free partitioning. Every task owns one (n, m, channel-chunk) slice of grad_value, so no
 // two threads ever write the same element; the chunk's partial gradients of the locations and attention
 // weights go to a per-chunk buffer that is summed afterwards (only when D is split, i.e. when N * M alone
 // does not give every thread enough tasks).
-// fp16 / bf16 inputs are upcast to fp32 by the Python caller (kernels/_dispatch.py) and cast back.
+// fp16 / bf16 inputs are upcast to fp32 by the Python caller (kernels/op.py) and cast back.
 
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <vector>
 
 #include "ms_deform_attn_sampling.h"
@@ -34,6 +37,34 @@ using reltag_msda::MsdaCorners;
 struct Dims {
   int64_t n, s, m, d, l, p, lq;
 };
+
+// Dynamic scheduling on top of at::parallel_for: every thread pulls blocks of `block` items from a shared
+// counter until none are left, so a thread that the OS preempts (shared CI machines) does not hold the
+// others back the way one static chunk per thread would. Inside an enclosing parallel region
+// at::parallel_for runs inline and this degrades to a serial loop over all blocks.
+template <typename F>
+void parallel_blocks(int64_t total, int64_t block, const F& f) {
+  if (total <= 0) return;
+  const int64_t n_blocks = (total + block - 1) / block;
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), n_blocks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(1); b < n_blocks; b = next.fetch_add(1)) {
+      f(b * block, std::min(total, (b + 1) * block));
+    }
+  });
+}
+
+// Prefetches the channel rows of the valid corners (up to 4 cache lines each) into L1, so the
+// L * P * 4 scattered rows of one (n, q, m) are in flight together rather than one miss at a time.
+template <int kWrite, typename scalar_t, typename acc_t>
+inline void prefetch_corners(const scalar_t* v, int64_t pos_stride, const MsdaCorners<acc_t>& c, int64_t bytes) {
+  for (int k = 0; k < 4; ++k) {
+    if (c.pos[k] < 0) continue;
+    const char* row = reinterpret_cast<const char*>(v + c.pos[k] * pos_stride);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(row + b, kWrite, 3);
+  }
+}
 
 Dims check_inputs(const at::Tensor& value, const at::Tensor& spatial_shapes, const at::Tensor& level_start_index,
                   const at::Tensor& sampling_locations, const at::Tensor& attention_weights) {
@@ -88,23 +119,33 @@ void forward_kernel(const Dims& dm, const scalar_t* value, const int64_t* shapes
   const int64_t lp = dm.l * dm.p;
   // One work item = one (n, q, m); its sampling_locations / attention_weights / output rows are at i * ...
   // because the layouts [N, Lq, M, ...] flatten (n, q, m) to exactly i.
-  const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, lp * dm.d / 16));
-  at::parallel_for(0, dm.n * dm.lq * dm.m, grain, [&](int64_t begin, int64_t end) {
+  const int64_t row_bytes = std::min<int64_t>(dm.d * static_cast<int64_t>(sizeof(scalar_t)), 256);
+  parallel_blocks(dm.n * dm.lq * dm.m, 64, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(dm.d);
+    std::vector<MsdaCorners<acc_t>> corners(lp);
+    std::vector<const scalar_t*> bases(dm.l);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t m = i % dm.m;
       const int64_t n = i / (dm.m * dm.lq);
-      std::fill(acc.begin(), acc.end(), acc_t(0));
       const scalar_t* loc_i = loc + i * lp * 2;
       const scalar_t* attn_i = attn + i * lp;
+      // pass 1: corners of every (level, point), their rows prefetched
       for (int64_t l = 0; l < dm.l; ++l) {
         const int64_t h = shapes[2 * l];
         const int64_t w = shapes[2 * l + 1];
-        const scalar_t* v = value + (n * dm.s + starts[l]) * pos_stride + m * dm.d;
+        bases[l] = value + (n * dm.s + starts[l]) * pos_stride + m * dm.d;
         for (int64_t p = 0; p < dm.p; ++p) {
           const int64_t j = l * dm.p + p;
-          const MsdaCorners<acc_t> c = msda_corners<acc_t>(loc_i[2 * j], loc_i[2 * j + 1], h, w);
-          msda_accumulate_range<acc_t, scalar_t>(acc.data(), v, pos_stride, c, attn_i[j], dm.d);
+          corners[j] = msda_corners<acc_t>(loc_i[2 * j], loc_i[2 * j + 1], h, w);
+          prefetch_corners<0, scalar_t, acc_t>(bases[l], pos_stride, corners[j], row_bytes);
+        }
+      }
+      // pass 2: weighted bilinear samples, vectorised over D
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t l = 0; l < dm.l; ++l) {
+        for (int64_t p = 0; p < dm.p; ++p) {
+          const int64_t j = l * dm.p + p;
+          msda_accumulate_range<acc_t, scalar_t>(acc.data(), bases[l], pos_stride, corners[j], attn_i[j], dm.d);
         }
       }
       std::copy(acc.begin(), acc.end(), out + i * dm.d);
@@ -122,32 +163,45 @@ void backward_kernel(const Dims& dm, int64_t chunk, int64_t n_chunks, const scal
   const int64_t part_loc = dm.n * dm.lq * dm.m * lp * 2;  // size of one chunk's partial grad_loc
   const int64_t part_attn = dm.n * dm.lq * dm.m * lp;
   // Task t = (n, m, chunk): owns grad_value[n, :, m, chunk*c0 : chunk*c0 + len] exclusively.
+  // Static chunks (one contiguous run of heads per thread): handing out neighbouring heads dynamically made
+  // two threads write interleaved 128-byte rows of grad_value and measured slower.
   at::parallel_for(0, dm.n * dm.m * n_chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<MsdaCorners<acc_t>> corners(lp);
+    std::vector<int64_t> offs(dm.l);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t ck = t % n_chunks;
       const int64_t m = (t / n_chunks) % dm.m;
       const int64_t n = t / (n_chunks * dm.m);
       const int64_t d0 = ck * chunk;
       const int64_t len = std::min(dm.d, d0 + chunk) - d0;
+      const int64_t row_bytes = std::min<int64_t>(len * static_cast<int64_t>(sizeof(scalar_t)), 256);
       scalar_t* gl_part = grad_loc + ck * part_loc;
       scalar_t* ga_part = grad_attn + ck * part_attn;
+      for (int64_t l = 0; l < dm.l; ++l) offs[l] = (n * dm.s + starts[l]) * pos_stride + m * dm.d + d0;
       for (int64_t q = 0; q < dm.lq; ++q) {
         const int64_t i = (n * dm.lq + q) * dm.m + m;  // flattened (n, q, m)
         const scalar_t* loc_i = loc + i * lp * 2;
         const scalar_t* attn_i = attn + i * lp;
         const acc_t* g = grad_out + i * dm.d + d0;
+        // pass 1: corners of every (level, point); value and grad_value rows prefetched
         for (int64_t l = 0; l < dm.l; ++l) {
-          const int64_t h = shapes[2 * l];
-          const int64_t w = shapes[2 * l + 1];
-          const int64_t off = (n * dm.s + starts[l]) * pos_stride + m * dm.d + d0;
+          for (int64_t p = 0; p < dm.p; ++p) {
+            const int64_t j = l * dm.p + p;
+            corners[j] = msda_corners<acc_t>(loc_i[2 * j], loc_i[2 * j + 1], shapes[2 * l], shapes[2 * l + 1]);
+            prefetch_corners<0, scalar_t, acc_t>(value + offs[l], pos_stride, corners[j], row_bytes);
+            prefetch_corners<1, scalar_t, acc_t>(grad_value + offs[l], pos_stride, corners[j], row_bytes);
+          }
+        }
+        // pass 2: grad_value scatter and the per-corner dot products, vectorised over the chunk's channels
+        for (int64_t l = 0; l < dm.l; ++l) {
           for (int64_t p = 0; p < dm.p; ++p) {
             const int64_t j = l * dm.p + p;
             const acc_t a = attn_i[j];
-            const MsdaCorners<acc_t> c = msda_corners<acc_t>(loc_i[2 * j], loc_i[2 * j + 1], h, w);
             acc_t dot[4];
-            msda_backward_range<acc_t, scalar_t>(g, value + off, grad_value + off, pos_stride, c, a, len, dot);
+            msda_backward_range<acc_t, scalar_t>(g, value + offs[l], grad_value + offs[l], pos_stride, corners[j],
+                                                 a, len, dot);
             acc_t ga = 0, gx = 0, gy = 0;
-            msda_combine_grad<acc_t>(dot, c, a, &ga, &gx, &gy);
+            msda_combine_grad<acc_t>(dot, corners[j], a, &ga, &gx, &gy);
             ga_part[i * lp + j] = ga;
             gl_part[(i * lp + j) * 2] = gx;
             gl_part[(i * lp + j) * 2 + 1] = gy;
