@@ -35,6 +35,7 @@ class _Image:
     box_index: dict[int, int]  # ann_id -> position in record.boxes
     boxes_by_class: dict[int, list]  # category id -> boxes in annotation order
     class_order: list[int]  # category ids in order of first box (the reference matcher's loop order)
+    present: set[int]
 
 
 def _index_images(images: list[ImageRecord]) -> dict[int, _Image]:
@@ -49,7 +50,7 @@ def _index_images(images: list[ImageRecord]) -> dict[int, _Image]:
                 raise ValueError(f"image {im.image_id} has two boxes with annotation id {b.ann_id}")
             box_index[b.ann_id] = j
             by_class.setdefault(b.category_id, []).append(b)
-        out[im.image_id] = _Image(k, im, box_index, by_class, list(by_class))
+        out[im.image_id] = _Image(k, im, box_index, by_class, list(by_class), set(by_class))
     return out
 
 
@@ -59,7 +60,7 @@ def _match(vocab: Vocabulary, mode: str, text: str, head: str, img: _Image) -> t
     if mode == "reference":
         m = vocab.match_reference(text, img.class_order)
         return m, "" if m else "no_class_in_image"
-    m = vocab.match(text, head, set(img.boxes_by_class))
+    m = vocab.match(text, head, img.present)
     if m is not None:
         return m, ""
     return None, "no_class" if vocab.match(text, head, None) is None else "class_not_in_image"
