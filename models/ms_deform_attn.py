@@ -55,6 +55,7 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         input_padding_mask: torch.Tensor | None = None,
+        value_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend from each query to n_points locations per head and level around its reference.
 
@@ -66,12 +67,15 @@ class MSDeformAttn(nn.Module):
             spatial_shapes: Tensor[L, 2] int64 (H_l, W_l).
             level_start_index: Tensor[L] int64.
             input_padding_mask: Tensor[N, S] bool, True on padded pixels (their values are zeroed).
+            value_index: optional Tensor[N] long: input_flatten / input_padding_mask are then Tensor[B, S, C] /
+                Tensor[B, S] and query row n reads input row value_index[n]. Several query rows that read one
+                image (the R-Tagger's groups) share one value projection instead of one each.
 
         Returns:
             Tensor[N, Lq, C].
         """
         n, lq, c = query.shape
-        _, s, _ = input_flatten.shape
+        s = input_flatten.shape[1]
         m, lv, p = self.n_heads, self.n_levels, self.n_points
         if c != self.d_model or input_flatten.shape[-1] != self.d_model:
             raise ValueError(
@@ -86,6 +90,12 @@ class MSDeformAttn(nn.Module):
         value = self.value_proj(input_flatten)
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        if value_index is not None:
+            value = value[value_index]  # [B, S, C] -> [N, S, C]
+        elif value.shape[0] != n:
+            raise ValueError(
+                f"MSDeformAttn: {n} query rows but {value.shape[0]} input rows and no value_index"
+            )
         # [N, S, C] -> [N, S, M, C/M]
         value = value.view(n, s, m, c // m)
         # [N, Lq, M*L*P*2] -> [N, Lq, M, L, P, 2]

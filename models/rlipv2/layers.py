@@ -117,19 +117,29 @@ class DecoderLayer(nn.Module):
         self.ffn = FFN(d, cfg.d_ffn, cfg.dropout)
 
     def forward(
-        self, tgt, pos, reference_points, memory, spatial_shapes, level_start_index, memory_mask, block
+        self,
+        tgt,
+        pos,
+        reference_points,
+        memory,
+        spatial_shapes,
+        level_start_index,
+        memory_mask,
+        block,
+        memory_index,
     ):
         """Args:
         tgt, pos: Tensor[G, Q, d]; reference_points Tensor[G, Q, L, 4] (cx, cy, w, h);
-        memory Tensor[G, S, d]; memory_mask Tensor[G, S] bool; block Tensor[G, Q, Q] bool, True = query i
-        may not attend to key j (every row keeps its diagonal open).
+        memory Tensor[B, S, d] (one row per image); memory_mask Tensor[B, S] bool; block Tensor[G, Q, Q] bool,
+        True = query i may not attend to key j (every row keeps its diagonal open); memory_index Tensor[G]
+        long, the image of each group (groups of one image share the value projection).
         """
         q = k = tgt + pos
         mask = block.repeat_interleave(self.n_heads, dim=0)  # [G*h, Q, Q], MHA's per-head layout
         out = self.self_attn(q, k, tgt, attn_mask=mask, need_weights=False)[0]
         tgt = self.norm1(tgt + self.dropout(out))
         out = self.cross_attn(
-            tgt + pos, reference_points, memory, spatial_shapes, level_start_index, memory_mask
+            tgt + pos, reference_points, memory, spatial_shapes, level_start_index, memory_mask, memory_index
         )
         return self.ffn(self.norm2(tgt + self.dropout(out)))
 

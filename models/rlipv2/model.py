@@ -123,6 +123,7 @@ class RLIPv2ParSeD(nn.Module):
         pixel_mask: torch.Tensor,
         entity_texts: list[list[str]],
         rel_texts: list[list[str]],
+        use_phrase_cache: bool | None = None,
     ) -> EncodedImages:
         """Backbone + 6 deformable layers with ALIF every N_v layers.
 
@@ -130,6 +131,7 @@ class RLIPv2ParSeD(nn.Module):
             pixel_values: Tensor[B, 3, H, W] normalised; pixel_mask: Tensor[B, H, W] bool, True on padding.
             entity_texts: per image, the entity phrases (class names ..., "no objects" last).
             rel_texts: per image, the relation phrases (may be empty).
+            use_phrase_cache: None = cache phrase features when not training and no grad; False = re-encode.
         """
         b = pixel_values.shape[0]
         if len(entity_texts) != b or len(rel_texts) != b:
@@ -154,7 +156,9 @@ class RLIPv2ParSeD(nn.Module):
         valid_ratios = torch.stack([_valid_ratio(m) for _, m in levels], 1)
         ref = _encoder_reference_points(spatial_shapes, valid_ratios, device).to(src.dtype)
 
-        text, text_mask, n_ent_max = self._text_tokens(entity_texts, rel_texts, src.dtype, device)
+        text, text_mask, n_ent_max = self._text_tokens(
+            entity_texts, rel_texts, src.dtype, device, use_phrase_cache
+        )
         coarse = int(level_start_index[-1])  # the coarsest level is fused with the text (Appendix F)
         for i, layer in enumerate(self.encoder):
             src = layer(src, pos, ref, spatial_shapes, level_start_index, mask_flat)
@@ -175,11 +179,11 @@ class RLIPv2ParSeD(nn.Module):
             rel_mask=text_mask[:, n_ent_max:],
         )
 
-    def _text_tokens(self, entity_texts, rel_texts, dtype, device):
+    def _text_tokens(self, entity_texts, rel_texts, dtype, device, use_cache=None):
         """Phrase features laid out [B, Te_max + Tr_max, d] with a pad mask; each distinct phrase encoded once."""
         unique = sorted({t for row in entity_texts + rel_texts for t in row})
         index = {t: i for i, t in enumerate(unique)}
-        feats = self.text_proj(self.phrases(unique).to(dtype))  # [U, d]
+        feats = self.text_proj(self.phrases(unique, use_cache=use_cache).to(dtype))  # [U, d]
         n_ent = max(len(r) for r in entity_texts)
         n_rel = max((len(r) for r in rel_texts), default=0)
         b, d = len(entity_texts), self.cfg.d_model
@@ -245,8 +249,7 @@ class RLIPv2ParSeD(nn.Module):
             pair_valid = torch.ones(g, q, dtype=torch.bool, device=img_index.device)
         tgt, pos = torch.cat([c_sub, c_obj], 1), torch.cat([p_sub, p_obj], 1)
 
-        memory = state.memory[img_index]
-        memory_mask = state.memory_mask[img_index]
+        memory, memory_mask = state.memory, state.memory_mask  # per image; groups index into them
         valid_ratios = state.valid_ratios[img_index]
         ent_valid = torch.cat([pair_valid, pair_valid], 1)
         block = self._block(ent_valid, entity_block)
@@ -255,7 +258,15 @@ class RLIPv2ParSeD(nn.Module):
             # box references are scaled into each level's valid area: [G, 2Q, 4] -> [G, 2Q, L, 4]
             ref_l = ref[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
             tgt = layer(
-                tgt, pos, ref_l, memory, state.spatial_shapes, state.level_start_index, memory_mask, block
+                tgt,
+                pos,
+                ref_l,
+                memory,
+                state.spatial_shapes,
+                state.level_start_index,
+                memory_mask,
+                block,
+                img_index,
             )
             ref = (inverse_sigmoid(ref) + bbox(tgt)).sigmoid()
             ref_in = ref
@@ -280,6 +291,7 @@ class RLIPv2ParSeD(nn.Module):
                 state.level_start_index,
                 memory_mask,
                 rel_block,
+                img_index,
             )
         ent, ent_mask = state.entity_feats[img_index], state.entity_mask[img_index]
         return DecoderOutput(

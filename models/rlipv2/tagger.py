@@ -81,9 +81,13 @@ def tag_images(
         # one batch row per group: the image is re-encoded for each of its groups
         rows = [(k, g) for k, im in enumerate(images) for g in range(len(im.groups))]
         px, pmask = pad_images([images[k].pixels.to(dev, dtype) for k, _ in rows])
-        model.phrases.clear_cache()
-        state = model.encode(px, pmask, [ents[k] for k, _ in rows], [images[k].rel_texts for k, _ in rows])
-        model.phrases.clear_cache()
+        state = model.encode(
+            px,
+            pmask,
+            [ents[k] for k, _ in rows],
+            [images[k].rel_texts for k, _ in rows],
+            use_phrase_cache=False,
+        )
         img_index = torch.arange(len(rows), device=dev)
         n_enc = len(rows)
     else:

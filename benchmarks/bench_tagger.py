@@ -1,0 +1,254 @@
+"""R-Tagger inference speed: reltag (one encoder pass per image, phrase cache) vs the reference style.
+
+Baseline "reference_style" = how the RLIPv2 reference code runs the R-Tagger: the image is repeated once
+per group of N_Q pairs in the batch (one backbone+encoder pass per group) and every phrase (365 class
+names, "no objects", the relation texts) is re-encoded by RoBERTa in every forward. Candidate "reltag" =
+models.rlipv2.tagger.tag_images: one backbone+encoder pass per image shared by all its groups, RoBERTa
+features cached by text across images (steady state: the class names are cached; "reltag_cold" clears the
+cache before every call, i.e. a new image whose phrases were never seen).
+
+Full-size architecture, random weights, CPU: ResNet-50 (transformers ResNetConfig defaults), RoBERTa-base
+(hidden 768, 12 layers), hidden 256, 8 heads, 4 points, FFN 1024, 6 encoder layers with 3 ALIF, 3 + 3
+decoder layers. Synthetic Objects365-like image: 40 boxes, 365 two-word class names, 250 candidate pairs
+(3 groups at N_Q = 100) and a 20-pair variant. The tokenizer is word-level over the benchmark's words
+(no download possible); the phrases are 1-3 words, as Objects365 names and relation spans are.
+
+    python benchmarks/bench_tagger.py           # full: 800x1333 input, 3 timed repeats
+    python benchmarks/bench_tagger.py --quick   # 480x800 input, 1 timed repeat
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.rlipv2.config import RLIPv2Config  # noqa: E402
+from models.rlipv2.model import RLIPv2ParSeD  # noqa: E402
+from models.rlipv2.tagger import TagImage, tag_images  # noqa: E402
+from models.rlipv2.tokenizer import build_word_tokenizer  # noqa: E402
+
+ADJ = ["red", "small", "wooden", "plastic", "glass", "metal", "paper", "leather", "baby", "traffic", "street",
+       "tennis", "soccer", "coffee", "dining", "cell", "wine", "flower", "hot", "fire"]  # fmt: skip
+NOUN = ["cup", "chair", "table", "bottle", "lamp", "sign", "light", "racket", "ball", "phone", "glass", "pot",
+        "truck", "bag", "hat", "boot", "bowl", "plate", "box", "pen"]  # fmt: skip
+RELS = ["on", "next to", "holding", "riding", "sitting on", "in front of", "behind", "wearing", "near",
+        "looking at", "carrying", "under", "above", "standing on", "in"]  # fmt: skip
+
+
+def class_names() -> list[str]:
+    """365 distinct synthetic class names of one or two words (Objects365 has 365 classes)."""
+    names = NOUN + [f"{a} {n}" for a in ADJ for n in NOUN]
+    return names[:365]
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    from kernels import select_backend
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "ms_deform_attn_backend": select_backend("cpu"),
+        "load_average_at_end": os.getloadavg(),
+    }
+
+
+class PeakRSS:
+    """Samples the process RSS every 5 ms while active; peak in MiB."""
+
+    def __enter__(self):
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self._run, daemon=True)
+        self.t.start()
+        return self
+
+    def _run(self):
+        while not self.stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        self.peak_mib = self.peak / 2**20
+
+
+def build_model(names: list[str]) -> RLIPv2ParSeD:
+    from transformers import RobertaConfig
+
+    rb = RobertaConfig()  # RoBERTa-base shape; vocab trimmed below to the word-level tokenizer
+    tok = build_word_tokenizer(names + RELS + ["no objects"])
+    text_config = {
+        "vocab_size": len(tok), "hidden_size": rb.hidden_size, "num_hidden_layers": rb.num_hidden_layers,
+        "num_attention_heads": rb.num_attention_heads, "intermediate_size": rb.intermediate_size,
+        "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
+    }  # fmt: skip
+    from transformers import ResNetConfig
+
+    r = ResNetConfig()  # defaults are ResNet-50: bottleneck, depths [3, 4, 6, 3], widths [256 .. 2048]
+    backbone_config = {"embedding_size": r.embedding_size, "hidden_sizes": list(r.hidden_sizes), "depths": list(r.depths),
+                       "layer_type": r.layer_type}  # fmt: skip
+    cfg = RLIPv2Config(backbone_config=backbone_config, text_config=text_config, entity_names=names)
+    torch.manual_seed(0)
+    return RLIPv2ParSeD(cfg, tok).eval()
+
+
+def scene(h: int, w: int, n_pairs: int, names: list[str], seed: int = 0) -> TagImage:
+    g = torch.Generator().manual_seed(seed)
+    n_boxes = 40
+    c = torch.rand(n_boxes, 2, generator=g) * 0.7 + 0.15
+    wh = torch.rand(n_boxes, 2, generator=g) * 0.25 + 0.03
+    labels = [names[int(i)] for i in torch.randint(0, len(names), (n_boxes,), generator=g)]
+    pairs = [(s, o) for s in range(n_boxes) for o in range(n_boxes) if s != o]
+    perm = torch.randperm(len(pairs), generator=g)[:n_pairs].tolist()
+    chosen = sorted(pairs[i] for i in perm)
+    groups = [chosen[i : i + 100] for i in range(0, len(chosen), 100)]
+    n_rel = 12 if n_pairs > 100 else 5  # distinct relation texts of the image's candidates
+    return TagImage(torch.randn(3, h, w, generator=g), torch.cat([c, wh], 1), labels, groups, RELS[:n_rel])
+
+
+def timed(fn) -> tuple[float, float, float]:
+    """One call: (wall seconds, process CPU seconds over all threads, peak RSS MiB during the call)."""
+    with PeakRSS() as m:
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return wall, cpu, m.peak_mib
+
+
+def max_diff(a, b) -> float:
+    d = 0.0
+    for ga, gb in zip(a[0][0], b[0][0]):  # (per image, per group) of the single image
+        for x, y in (
+            (ga.p_relation, gb.p_relation),
+            (ga.p_subject, gb.p_subject),
+            (ga.p_object, gb.p_object),
+        ):
+            d = max(d, float((x - y).abs().max()))
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="480x800 input, 1 timed repeat (a few minutes)")
+    ap.add_argument("--reps", type=int, default=None)
+    a = ap.parse_args()
+    h, w = (480, 800) if a.quick else (800, 1333)
+    reps = a.reps or (1 if a.quick else 3)
+    names = class_names()
+    model = build_model(names)
+    n_params = sum(p.numel() for p in model.parameters())
+    results = {}
+    n_q = 100  # N_Q pairs per forward (paper Sec. 4.2.2)
+    for n_pairs in (250, 20):
+        im = scene(h, w, n_pairs, names)
+
+        # warm-up: first call of each path (allocator, lazily built kernels, phrase cache for reltag)
+        ref_out = tag_images(model, [im], n_q, reference_style=True)
+        ours_out = tag_images(model, [im], n_q)
+        diff = max_diff(ours_out, ref_out)
+        if diff > 1e-4:
+            raise SystemExit(
+                f"scores differ between reltag and the reference style: max |diff| {diff:.3g} > 1e-4"
+            )
+
+        def ref(im=im):
+            return tag_images(model, [im], n_q, reference_style=True)
+
+        def ours(im=im):
+            return tag_images(model, [im], n_q)
+
+        def cold(im=im):
+            model.phrases.clear_cache()
+            return tag_images(model, [im], n_q)
+
+        # interleaved repeats (ref, ours, cold, ref, ...): load from other processes hits all three alike
+        runs = {"ref": [], "ours": [], "cold": []}
+        for _ in range(reps):
+            for key, fn in (("ref", ref), ("ours", ours), ("cold", cold)):
+                runs[key].append(timed(fn))
+        t_ref, t_ours, t_cold = ([r[0] for r in runs[k]] for k in ("ref", "ours", "cold"))
+        cpu = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
+        m_ref, m_ours, m_cold = (max(r[2] for r in runs[k]) for k in ("ref", "ours", "cold"))
+        model.phrases.clear_cache()
+        tag_images(model, [im], n_q)  # re-warm the cache for the next scene
+        med = {k: statistics.median(v) for k, v in (("ref", t_ref), ("ours", t_ours), ("cold", t_cold))}
+        results[f"{n_pairs}_pairs"] = {
+            "groups": len(im.groups),
+            "pairs": n_pairs,
+            "max_abs_score_diff": diff,
+            "reference_style": {"seconds": t_ref, "median_s": med["ref"], "images_per_s": 1 / med["ref"],
+                                "pairs_per_s": n_pairs / med["ref"], "peak_rss_mib": m_ref},
+            "reltag": {"seconds": t_ours, "median_s": med["ours"], "images_per_s": 1 / med["ours"],
+                       "pairs_per_s": n_pairs / med["ours"], "peak_rss_mib": m_ours},
+            "reltag_cold": {"seconds": t_cold, "median_s": med["cold"], "images_per_s": 1 / med["cold"],
+                            "pairs_per_s": n_pairs / med["cold"], "peak_rss_mib": m_cold},
+            "speedup": med["ref"] / med["ours"],
+            "speedup_cold": med["ref"] / med["cold"],
+            "cpu_seconds_median": cpu,
+            "speedup_cpu_time": cpu["ref"] / cpu["ours"],
+        }  # fmt: skip
+        r = results[f"{n_pairs}_pairs"]
+        print(
+            f"cpu-time speedup {r['speedup_cpu_time']:.2f}x; {n_pairs} pairs ({len(im.groups)} groups): reference_style {med['ref']:.2f} s/img, reltag "
+            f"{med['ours']:.2f} s/img ({r['speedup']:.2f}x), cold cache {med['cold']:.2f} s/img "
+            f"({r['speedup_cold']:.2f}x); max |score diff| {diff:.2e}",
+            flush=True,
+        )
+    head = results["250_pairs"]
+    out = {
+        "name": "tagger",
+        "mode": "quick" if a.quick else "full",
+        "input_hw": [h, w],
+        "reps": reps,
+        "model_parameters": n_params,
+        "speedup": head["speedup"],
+        "speedup_definition": "median s/image reference_style / reltag on the 250-pair image (phrase cache warm)",
+        "baseline": {"name": "reference_style (image repeated per group, phrases re-encoded each forward)",
+                     "median_s": {k: v["reference_style"]["median_s"] for k, v in results.items()}},
+        "candidate": {"name": "reltag (one encoder pass per image, phrase cache)",
+                      "median_s": {k: v["reltag"]["median_s"] for k, v in results.items()},
+                      "median_s_cold_cache": {k: v["reltag_cold"]["median_s"] for k, v in results.items()}},
+        "peak_rss_mib": {k: {"reference_style": v["reference_style"]["peak_rss_mib"], "reltag": v["reltag"]["peak_rss_mib"]}
+                         for k, v in results.items()},
+        "results": results,
+        "machine": machine(),
+    }  # fmt: skip
+    path = ROOT / "benchmarks" / "results" / "tagger.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
+    p20 = results["20_pairs"]
+    print(
+        f"tagger: {head['speedup']:.1f}x images/s on a 40-box 250-pair {h}x{w} image vs reference_style "
+        f"({head['reltag']['pairs_per_s']:.1f} vs {head['reference_style']['pairs_per_s']:.1f} pairs/s; "
+        f"20 pairs: {p20['speedup']:.1f}x; cold phrase cache: {head['speedup_cold']:.1f}x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
