@@ -61,7 +61,10 @@ def test_sigkill_mid_run_then_rerun_gives_identical_output(tmp_path):
     n_units = len(_markers(ref))
     assert n_units == 2 * (5 * len(BATCH_STAGES) + 1)  # 2 shards x 5 batches x stages + 2 shard writes
 
-    proc = subprocess.Popen(_cmd(ds, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # its own process group, so the kill takes the run's ephemeral Prefect server down with it (as a
+    # scheduler killing the job, or a machine losing power, would)
+    proc = subprocess.Popen(_cmd(ds, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.time() + 300
     try:
         while len(_markers(out)) < n_units // 3:
@@ -69,7 +72,7 @@ def test_sigkill_mid_run_then_rerun_gives_identical_output(tmp_path):
             assert time.time() < deadline, "the run made no progress"
             time.sleep(0.02)
     finally:
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     killed_at = len(_markers(out))
     assert 0 < killed_at < n_units
