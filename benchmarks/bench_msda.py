@@ -9,7 +9,7 @@ to the device's kernel. Shapes (R-Tagger, 800x1333 input, ResNet strides 8/16/32
 Forward (no grad) and forward+backward, median of repeats with baseline and candidate calls
 interleaved (the machine may be shared). Peak memory separately, each implementation and shape in a
 fresh subprocess so the peak is its own (CPU: peak RSS above the RSS after the inputs exist, sampled
-every millisecond, plus the process's ru_maxrss; CUDA: torch.cuda.max_memory_allocated above the
+every millisecond, plus the process's peak RSS (VmHWM); CUDA: torch.cuda.max_memory_allocated above the
 inputs). Parity (output and the three gradients, fp32, same inputs) is asserted before the numbers are
 saved.
 
@@ -122,12 +122,25 @@ def _impl(which: str, device: str):
     return kernels.ms_deform_attn_reference
 
 
+def _high_water_rss_mb() -> float:
+    """Peak RSS of this process image. /proc VmHWM belongs to the address space, which exec replaces;
+    ru_maxrss on Linux also carries the parent's RSS from before the fork, so it is only the fallback."""
+    import resource
+
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def memory_worker(which: str, shape: str, mode: str, device: str) -> dict:
     """Peak memory of one implementation, shape and mode, in this fresh process: the first call after the
     inputs exist (the extension is loaded beforehand; CUDA gets one warm-up), so nothing is reused from an
     earlier call of the same kind."""
-    import resource
-
     import torch
 
     import kernels
@@ -157,7 +170,7 @@ def memory_worker(which: str, shape: str, mode: str, device: str) -> dict:
     del out
     return {
         "peak_mb": round(peak, 1),
-        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "max_rss_mb": round(_high_water_rss_mb(), 1),
         "backend": kernels.select_backend(device) if which == "candidate" else "reference",
     }
 
@@ -248,7 +261,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (3 forward, 2 forward+backward)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--out", default=RESULTS)
+    ap.add_argument(
+        "--out", default=None, help="results JSON (default results/msda.json, msda_cuda.json on cuda)"
+    )
     ap.add_argument("--worker", nargs=3, metavar=("WHICH", "SHAPE", "MODE"), help=argparse.SUPPRESS)
     opts = ap.parse_args()
     sys.path.insert(0, ROOT)
@@ -318,8 +333,8 @@ def main() -> None:
         "candidate": candidate,
         "peak_memory_means": (
             "peak_mb: peak RSS (CPU, sampled each ms) or max_memory_allocated (CUDA) above the level after the "
-            "inputs exist, during one call in a fresh process; max_rss_mb: ru_maxrss of that process (torch, "
-            "inputs and the call)"
+            "inputs exist, during one call in a fresh process; max_rss_mb: that process's peak RSS (VmHWM: "
+            "torch, inputs and the call)"
         ),
         "parity": checks,
         "shapes": {
@@ -339,6 +354,9 @@ def main() -> None:
         },
         "machine": machine(opts.device),
     }
+    opts.out = opts.out or (
+        RESULTS if opts.device == "cpu" else RESULTS.replace("msda.json", "msda_cuda.json")
+    )
     os.makedirs(os.path.dirname(opts.out), exist_ok=True)
     with open(opts.out, "w") as f:
         json.dump(result, f, indent=2)
