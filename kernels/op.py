@@ -10,7 +10,8 @@ from kernels.dispatch import select_backend
 from kernels.reference import ms_deform_attn_reference, ms_deform_attn_reference_backward
 
 # On CPU the C++ kernel computes in fp32 / fp64; fp16 and bf16 inputs are upcast to fp32 and the results
-# cast back (CPUs have no fast 16-bit path worth a separate kernel). The CUDA kernel takes all four.
+# cast back (CPUs have no fast 16-bit path worth a separate kernel); the reference backend does the same.
+# The CUDA kernel takes all four and accumulates 16-bit inputs in fp32.
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
@@ -31,6 +32,12 @@ def _check_levels(spatial_shapes: Tensor, level_start_index: Tensor, s: int) -> 
         raise ValueError(
             f"ms_deform_attn: spatial_shapes {shapes} hold {total} positions but value has S = {s}"
         )
+
+
+def _reference_dtype(value: Tensor) -> torch.dtype:
+    """The reference backend computes fp16 / bf16 in fp32 like the C++ kernel: grid_sample's pixel
+    coordinates in 16 bits move samples across pixel edges (measured: bf16 outputs 10% off)."""
+    return torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
 
 
 def _cpu_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
@@ -75,9 +82,11 @@ def _ms_deform_attn_op(
     if backend == "cuda":
         args = _cuda_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         return _build.get_extension("cuda").forward(*args, _stream(value.device))
-    return ms_deform_attn_reference(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+    c = _reference_dtype(value)
+    out = ms_deform_attn_reference(
+        value.to(c), spatial_shapes, level_start_index, sampling_locations.to(c), attention_weights.to(c)
     )
+    return out.to(value.dtype)
 
 
 @_ms_deform_attn_op.register_fake
@@ -106,9 +115,16 @@ def _ms_deform_attn_backward_op(
             *args, grad_output.contiguous(), _stream(value.device)
         )
         return gv, gl, ga
-    return ms_deform_attn_reference_backward(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+    c = _reference_dtype(value)
+    gv, gl, ga = ms_deform_attn_reference_backward(
+        value.to(c),
+        spatial_shapes,
+        level_start_index,
+        sampling_locations.to(c),
+        attention_weights.to(c),
+        grad_output.to(c),
     )
+    return gv.to(value.dtype), gl.to(sampling_locations.dtype), ga.to(attention_weights.dtype)
 
 
 @_ms_deform_attn_backward_op.register_fake

@@ -203,6 +203,23 @@ def test_reference_backend_through_the_op_matches_autograd_of_reference(force, c
         assert_within(got, want, BWD_TOL[torch.float64], f"{case} grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", ["d30-nonsquare", "batch80", "beyond-borders"])
+def test_reference_backend_computes_16bit_in_fp32(force, case, dtype):
+    """The fallback (no compiler) meets the same 16-bit tolerances as the C++ kernel: it upcasts to fp32."""
+    force("reference")
+    n, shapes, m, d, lq, p, extra = CASES[case]
+    inputs = make_inputs(n, shapes, m, d, lq, p, dtype=dtype, seed=1, **extra)
+    grad_out = torch.randn(n, lq, m * d, generator=torch.Generator().manual_seed(2)).to(dtype)
+    out, grads = run_op(*inputs, grad_out)
+    exp_out, exp_grads = reference64(*inputs, grad_out)
+    assert out.dtype == dtype
+    assert_within(out, exp_out, FWD_TOL[dtype], f"reference {case}/{dtype} output")
+    for name, got, exp in zip(("grad_value", "grad_locations", "grad_weights"), grads, exp_grads):
+        assert got.dtype == dtype
+        assert_within(got, exp, BWD_TOL[dtype], f"reference {case}/{dtype} {name}")
+
+
 @pytest.mark.compiler
 def test_non_contiguous_inputs(cpu_kernel, force):
     force("cpu")
