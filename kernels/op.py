@@ -66,6 +66,32 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def _reference_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    c = _reference_dtype(value)
+    out = ms_deform_attn_reference(
+        value.to(c), spatial_shapes, level_start_index, sampling_locations.to(c), attention_weights.to(c)
+    )
+    return out.to(value.dtype)
+
+
+def _reference_backward(
+    value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad
+):
+    c = _reference_dtype(value)
+    gv, gl, ga = ms_deform_attn_reference_backward(
+        value.to(c),
+        spatial_shapes,
+        level_start_index,
+        sampling_locations.to(c),
+        attention_weights.to(c),
+        grad.to(c),
+    )
+    return gv.to(value.dtype), gl.to(sampling_locations.dtype), ga.to(attention_weights.dtype)
+
+
+# --- forward: default kernel (any device without a compiled one) = reference; CPU and CUDA kernels below.
+
+
 @torch.library.custom_op("reltag::ms_deform_attn", mutates_args=())
 def _ms_deform_attn_op(
     value: Tensor,
@@ -75,24 +101,35 @@ def _ms_deform_attn_op(
     attention_weights: Tensor,
 ) -> Tensor:
     _check_levels(spatial_shapes, level_start_index, value.shape[1])
-    backend = select_backend(value.device)
-    if backend == "cpu":
+    select_backend(value.device)  # raises when a compiled backend is forced on this device; logs the fallback
+    return _reference_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+@_ms_deform_attn_op.register_kernel("cpu")
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    _check_levels(spatial_shapes, level_start_index, value.shape[1])
+    if select_backend(value.device) == "cpu":
         args = _cpu_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         return _build.get_extension("cpu").forward(*args).to(value.dtype)
-    if backend == "cuda":
+    return _reference_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+
+
+@_ms_deform_attn_op.register_kernel("cuda")
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    _check_levels(spatial_shapes, level_start_index, value.shape[1])
+    if select_backend(value.device) == "cuda":
         args = _cuda_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         return _build.get_extension("cuda").forward(*args, _stream(value.device))
-    c = _reference_dtype(value)
-    out = ms_deform_attn_reference(
-        value.to(c), spatial_shapes, level_start_index, sampling_locations.to(c), attention_weights.to(c)
-    )
-    return out.to(value.dtype)
+    return _reference_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
 @_ms_deform_attn_op.register_fake
 def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     n, _, m, d = value.shape
     return value.new_empty((n, sampling_locations.shape[1], m * d))
+
+
+# --- backward: same structure.
 
 
 @torch.library.custom_op("reltag::ms_deform_attn_backward", mutates_args=())
@@ -104,27 +141,33 @@ def _ms_deform_attn_backward_op(
     attention_weights: Tensor,
     grad_output: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    backend = select_backend(value.device)
-    if backend == "cpu":
+    select_backend(value.device)
+    return _reference_backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+    )
+
+
+@_ms_deform_attn_backward_op.register_kernel("cpu")
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
+    if select_backend(value.device) == "cpu":
         args = _cpu_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
         gv, gl, ga = _build.get_extension("cpu").backward(*args, grad_output.to(args[0].dtype).contiguous())
         return gv.to(value.dtype), gl.to(sampling_locations.dtype), ga.to(attention_weights.dtype)
-    if backend == "cuda":
-        args = _cuda_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        gv, gl, ga = _build.get_extension("cuda").backward(
-            *args, grad_output.contiguous(), _stream(value.device)
-        )
-        return gv, gl, ga
-    c = _reference_dtype(value)
-    gv, gl, ga = ms_deform_attn_reference_backward(
-        value.to(c),
-        spatial_shapes,
-        level_start_index,
-        sampling_locations.to(c),
-        attention_weights.to(c),
-        grad_output.to(c),
+    return _reference_backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
     )
-    return gv.to(value.dtype), gl.to(sampling_locations.dtype), ga.to(attention_weights.dtype)
+
+
+@_ms_deform_attn_backward_op.register_kernel("cuda")
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
+    if select_backend(value.device) == "cuda":
+        args = _cuda_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+        return tuple(
+            _build.get_extension("cuda").backward(*args, grad_output.contiguous(), _stream(value.device))
+        )
+    return _reference_backward(
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
+    )
 
 
 @_ms_deform_attn_backward_op.register_fake

@@ -337,6 +337,28 @@ def test_forced_backend_that_cannot_run_raises_with_every_reason(force):
     assert "reference: available" in msg and "cpu: " in msg and "cuda: inputs are on cpu" in msg
 
 
+@pytest.mark.compiler
+def test_cpu_tensors_run_the_compiled_kernel(cpu_kernel, monkeypatch):
+    """Without forcing, CPU inputs go through the C++ extension (forward and backward), not the reference."""
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    calls = []
+
+    class Counting:
+        def forward(self, *args):
+            calls.append("forward")
+            return cpu_kernel.forward(*args)
+
+        def backward(self, *args):
+            calls.append("backward")
+            return cpu_kernel.backward(*args)
+
+    monkeypatch.setattr(_build._slots["cpu"], "module", Counting())
+    value, ss, lsi, loc, attn = make_inputs(1, [(3, 4)], 2, 4, 3, 2, dtype=torch.float32, seed=4)
+    out, _ = run_op(value, ss, lsi, loc, attn, torch.ones(1, 3, 8))
+    assert calls == ["forward", "backward"]
+    assert dispatch.select_backend("cpu") == "cpu"
+
+
 def test_unknown_forced_backend_is_rejected(force):
     force("triton")
     with pytest.raises(ValueError, match=r"RELTAG_MSDA_BACKEND='triton' is not one of reference, cpu, cuda"):
