@@ -229,3 +229,22 @@ def test_wrong_number_of_caption_lists_is_an_error(tmp_path):
         ValueError, match=r"captioner fake returned 1 caption lists for 3 images \(image ids 1..3\)"
     ):
         caption_batch(recs, [Short()], str(tmp_path), seed=1)
+
+
+def test_hub_id_offline_without_cache_fails_naming_the_model(monkeypatch, tmp_path):
+    """The hub path is the real one (no silent fallback): offline and not cached, loading says which model."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-home"))
+    cfg = CaptionConfig(captioner="blip", model="Salesforce/blip-image-captioning-large")
+    with pytest.raises(
+        OSError, match="cannot load the BLIP captioner .Salesforce/blip-image-captioning-large."
+    ):
+        build_captioners(cfg, None)
+
+
+def test_local_dir_without_weights_fails_naming_the_dir(tmp_path):
+    d = tmp_path / "not-a-model"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    with pytest.raises(OSError, match=r"cannot load the BLIP captioner '.*not-a-model'"):
+        build_captioners(CaptionConfig(captioner="blip", model=str(d)), None)

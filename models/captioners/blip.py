@@ -32,8 +32,21 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def model_revision(model: str, revision: str, loaded_commit: str | None) -> str:
-    """What identifies the weights: the hub commit, or for a local directory a sha256 of its weight files."""
+def resolve(model: str, revision: str) -> str:
+    """The hub revision pinned to its commit (a str equal to `revision` with `.resolved`), best effort.
+
+    Loading every file at the returned revision keeps one load on one repository state; local directories
+    and unresolvable revisions (offline, unknown repo) come back unchanged.
+    """
+    if os.path.isdir(model):
+        return revision
+    from transformers.utils.hub import resolve_revision
+
+    return resolve_revision(model, revision) or revision
+
+
+def model_revision(model: str, revision: str) -> str:
+    """What identifies the weights: the hub commit, or for a local directory a sha256 of its files."""
     if os.path.isdir(model):
         h = hashlib.sha256()
         names = sorted(
@@ -45,15 +58,16 @@ def model_revision(model: str, revision: str, loaded_commit: str | None) -> str:
                 for chunk in iter(lambda: f.read(1 << 24), b""):
                     h.update(chunk)
         return "local-sha256:" + h.hexdigest()[:16]
-    return loaded_commit or revision
+    return getattr(revision, "resolved", None) or str(revision)
 
 
 class BlipCaptioner:
     """BlipForConditionalGeneration captioner (default: Salesforce/blip-image-captioning-large, the paper's).
 
     Args:
-        model: hub id or local directory (safetensors weights, processor and tokenizer files).
-        revision: hub revision (branch, tag or commit).
+        model: a loaded BlipForConditionalGeneration (eval mode is set here).
+        processor: BlipProcessor (BlipImageProcessorPil + tokenizer).
+        name, revision: written into every caption row.
         n_cap: captions per image; 1 switches to beam search with num_beams.
         top_p, top_k: nucleus sampling; top_k=50 is what the BLIP reference code got implicitly from
             transformers' generate defaults.
@@ -62,7 +76,8 @@ class BlipCaptioner:
         repetition_penalty: 1.1 in the paper.
         prompt: prefix fed to the decoder and removed from the output.
         image_size: square input side (384 for BLIP ViT-L).
-        dtype, device: float32 on CPU; bfloat16/float16 on GPU.
+    `load(model, revision, image_size=, dtype=, device=, **settings)` reads weights from a hub id or a local
+    directory; dtype float32 on CPU, bfloat16/float16 on GPU.
     """
 
     needs_pixels = True
@@ -124,15 +139,27 @@ class BlipCaptioner:
             BlipProcessor,
         )
 
-        net = BlipForConditionalGeneration.from_pretrained(
-            model, revision=revision, use_safetensors=True, trust_remote_code=False, dtype=torch_dtype(dtype)
-        ).to(torch.device(device))
-        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
-        image_processor = BlipImageProcessorPil.from_pretrained(
-            model, revision=revision, size={"height": image_size, "width": image_size}
-        )
-        processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
-        rev = model_revision(model, revision, getattr(net.config, "_commit_hash", None))
+        revision = resolve(model, revision)
+        try:
+            net = BlipForConditionalGeneration.from_pretrained(
+                model,
+                revision=revision,
+                use_safetensors=True,
+                trust_remote_code=False,
+                dtype=torch_dtype(dtype),
+            ).to(torch.device(device))
+            tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
+            image_processor = BlipImageProcessorPil.from_pretrained(
+                model, revision=revision, size={"height": image_size, "width": image_size}
+            )
+            processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+        except OSError as e:
+            raise OSError(
+                f"cannot load the BLIP captioner {model!r} (revision {str(revision)!r}): a hub id needs the "
+                f"network or the local hub cache, a local directory needs safetensors weights, processor and "
+                f"tokenizer files; {e}"
+            ) from e
+        rev = model_revision(model, revision)
         return cls(net, processor, name=f"blip:{model}", revision=rev, image_size=image_size, **settings)
 
     def sampling(self) -> dict:

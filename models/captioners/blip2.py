@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessorList
 
-from models.captioners.blip import model_revision, torch_dtype
+from models.captioners.blip import model_revision, resolve, torch_dtype
 from models.captioners.sampling import SeededPickProcessor, SeededSampler, image_seed
 
 
@@ -81,18 +81,32 @@ class Blip2Captioner:
             BlipImageProcessorPil,
         )
 
-        net = Blip2ForConditionalGeneration.from_pretrained(
-            model, revision=revision, use_safetensors=True, trust_remote_code=False, dtype=torch_dtype(dtype)
-        ).to(torch.device(device))
-        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
-        # BLIP-2's ViT-g has its own input size (224); None keeps the one in the model's processor config.
-        size = {} if image_size is None else {"size": {"height": image_size, "width": image_size}}
-        image_processor = BlipImageProcessorPil.from_pretrained(model, revision=revision, **size)
-        image_size = image_size or image_processor.size["height"]
-        processor = Blip2Processor(
-            image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=net.config.num_query_tokens
-        )
-        rev = model_revision(model, revision, getattr(net.config, "_commit_hash", None))
+        revision = resolve(model, revision)
+        try:
+            net = Blip2ForConditionalGeneration.from_pretrained(
+                model,
+                revision=revision,
+                use_safetensors=True,
+                trust_remote_code=False,
+                dtype=torch_dtype(dtype),
+            ).to(torch.device(device))
+            tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
+            # BLIP-2's ViT-g has its own input size (224); None keeps the one in the model's processor config.
+            size = {} if image_size is None else {"size": {"height": image_size, "width": image_size}}
+            image_processor = BlipImageProcessorPil.from_pretrained(model, revision=revision, **size)
+            image_size = image_size or image_processor.size["height"]
+            processor = Blip2Processor(
+                image_processor=image_processor,
+                tokenizer=tokenizer,
+                num_query_tokens=net.config.num_query_tokens,
+            )
+        except OSError as e:
+            raise OSError(
+                f"cannot load the BLIP-2 captioner {model!r} (revision {str(revision)!r}): a hub id needs the "
+                f"network or the local hub cache, a local directory needs safetensors weights, processor and "
+                f"tokenizer files; {e}"
+            ) from e
+        rev = model_revision(model, revision)
         return cls(net, processor, name=f"blip2:{model}", revision=rev, image_size=image_size, **settings)
 
     def sampling(self) -> dict:
