@@ -51,7 +51,7 @@ class RLIPv2Config:
     # denoising (Appendix E, Table 4)
     dn_box_noise: float = 0.4
     dn_label_flip: float = 0.2
-    dn_groups: int = 1  # noised copies per annotated pair while training
+    dn_groups: int = 1  # noised copies per annotated pair while training (reltag default, not from the paper)
     # loss weights (Eq. 6) and focal loss constants (Lin et al. 2017 defaults, used by RLIP/RLIPv2)
     w_l1: float = 2.5
     w_giou: float = 1.0
