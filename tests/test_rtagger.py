@@ -182,3 +182,20 @@ def test_from_config_needs_a_checkpoint_and_loads_once(runner, tmp_path):
     r2, _ = tag_batch_rtagger([im], [px], cands, a, cfg)
     assert [(r.p_subject, r.p_relation) for r in r1] == [(r.p_subject, r.p_relation) for r in r2]
     assert not math.isnan(r1[0].confidence)
+
+
+def test_bfloat16_runner_close_to_float32(runner):
+    im, px = _image(6, 5, seed=6)
+    cands = _candidates(im, 8)
+    model16 = RLIPv2ParSeD(runner.model.cfg, runner.model.phrases.tokenizer)
+    model16.load_state_dict(runner.model.state_dict())
+    r16 = RTaggerRunner(model16, "test", dtype="bfloat16")
+    a, _ = tag_batch_rtagger([im], [px], cands, runner, TagConfig(tagger="rtagger"))
+    b, _ = tag_batch_rtagger([im], [px], cands, r16, TagConfig(tagger="rtagger", dtype="bfloat16"))
+    assert [(r.subject_ann_id, r.object_ann_id, r.relation) for r in a] == [
+        (r.subject_ann_id, r.object_ann_id, r.relation) for r in b
+    ]
+    for x, y in zip(a, b):
+        assert abs(x.p_relation - y.p_relation) < 5e-3 and abs(x.p_subject - y.p_subject) < 5e-3
+    with pytest.raises(ValueError, match="dtype 'float64' is not one of"):
+        RTaggerRunner(model16, "test", dtype="float64")

@@ -153,8 +153,10 @@ class RLIPv2ParSeD(nn.Module):
         level_start_index = torch.cat(
             [spatial_shapes.new_zeros(1), (spatial_shapes[:, 0] * spatial_shapes[:, 1]).cumsum(0)[:-1]]
         )
-        valid_ratios = torch.stack([_valid_ratio(m) for _, m in levels], 1)
-        ref = _encoder_reference_points(spatial_shapes, valid_ratios, device).to(src.dtype)
+        # reference points in float32 whatever the model dtype (bf16 cannot resolve 1/W of a 167-wide level)
+        valid_ratios32 = torch.stack([_valid_ratio(m) for _, m in levels], 1)
+        ref = _encoder_reference_points(spatial_shapes, valid_ratios32, device).to(src.dtype)
+        valid_ratios = valid_ratios32.to(src.dtype)
 
         text, text_mask, n_ent_max = self._text_tokens(
             entity_texts, rel_texts, src.dtype, device, use_phrase_cache
