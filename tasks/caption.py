@@ -189,13 +189,14 @@ def caption_batch(
         "captions": len(rows),
         "unique_captions": sum(n_unique),
         # N_Unique (paper Table 21): unique captions per image, as a histogram {n: images} and a mean.
-        "n_unique_hist": {str(k): hist[k] for k in sorted(hist)},
+        # Count tables are named top_* so that the flow's merge_stats adds them up across batches.
+        "top_n_unique": {str(k): hist[k] for k in sorted(hist)},
         "n_unique_mean": (sum(n_unique) / len(n_unique)) if n_unique else 0.0,
         "images_without_captions": sum(1 for u in n_unique if u == 0),
         "quarantined": len(quarantine),
-        "quarantine_reasons": dict(Counter(q.reason for q in quarantine)),
+        "top_quarantine_reasons": dict(Counter(q.reason for q in quarantine)),
         "oom_halvings": state["oom_halvings"],
         "micro_batch": state["micro_batch"],
-        "captions_by_captioner": dict(Counter(r.captioner for r in rows)),
+        "top_captions_by_captioner": dict(Counter(r.captioner for r in rows)),
     }
     return CaptionOutput(rows, quarantine, stats)

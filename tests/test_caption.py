@@ -109,7 +109,7 @@ def test_oracle_rows_numbered_duplicates_flagged_no_pixels_read(oracle_file):
     assert out.quarantine == []
     s = out.stats
     assert (s["images"], s["captions"], s["unique_captions"], s["images_without_captions"]) == (3, 4, 3, 1)
-    assert s["n_unique_hist"] == {"0": 1, "1": 1, "2": 1} and s["n_unique_mean"] == pytest.approx(1.0)
+    assert s["top_n_unique"] == {"0": 1, "1": 1, "2": 1} and s["n_unique_mean"] == pytest.approx(1.0)
     table = to_table(out.captions, Caption)
     assert from_table(table, Caption) == out.captions
 
@@ -132,7 +132,7 @@ def test_captioners_combine_in_order_and_duplicates_span_captioners(oracle_file,
         (3, "echo", True),
         (4, "echo", False),
     ]
-    assert out.stats["captions_by_captioner"] == {"oracle": 4, "echo": 2}
+    assert out.stats["top_captions_by_captioner"] == {"oracle": 4, "echo": 2}
 
 
 def test_undecodable_images_quarantined_and_get_no_captions(tmp_path):
@@ -146,7 +146,7 @@ def test_undecodable_images_quarantined_and_get_no_captions(tmp_path):
     q = {x.record: x.reason for x in out.quarantine}
     assert q == {"im2.png": "missing_file", "im4.png": "corrupt"}
     assert all(x.stage == "caption" and x.record in x.detail for x in out.quarantine)
-    assert out.stats["quarantined"] == 2 and out.stats["quarantine_reasons"] == {
+    assert out.stats["quarantined"] == 2 and out.stats["top_quarantine_reasons"] == {
         "missing_file": 1,
         "corrupt": 1,
     }

@@ -320,9 +320,9 @@ def test_caption_batch_end_to_end_with_quarantine(blip_dir, photos, tmp_path):
         assert all('"mode": "nucleus"' in c.sampling and '"top_p": 0.9' in c.sampling for c in rows)
     s = out.stats
     assert s["images"] == 5 and s["images_captioned"] == 4 and s["captions"] == 16 and s["quarantined"] == 1
-    assert s["quarantine_reasons"] == {out.quarantine[0].reason: 1} and s["oom_halvings"] == 0
-    assert sum(s["n_unique_hist"].values()) == 4
-    assert s["unique_captions"] == sum(int(k) * v for k, v in s["n_unique_hist"].items())
+    assert s["top_quarantine_reasons"] == {out.quarantine[0].reason: 1} and s["oom_halvings"] == 0
+    assert sum(s["top_n_unique"].values()) == 4
+    assert s["unique_captions"] == sum(int(k) * v for k, v in s["top_n_unique"].items())
     to_table(out.captions, Caption)  # fits the explicit schema
 
 
@@ -425,7 +425,7 @@ def test_blip2_tiny_n_cap_reproducible_and_combined_with_blip(blip_dir, blip2_di
     assert [c.caption_id for c in rows] == list(range(6))
     assert [c.captioner for c in rows] == [caps[0].name] * 3 + [caps[1].name] * 3
     assert [c.text for c in rows[3:]] == b2[0]
-    assert out.stats["captions_by_captioner"] == {caps[0].name: 15, caps[1].name: 15}
+    assert out.stats["top_captions_by_captioner"] == {caps[0].name: 15, caps[1].name: 15}
 
 
 def test_blip2_beam_when_n_cap_is_1(blip2_dir, photos):

@@ -31,5 +31,9 @@ class Captioner(Protocol):
     def caption(
         self, images: list[ImageRecord], pixels: list[Image.Image | None], seed: int
     ) -> list[list[str]]:
-        """Captions per image, in image order. `seed` makes sampling reproducible for the batch."""
+        """Captions per image, in image order. `seed` makes sampling reproducible for the batch.
+
+        An image's captions should depend only on (seed, image id) and its pixels, not on the other images
+        of the call: the caption stage splits a batch into smaller calls after a CUDA out-of-memory error.
+        """
         ...
