@@ -248,3 +248,14 @@ def test_local_dir_without_weights_fails_naming_the_dir(tmp_path):
     (d / "config.json").write_text("{}")
     with pytest.raises(OSError, match=r"cannot load the BLIP captioner '.*not-a-model'"):
         build_captioners(CaptionConfig(captioner="blip", model=str(d)), None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_gpu_is_a_clear_error(tmp_path):
+    cfg = CaptionConfig(captioner="blip", model=str(tmp_path), device="cuda")
+    with pytest.raises(
+        ValueError, match="caption device 'cuda' requested but this machine has no usable CUDA"
+    ):
+        build_captioners(cfg, None)
+    with pytest.raises(ValueError, match="caption device 'gpu0' is not a torch device"):
+        build_captioners(CaptionConfig(captioner="blip", model=str(tmp_path), device="gpu0"), None)

@@ -32,6 +32,17 @@ def torch_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
+def check_device(device: str) -> torch.device:
+    """The torch device, or a ValueError that says why it cannot be used here."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"caption device {device!r} is not a torch device: {e}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"caption device {device!r} requested but this machine has no usable CUDA device")
+    return dev
+
+
 def resolve(model: str, revision: str) -> str:
     """The hub revision pinned to its commit (a str equal to `revision` with `.resolved`), best effort.
 
@@ -139,6 +150,7 @@ class BlipCaptioner:
             BlipProcessor,
         )
 
+        dev = check_device(device)
         revision = resolve(model, revision)
         try:
             net = BlipForConditionalGeneration.from_pretrained(
@@ -147,7 +159,7 @@ class BlipCaptioner:
                 use_safetensors=True,
                 trust_remote_code=False,
                 dtype=torch_dtype(dtype),
-            ).to(torch.device(device))
+            ).to(dev)
             tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
             image_processor = BlipImageProcessorPil.from_pretrained(
                 model, revision=revision, size={"height": image_size, "width": image_size}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessorList
 
-from models.captioners.blip import model_revision, resolve, torch_dtype
+from models.captioners.blip import check_device, model_revision, resolve, torch_dtype
 from models.captioners.sampling import SeededPickProcessor, SeededSampler, image_seed
 
 
@@ -81,6 +81,7 @@ class Blip2Captioner:
             BlipImageProcessorPil,
         )
 
+        dev = check_device(device)
         revision = resolve(model, revision)
         try:
             net = Blip2ForConditionalGeneration.from_pretrained(
@@ -89,7 +90,7 @@ class Blip2Captioner:
                 use_safetensors=True,
                 trust_remote_code=False,
                 dtype=torch_dtype(dtype),
-            ).to(torch.device(device))
+            ).to(dev)
             tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
             # BLIP-2's ViT-g has its own input size (224); None keeps the one in the model's processor config.
             size = {} if image_size is None else {"size": {"height": image_size, "width": image_size}}
