@@ -1,8 +1,8 @@
 """Planning throughput (MB/s) and peak RSS: reltag's streaming planner vs json.load of the whole file.
 
 Baseline: `json.load` of the detection file plus grouping annotations by image in Python dicts, which is
-what pycocotools' COCO() does (and what the RLIPv2 scripts use). Both run in fresh subprocesses, so each
-peak RSS is the process's own (ru_maxrss).
+what pycocotools' COCO() does (and what the RLIPv2 scripts use). Both run in fresh subprocesses; peak RSS is
+each process's own high-water mark (VmHWM, which exec resets; ru_maxrss can carry the parent's).
 """
 
 from __future__ import annotations
@@ -20,18 +20,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 CANDIDATE = r"""
-import resource, sys, time
+import sys, time
 from storage.layout import RunLayout
 from tasks.config import PlanConfig
 from tasks.plan import plan_shards
 t = time.perf_counter()
 out = plan_shards(sys.argv[1], RunLayout(sys.argv[2], "bench", "k"), PlanConfig(shard_size=1000))
 dt = time.perf_counter() - t
-print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, out.counts["boxes_planned"])
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(dt, hwm * 1024, out.counts["boxes_planned"])
 """
 
 BASELINE = r"""
-import json, resource, sys, time
+import json, sys, time
 from collections import defaultdict
 t = time.perf_counter()
 with open(sys.argv[1]) as f:
@@ -42,7 +43,8 @@ for a in d["annotations"]:
     if not a.get("iscrowd") and a["bbox"][2] > 0 and a["bbox"][3] > 0:
         anns[a["image_id"]].append(a)
 dt = time.perf_counter() - t
-print(dt, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, sum(len(v) for v in anns.values()))
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(dt, hwm * 1024, sum(len(v) for v in anns.values()))
 """
 
 

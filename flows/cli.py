@@ -21,6 +21,8 @@ OVERRIDES = {
     "caption_revision": ("caption", "model_revision", str),
     "n_cap": ("caption", "n_cap", int),
     "top_p": ("caption", "top_p", float),
+    "top_k": ("caption", "top_k", int),
+    "blip2_model": ("caption", "blip2_model", str),
     "caption_batch_size": ("caption", "batch_size", int),
     "caption_dtype": ("caption", "dtype", str),
     "caption_device": ("caption", "device", str),
@@ -239,7 +241,7 @@ def cmd_show(args) -> int:
         return 1
     tiles = []
     for rec, trips in picked:
-        img, q = load_image(images_root, rec)
+        img, q = load_image(images_root, rec, stage="show")
         if q is not None:
             print(f"reltag show: skipping image {rec.image_id}: {q.detail}", file=sys.stderr)
             continue

@@ -45,6 +45,7 @@ def build_captioners(cfg: CaptionConfig, captions_file: str | None) -> list[Capt
     gen = dict(
         n_cap=cfg.n_cap,
         top_p=cfg.top_p,
+        top_k=cfg.top_k,
         max_length=cfg.max_length,
         min_length=cfg.min_length,
         repetition_penalty=cfg.repetition_penalty,

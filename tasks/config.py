@@ -26,12 +26,19 @@ class PlanConfig(_Frozen):
 class CaptionConfig(_Frozen):
     """Captioner settings with the paper's defaults (Sec. 4.2.1; BLIP ViT-L fine-tuned on COCO)."""
 
-    captioner: Literal["oracle", "blip", "blip2", "lavis"] | tuple[Literal["oracle", "blip", "blip2", "lavis"], ...] = "oracle"
+    captioner: (
+        Literal["oracle", "blip", "blip2", "lavis"] | tuple[Literal["oracle", "blip", "blip2", "lavis"], ...]
+    ) = "oracle"
     model: str = "Salesforce/blip-image-captioning-large"
     model_revision: str = "main"
     blip2_model: str = "Salesforce/blip2-opt-2.7b"
     n_cap: int = Field(10, ge=1, le=100, description="captions per image (N_Cap); 1 switches to beam search")
     top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(
+        50,
+        ge=0,
+        description="top-k before top-p; 50 = transformers' default, which BLIP's reference code got implicitly",
+    )
     max_length: int = Field(20, ge=2, description="tokens, prompt included")
     min_length: int = Field(5, ge=0, description="tokens, prompt included")
     repetition_penalty: float = 1.1
@@ -98,7 +105,8 @@ class ThresholdConfig(_Frozen):
 
     eta: float = Field(0.2, ge=0.0, le=1.0)
     rule: Literal["paper", "relation_only"] = Field(
-        "paper", description="paper: p_subject * p_object * p_relation; relation_only: p_relation (reference code)"
+        "paper",
+        description="paper: p_subject * p_object * p_relation; relation_only: p_relation (reference code)",
     )
 
 

@@ -122,7 +122,7 @@ def _load_pixels(ctx: RunContext, images: list[ImageRecord]):
 
     pixels, quarantined, kept = [], [], []
     for im in images:
-        img, q = load_image(ctx.images_root, im)
+        img, q = load_image(ctx.images_root, im, stage="tag")
         if q is not None:
             quarantined.append(q)
         else:
