@@ -313,3 +313,28 @@ def test_training_cli_writes_a_checkpoint_the_tag_stage_loads(tmp_path):
     runner = RTaggerRunner.from_config(TagConfig(tagger="rtagger", checkpoint=str(tmp_path / "ck")))
     assert runner.model.cfg.entity_names == ["ball", "car", "cup", "dog", "horse", "person", "table", "tree"]
     assert runner.revision == "ckpt:" + checkpoint_revision(tmp_path / "ck")
+
+
+def test_vg_loader_validates_boxes_and_relationships(tmp_path):
+    import json
+
+    from models.rlipv2.data import load_vg
+    from models.rlipv2.preprocess import resized_size
+
+    images = load_vg(VG_TINY)
+    assert len(images) == 4 and sum(len(im.relationships) for im in images) == 12
+    good = json.loads(VG_TINY.read_text())[:1]
+    bad_box = json.loads(json.dumps(good))
+    bad_box[0]["objects"][0]["w"] = 500
+    (tmp_path / "a.json").write_text(json.dumps(bad_box))
+    with pytest.raises(
+        ValueError, match=r"image 1000: object 1 box \(70, 20, 500, 60\) leaves the 200x120 image"
+    ):
+        load_vg(tmp_path / "a.json")
+    bad_rel = json.loads(json.dumps(good))
+    bad_rel[0]["relationships"][0]["object_id"] = 99
+    (tmp_path / "b.json").write_text(json.dumps(bad_rel))
+    with pytest.raises(ValueError, match="names an object that is not in the image"):
+        load_vg(tmp_path / "b.json")
+    assert resized_size(640, 480, 800, 1333) == (1067, 800)  # shorter side to 800
+    assert resized_size(2000, 500, 800, 1333) == (1333, 333)  # longer side capped at 1333
