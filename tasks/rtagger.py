@@ -160,18 +160,20 @@ def tag_batch_rtagger(
     rank_within_pairs(rows)
     n_pairs = sum(len(g.pairs) for g in groups)
     n_img = len(work)
+    # keys follow tasks.pipeline.merge_stats: counts are summed across batches, the two ratios recomputed
     return rows, {
         "tag_rows": len(rows),
         "pairs": n_pairs,
         "groups": len(groups),
-        "images_tagged": n_img,
-        "forwards": dec_groups,
-        "forwards_per_image": dec_groups / n_img if n_img else 0.0,
-        "max_forwards_per_image": max((len(per_image[i]) for i in per_image), default=0),
+        "images": n_img,  # images with at least one candidate (the others need no forward)
+        "images_in_batch": len(images),
+        "forwards": dec_groups,  # decoder forwards of N_Q slots; encoder passes are counted apart
+        "forwards_per_image": round(dec_groups / n_img, 4) if n_img else 0.0,
+        "pairs_per_forward": round(n_pairs / dec_groups, 4) if dec_groups else 0.0,
         "encoder_passes": enc_passes,
         "phrase_cache_hits": model.phrases.cache_hits - hits0,
         "phrase_cache_misses": model.phrases.cache_misses - miss0,
-        "seconds": time.perf_counter() - t0,
+        "seconds": round(time.perf_counter() - t0, 3),
     }
 
 

@@ -77,7 +77,9 @@ def test_250_pairs_run_in_3_forwards_every_pair_once(runner):
     cfg = TagConfig(tagger="rtagger", n_q=100)
     rows, stats = tag_batch_rtagger([im], [px], cands, runner, cfg)
     assert stats["forwards"] == 3 and stats["encoder_passes"] == 1 and stats["groups"] == 3
-    assert stats["pairs"] == 250 and stats["forwards_per_image"] == 3.0
+    assert (
+        stats["pairs"] == 250 and stats["forwards_per_image"] == 3.0 and stats["pairs_per_forward"] == 83.3333
+    )
     # matched mode: one row per candidate, every (pair, text) exactly once
     keys = Counter((r.subject_ann_id, r.object_ann_id, r.relation) for r in rows)
     assert set(keys) == {(c.subject_ann_id, c.object_ann_id, c.relation) for c in cands}
@@ -139,7 +141,12 @@ def test_images_batched_and_phrases_cached(runner):
     cfg = TagConfig(tagger="rtagger", batch_size=2)
     runner.model.phrases.clear_cache()
     rows, stats = tag_batch_rtagger([r[0] for r in recs], [r[1] for r in recs], cands, runner, cfg)
-    assert stats["images_tagged"] == 3 and stats["encoder_passes"] == 3 and stats["forwards"] == 3
+    assert (
+        stats["images"] == 3
+        and stats["images_in_batch"] == 3
+        and stats["encoder_passes"] == 3
+        and stats["forwards"] == 3
+    )
     assert stats["phrase_cache_hits"] > 0  # the second encoder batch reuses the first one's phrases
     _, again = tag_batch_rtagger([r[0] for r in recs], [r[1] for r in recs], cands, runner, cfg)
     assert again["phrase_cache_misses"] == 0
