@@ -26,6 +26,7 @@ OVERRIDES = {
     "caption_batch_size": ("caption", "batch_size", int),
     "caption_dtype": ("caption", "dtype", str),
     "caption_device": ("caption", "device", str),
+    "parse_processes": ("parse", "processes", int),
     "vocabulary": ("match", "vocabulary", str),
     "match_mode": ("match", "mode", str),
     "tagger": ("tag", "tagger", str),

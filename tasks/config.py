@@ -44,7 +44,11 @@ class CaptionConfig(_Frozen):
     repetition_penalty: float = 1.1
     num_beams: int = Field(3, ge=1, description="beam width when n_cap == 1")
     prompt: str = "a picture of "
-    image_size: int = 384
+    image_size: int | None = Field(
+        None,
+        ge=16,
+        description="BLIP input side; None: the model's own (384 for BLIP ViT-L, as in the paper)",
+    )
     batch_size: int = Field(8, ge=1, description="images per generate call")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"

@@ -22,7 +22,9 @@ def _pkg(name: str) -> str:
 
 
 def model_dir_revision(path_or_id: str, revision: str = "main") -> str:
-    """A local model directory: hash of its config files and weight-file names and sizes; a hub id: id@revision."""
+    """A local model directory: hash of its config files and of each weight file's name, size and modification
+    time (a retrained checkpoint of the same size still changes the key; the GBs are not read); a hub id:
+    id@revision."""
     if os.path.isdir(path_or_id):
         h = hashlib.sha256()
         for name in sorted(os.listdir(path_or_id)):
@@ -34,7 +36,8 @@ def model_dir_revision(path_or_id: str, revision: str = "main") -> str:
                 with open(full, "rb") as f:
                     h.update(f.read())
             else:
-                h.update(str(os.path.getsize(full)).encode())
+                st = os.stat(full)
+                h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
         return f"local:{h.hexdigest()[:16]}"
     return f"{path_or_id}@{revision}"
 

@@ -137,12 +137,16 @@ class BlipCaptioner:
         model: str = "Salesforce/blip-image-captioning-large",
         revision: str = "main",
         *,
-        image_size: int = 384,
+        image_size: int | None = None,
         dtype: str = "float32",
         device: str = "cpu",
         **settings,
     ) -> BlipCaptioner:
-        """Load from a hub id or a local directory: safetensors only, no remote code."""
+        """Load from a hub id or a local directory: safetensors only, no remote code.
+
+        image_size None takes the vision encoder's own input size (384 for BLIP ViT-L, the paper's); another
+        size than the encoder's position embeddings were trained for is refused.
+        """
         from transformers import (
             AutoTokenizer,
             BlipForConditionalGeneration,
@@ -160,6 +164,14 @@ class BlipCaptioner:
                 trust_remote_code=False,
                 dtype=torch_dtype(dtype),
             ).to(dev)
+            native = int(net.config.vision_config.image_size)
+            if image_size is None:
+                image_size = native
+            elif image_size != native:
+                raise ValueError(
+                    f"caption image_size {image_size} does not fit the BLIP captioner {model!r}: its vision "
+                    f"encoder takes {native}x{native} inputs; set image_size to {native} or leave it unset"
+                )
             tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
             image_processor = BlipImageProcessorPil.from_pretrained(
                 model, revision=revision, size={"height": image_size, "width": image_size}

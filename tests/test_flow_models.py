@@ -1,0 +1,122 @@
+"""The flow with real model code: BLIP captions (tiny, random weights, loaded from disk) and the R-Tagger
+(tiny checkpoint) on the bundled photographs, through `reltag run`, plus a corrupt image quarantined."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from flows.cli import EXAMPLES, main
+from flows.status import find_runs, run_status
+from models.rlipv2.checkpoint import save_checkpoint
+from models.rlipv2.model import RLIPv2ParSeD
+from models.rlipv2.tokenizer import build_word_tokenizer
+from models.rlipv2.train import tiny_config
+from storage import schemas
+from storage.records import Quarantined
+from tests.test_caption_blip import build_tiny_blip
+
+pytestmark = [pytest.mark.flow, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    build_tiny_blip(str(d / "blip"))
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    words = [
+        "person",
+        "helmet",
+        "cup",
+        "plate",
+        "spoon",
+        "camera",
+        "tripod",
+        "gloves",
+        "flag",
+        "on",
+        "next",
+        "to",
+        "with",
+        "holding",
+        "wearing",
+        "near",
+        "beside",
+        "of",
+        "in",
+        "at",
+        "sitting",
+    ]
+    save_checkpoint(RLIPv2ParSeD(cfg, build_word_tokenizer(words + [cfg.no_object_text])), d / "rtagger")
+    return d
+
+
+def test_blip_and_rtagger_through_the_cli(prefect_harness, models_dir, tmp_path):
+    images = tmp_path / "images"
+    shutil.copytree(EXAMPLES / "images", images)
+    (images / "chelsea.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")  # one image cannot be decoded
+    out = tmp_path / "out"
+    # tiny random models produce arbitrary text, so the relations come from human captions of the same images
+    # for the match stage; BLIP's captions are checked for shape and provenance
+    args = [
+        "run",
+        "--annotations",
+        str(EXAMPLES / "sample_detections.json"),
+        "--images",
+        str(images),
+        "--captions",
+        str(EXAMPLES / "sample_captions.json"),
+        "--out",
+        str(out),
+        "--dataset",
+        "models",
+        "--captioner",
+        "oracle,blip",
+        "--caption-model",
+        str(models_dir / "blip"),
+        "--n-cap",
+        "3",
+        "--tagger",
+        "rtagger",
+        "--checkpoint",
+        str(models_dir / "rtagger"),
+        "--eta",
+        "0.0",
+    ]
+    assert main(args) == 0
+    (run,) = find_runs(str(out))
+    assert run_status(run)["complete"]
+    caps = pq.read_table(run.stage_batch("caption", 0, 0)).to_pylist()
+    blip = [c for c in caps if c["captioner"].startswith("blip")]
+    assert len(blip) == 3 * 4  # 3 captions for each of the 4 decodable images
+    assert all(not c["text"].startswith("a picture of") for c in blip)
+    q = schemas.from_table(pq.read_table(run.quarantine("caption", 0, 0)), Quarantined)
+    assert [(x.image_id, x.reason) for x in q] == [(4, q[0].reason)] and "chelsea.png" in q[0].record + q[
+        0
+    ].detail
+    trip = pq.read_table(run.triplets(0)).to_pylist()
+    assert trip and all(t["tagger"] == "rtagger" for t in trip)
+    for t in trip:
+        assert 0 <= t["p_subject"] <= 1 and 0 <= t["p_object"] <= 1 and 0 <= t["p_relation"] <= 1
+        assert t["confidence"] == pytest.approx(t["p_subject"] * t["p_object"] * t["p_relation"], rel=1e-5)
+    manifest = json.loads(open(run.manifest).read())
+    assert manifest["revisions"]["tagger"].startswith("rtagger:local:")
+    assert manifest["revisions"]["captioners"][1].startswith("blip:local:")
+    stats = json.loads(open(run.run_stats).read())
+    assert stats["stages"]["tag"]["forwards"] >= 1 and stats["stages"]["caption"]["quarantined"] == 1
+
+
+def test_blip_input_size_must_fit_the_vision_encoder(models_dir):
+    from models.captioners.factory import make_captioner
+
+    with pytest.raises(
+        ValueError, match=r"caption image_size 384 does not fit the BLIP captioner .* takes \d+x\d+"
+    ):
+        make_captioner("blip", model=str(models_dir / "blip"), image_size=384)
+    cap = make_captioner("blip", model=str(models_dir / "blip"))
+    assert cap.image_size == cap.processor.image_processor.size["height"] != 384
