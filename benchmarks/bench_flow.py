@@ -2,8 +2,9 @@
 
 Workload: a generated 1,000-image shard with 5 oracle captions per image, greedy overlap tagger.
 Baseline: the same units run by a plain Python loop (`run_batch_stage` / `finalize_shard`, no Prefect),
-in the same process, on the same input. Candidate: the `label-dataset` flow on a local ephemeral Prefect
-server that is already up (a warm-up flow runs first). Overhead = flow wall time - plain-loop wall time.
+in the same process, on the same input. Candidate: the `label-dataset` flow as `reltag run` runs it
+(`flows.label.run_in_process`: a temporary local Prefect server, already up after a warm-up flow; one task
+run per stage and batch). Overhead = flow wall time - plain-loop wall time.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def plain_loop(params) -> float:
     from tasks.plan_run import plan_run
 
     t = time.perf_counter()
-    ctx, _ = plan_run(params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config)
+    ctx, _ = plan_run(
+        params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config
+    )
     manifest = read_json(ctx.layout.fs, ctx.layout.manifest)
     for sh in manifest["shards"]:
         for b in range(sh["batches"]):
@@ -52,7 +55,7 @@ def main() -> None:
 
     from benchmarks.bench_plan import machine
     from benchmarks.synth import write_dataset
-    from flows.label import label_dataset
+    from flows.label import run_in_process as label_dataset  # what `reltag run` calls
     from flows.params import LabelParams
     from tasks.config import PipelineConfig, PlanConfig
 
@@ -61,12 +64,25 @@ def main() -> None:
     cfg = PipelineConfig(dataset="bench", plan=PlanConfig(shard_size=1000, batch_size=250))
 
     def params(out):
-        return LabelParams(annotations=ds["detections"], images=tmp, out=os.path.join(tmp, out), captions=ds["captions"], config=cfg)
+        return LabelParams(
+            annotations=ds["detections"],
+            images=tmp,
+            out=os.path.join(tmp, out),
+            captions=ds["captions"],
+            config=cfg,
+        )
 
     # warm-up: starts the ephemeral server, loads spaCy, fills caches, so both sides measure the same work
     warm = write_dataset(os.path.join(tmp, "warm"), 20, seed=1)
-    label_dataset(LabelParams(annotations=warm["detections"], images=tmp, out=os.path.join(tmp, "warm-out"),
-                              captions=warm["captions"], config=cfg))
+    label_dataset(
+        LabelParams(
+            annotations=warm["detections"],
+            images=tmp,
+            out=os.path.join(tmp, "warm-out"),
+            captions=warm["captions"],
+            config=cfg,
+        )
+    )
     plain_loop(params("warm-plain"))
 
     base, cand, rerun = [], [], []
@@ -78,8 +94,17 @@ def main() -> None:
         t = time.perf_counter()
         label_dataset(params(f"flow-{r}"))
         rerun.append(time.perf_counter() - t)
-        print(json.dumps({"repeat": r, "plain_s": round(base[-1], 3), "flow_s": round(cand[-1], 3), "rerun_s": round(rerun[-1], 3),
-                          "triplets": summary["triplets"]}))
+        print(
+            json.dumps(
+                {
+                    "repeat": r,
+                    "plain_s": round(base[-1], 3),
+                    "flow_s": round(cand[-1], 3),
+                    "rerun_s": round(rerun[-1], 3),
+                    "triplets": summary["triplets"],
+                }
+            )
+        )
     b, c, rr = statistics.median(base), statistics.median(cand), statistics.median(rerun)
     overhead = (c - b) / b
     import resource
@@ -88,11 +113,25 @@ def main() -> None:
         "name": "flow",
         "speedup": round(b / c, 3),
         "speedup_means": "plain-loop wall time / flow wall time (1.0 = no orchestration overhead)",
-        "baseline": {"name": "plain Python loop over the same units (no Prefect)", "median_s": round(b, 3), "runs_s": [round(x, 3) for x in base]},
-        "candidate": {"name": "label-dataset flow, ephemeral Prefect server already up", "median_s": round(c, 3), "runs_s": [round(x, 3) for x in cand]},
+        "baseline": {
+            "name": "plain Python loop over the same units (no Prefect)",
+            "median_s": round(b, 3),
+            "runs_s": [round(x, 3) for x in base],
+        },
+        "candidate": {
+            "name": "label-dataset flow, ephemeral Prefect server already up",
+            "median_s": round(c, 3),
+            "runs_s": [round(x, 3) for x in cand],
+        },
         "overhead_fraction": round(overhead, 4),
         "rerun_finished_run_s": {"median": round(rr, 3), "runs": [round(x, 3) for x in rerun]},
-        "workload": {"images": n_images, "captions": ds["captions_n"], "boxes": ds["boxes"], "batches": -(-n_images // 250), "triplets": summary["triplets"]},
+        "workload": {
+            "images": n_images,
+            "captions": ds["captions_n"],
+            "boxes": ds["boxes"],
+            "batches": -(-n_images // 250),
+            "triplets": summary["triplets"],
+        },
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "quick": args.quick,
         "machine": machine(),
@@ -100,8 +139,10 @@ def main() -> None:
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "flow.json"), "w") as f:
         json.dump(out, f, indent=2)
-    print(f"flow: {b / c:.2f}x the plain-loop speed on a {n_images}-image shard (orchestration overhead "
-          f"{100 * overhead:.1f}% of stage compute; rerun of a finished run {rr:.2f} s) vs plain Python loop")
+    print(
+        f"flow: {b / c:.2f}x the plain-loop speed on a {n_images}-image shard (orchestration overhead "
+        f"{100 * overhead:.1f}% of stage compute; rerun of a finished run {rr:.2f} s) vs plain Python loop"
+    )
 
 
 if __name__ == "__main__":

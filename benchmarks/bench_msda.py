@@ -327,8 +327,10 @@ def main() -> None:
         "mode": "quick" if opts.quick else "full",
         "device": opts.device,
         "dtype": "float32",
-        "speedup": speedup,
-        "speedup_means": "baseline median ms / candidate median ms, same shape, same run",
+        "speedup": speedup["encoder_forward"],
+        "speedup_means": "encoder-shape forward: baseline median ms / candidate median ms, same run; every shape "
+        "and mode in `speedups`",
+        "speedups": speedup,
         "baseline": baseline,
         "candidate": candidate,
         "peak_memory_means": (

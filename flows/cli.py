@@ -104,9 +104,9 @@ def cmd_plan(args) -> int:
 
 
 def _run(params) -> int:
-    from flows.label import label_dataset
+    from flows.label import run_in_process
 
-    summary = label_dataset(params)
+    summary = run_in_process(params)
     print(
         f"done: {summary['triplets']} triplets on {summary['images_with_triplets']}/{summary['images']} images "
         f"in {summary['shards']} shard(s), run key {summary['run_key']}"
@@ -143,12 +143,22 @@ def cmd_demo(args) -> int:
     )
 
 
-def cmd_status(args) -> int:
-    from flows.status import find_runs, run_status
+def _runs(args, quiet: bool = False) -> list:
+    """The runs under --out (only --run-key's, when given); says so on stderr when there are none."""
+    from flows.status import find_runs
 
     runs = [r for r in find_runs(args.out) if not args.run_key or r.run_key == args.run_key]
+    if not runs and not quiet:
+        which = f" with run key {args.run_key}" if args.run_key else ""
+        print(f"no runs under {args.out}{which}", file=sys.stderr)
+    return runs
+
+
+def cmd_status(args) -> int:
+    from flows.status import run_status
+
+    runs = _runs(args)
     if not runs:
-        print(f"no runs under {args.out}", file=sys.stderr)
         return 1
     report = [run_status(r) for r in runs]
     if args.json:
@@ -183,11 +193,9 @@ def cmd_status(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    from flows.status import find_runs
     from storage.atomic import read_json
 
-    runs = [r for r in find_runs(args.out) if not args.run_key or r.run_key == args.run_key]
-    done = [r for r in runs if r.fs.exists(r.run_stats)]
+    done = [r for r in _runs(args, quiet=True) if r.fs.exists(r.run_stats)]
     if not done:
         print(f"no finished run under {args.out}", file=sys.stderr)
         return 1
@@ -202,7 +210,6 @@ def cmd_show(args) -> int:
 
     import pyarrow.parquet as pq
 
-    from flows.status import find_runs
     from storage import schemas
     from storage.atomic import read_json
     from storage.records import Triplet
@@ -210,9 +217,8 @@ def cmd_show(args) -> int:
     from tasks.plan import shard_records
     from tasks.visualize import contact_sheet, draw_triplets
 
-    runs = [r for r in find_runs(args.out) if not args.run_key or r.run_key == args.run_key]
+    runs = _runs(args)
     if not runs:
-        print(f"no runs under {args.out}", file=sys.stderr)
         return 1
     run = runs[-1]
     manifest = read_json(run.fs, run.manifest)

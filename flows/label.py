@@ -171,6 +171,22 @@ def label_dataset(params: LabelParams) -> dict:
     return summary
 
 
+def run_in_process(params: LabelParams) -> dict:
+    """Run `label-dataset` in this process, as `reltag run` does.
+
+    Without a configured Prefect API (PREFECT_API_URL unset) Prefect starts a temporary server that lives
+    and dies with this process; flow-run heartbeats (which let a real server mark a crashed run) then serve
+    nothing and cost about a second per flow run (Prefect joins its heartbeat thread, which sleeps in 1 s
+    steps), so they are switched off. With a real server, Prefect's settings are left as they are.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if PREFECT_API_URL.value():
+        return label_dataset(params)
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return label_dataset(params)
+
+
 def rollup(ctx: RunContext, manifest: dict) -> dict:
     """Merge every shard's stats into `stats/run.json`."""
     layout = ctx.layout

@@ -59,6 +59,21 @@ def test_demo_sample_writes_readable_triplets(prefect_harness, tmp_path, capsys)
     capsys.readouterr()
     assert main(["status", "--out", out, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["complete"] is True
+    assert main(["stats", "--out", out]) == 0
+    assert json.loads(capsys.readouterr().out)["triplets"] == table.num_rows
+    # pictures for an audit: every image with triplets, and one named image
+    png = tmp_path / "sheet.png"
+    assert main(["show", "--out", out, "--png", str(png)]) == 0
+    from PIL import Image
+
+    with_triplets = len({r["image_id"] for r in rows})
+    assert f"{with_triplets} image(s)" in capsys.readouterr().out
+    assert Image.open(png).size[0] >= 512
+    assert (
+        main(["show", "--out", out, "--png", str(png), "--image-id", "4"]) == 0
+    )  # the cat: boxes, no triplets
+    assert main(["show", "--out", out, "--png", str(png), "--image-id", "999"]) == 1
+    assert "image ids [999] are not in run" in capsys.readouterr().err
 
 
 def test_rerun_of_a_finished_run_does_nothing(prefect_harness, tmp_path):
