@@ -125,6 +125,17 @@ class PipelineConfig(_Frozen):
     tag: TagConfig = TagConfig()
     threshold: ThresholdConfig = ThresholdConfig()
 
+    @model_validator(mode="after")
+    def _checkpoint_for_rtagger(self):
+        # checked here, before any work, not at the first tag batch after hours of captioning
+        if self.tag.tagger == "rtagger" and not self.tag.checkpoint:
+            raise ValueError(
+                "tag.tagger is 'rtagger' but tag.checkpoint is not set: the R-Tagger needs trained weights (a "
+                "directory written by models.rlipv2.checkpoint.save_checkpoint, e.g. by `python -m "
+                "models.rlipv2.train`); random initialisation would produce meaningless confidences"
+            )
+        return self
+
     def output_affecting(self) -> dict:
         """The settings that change the output (devices, tagger batch size and parse processes do not).
 

@@ -90,3 +90,10 @@ def test_plan_command_reports_the_run(tmp_path, capsys):
 def test_status_without_runs(tmp_path, capsys):
     assert main(["status", "--out", str(tmp_path)]) == 1
     assert "no runs under" in capsys.readouterr().err
+
+
+def test_rtagger_without_checkpoint_is_refused_before_any_work(tmp_path, capsys):
+    rc = main(
+        ["plan", "--annotations", "x.json", "--images", ".", "--out", str(tmp_path), "--tagger", "rtagger"]
+    )
+    assert rc == 2 and "tag.checkpoint is not set" in capsys.readouterr().err
