@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
-import threading
 import time
 
-import psutil
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.common import PeakRSS, machine  # noqa: E402
 from models.captioners.blip import BlipCaptioner  # noqa: E402
 from models.captioners.sampling import image_seed  # noqa: E402
 
@@ -84,33 +82,6 @@ def build_blip_large() -> BlipCaptioner:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"BLIP-large architecture, random weights: {n_params / 1e6:.1f}M parameters", flush=True)
     return BlipCaptioner(model, processor, name="blip:random-large", revision="random", n_cap=N_CAP)
-
-
-class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every 2 ms in a thread."""
-
-    def __enter__(self):
-        self.proc = psutil.Process()
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
 
 
 def main() -> None:
@@ -181,10 +152,10 @@ def main() -> None:
                 assert out.shape == (n_img * N_CAP, total), (name, tuple(out.shape))
                 times[name].append(dt)
                 cpu[name].append(dc)
-                peaks[name] = max(peaks.get(name, 0.0), mem.delta_mb)
+                peaks[name] = max(peaks.get(name, 0.0), mem.mb)
                 print(
                     f"[{r + 1}/{repeats}] {name}: {dt:.2f} s wall, {dc:.2f} s CPU, {n_img / dt:.3f} images/s, "
-                    f"peak +{mem.delta_mb:.0f} MB",
+                    f"peak +{mem.mb:.0f} MB",
                     flush=True,
                 )
 
@@ -238,19 +209,11 @@ def main() -> None:
         },
         "peak_memory_mb": {k: round(v, 1) for k, v in peaks.items()},
         "peak_memory_note": "peak RSS above the level before the call, sampled every 2 ms (CPU)",
-        "machine": {
-            "cpu": platform.processor() or _cpu_model(),
-            "cpu_model": _cpu_model(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "python": platform.python_version(),
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            # The machine is shared; a load above the core count slows every method (all run interleaved).
-            "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
-            "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
-        },
+        # The machine is shared; a load above the core count slows every method (all run interleaved).
+        "machine": machine(
+            transformers=__import__("transformers").__version__,
+            loadavg_1_5_15_before=[round(x, 2) for x in load_before],
+        ),
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
@@ -263,17 +226,6 @@ def main() -> None:
         f"caption: {speedup:.1f}x images/s ({ips['reltag']:.3f} vs {ips['reference_10_calls']:.3f}) "
         f"reltag BLIP sampler vs reference_10_calls (10 generate calls/image), BLIP-large random weights, CPU"
     )
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def main() -> None:
     n_images = 300 if args.quick else 1000
     repeats = 2 if args.quick else args.repeats
 
-    from benchmarks.bench_plan import machine
+    from benchmarks.common import machine
     from benchmarks.synth import write_dataset
     from flows.label import run_in_process as label_dataset  # what `reltag run` calls
     from flows.params import LabelParams

@@ -25,7 +25,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,37 +66,6 @@ def make_inputs(shape: str, device: str, seed: int = 0):
     attn = attn.view(n, lq, HEADS, n_levels, POINTS)
     grad = torch.randn(n, lq, HEADS * CHANNELS, generator=gen)
     return [t.to(device) for t in (value, ss, lsi, loc, attn, grad)]
-
-
-class PeakRSS:
-    """Peak resident set size above the level at entry, sampled every millisecond by a thread."""
-
-    def __init__(self):
-        import psutil
-
-        self.proc = psutil.Process()
-        self.start = self.proc.memory_info().rss
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def _poll(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.001)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    @property
-    def mb(self) -> float:
-        return (self.peak - self.start) / 2**20
 
 
 def _call(impl, args, backward: bool):
@@ -164,6 +132,8 @@ def memory_worker(which: str, shape: str, mode: str, device: str) -> dict:
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
+        from benchmarks.common import PeakRSS
+
         with PeakRSS() as rss:
             out = _call(impl, args, backward)
         peak = rss.mb
@@ -229,31 +199,15 @@ def parity(shape: str, device: str) -> dict:
     return report
 
 
-def machine(device: str) -> dict:
-    import psutil
+def machine_info(device: str) -> dict:
     import torch
 
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    info = {
-        "cpu": cpu,
-        "cores_logical": psutil.cpu_count(),
-        "cores_physical": psutil.cpu_count(logical=False),
-        "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
+    from benchmarks.common import machine
+
+    extra = {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "platform": platform.platform()}
     if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
+        extra.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
+    return machine(**extra)
 
 
 def main() -> None:
@@ -354,7 +308,7 @@ def main() -> None:
             "before": [round(x, 2) for x in load_before],
             "after": [round(x, 2) for x in os.getloadavg()],
         },
-        "machine": machine(opts.device),
+        "machine": machine_info(opts.device),
     }
     opts.out = opts.out or (
         RESULTS if opts.device == "cpu" else RESULTS.replace("msda.json", "msda_cuda.json")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import resource
 import statistics
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for benchmarks.common
 
 # Nouns as BLIP writes them for COCO / Objects365 images (singular, plural).
 NOUNS = [
@@ -366,27 +367,12 @@ def _cpu_s(parser) -> float:
 
 
 def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import spacy
-    import torch
 
+    from benchmarks.common import machine
     from models.scene_graph import parser_versions
 
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "spacy": spacy.__version__,
-        "parser": parser_versions(),
-    }
+    return machine(spacy=spacy.__version__, parser=parser_versions())
 
 
 def main(argv=None) -> int:

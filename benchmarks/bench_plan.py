@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # the repository root, for benchmarks.common
 
 CANDIDATE = r"""
 import sys, time
@@ -53,19 +53,6 @@ def _run(code: str, *args: str) -> tuple[float, int, int]:
     return float(dt), int(rss), int(n)
 
 
-def machine() -> dict:
-    import psutil
-
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="20k and 50k images instead of 50k and 200k")
@@ -73,6 +60,8 @@ def main() -> None:
     args = ap.parse_args()
     sizes = [20_000, 50_000] if args.quick else [50_000, 200_000]
     from synth import write_detections
+
+    from benchmarks.common import machine
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,9 +76,23 @@ def main() -> None:
             assert cand[0][2] == base[0][2], f"planner kept {cand[0][2]} boxes, baseline {base[0][2]}"
             c = sorted(cand)[len(cand) // 2]
             b = sorted(base)[len(base) // 2]
-            results.append({"images": n, "annotations": meta["annotations"], "file_mb": round(mb, 1),
-                            "candidate": {"seconds": round(c[0], 2), "mb_per_s": round(mb / c[0], 1), "peak_rss_mb": round(c[1] / 1e6, 1)},
-                            "baseline": {"seconds": round(b[0], 2), "mb_per_s": round(mb / b[0], 1), "peak_rss_mb": round(b[1] / 1e6, 1)}})
+            results.append(
+                {
+                    "images": n,
+                    "annotations": meta["annotations"],
+                    "file_mb": round(mb, 1),
+                    "candidate": {
+                        "seconds": round(c[0], 2),
+                        "mb_per_s": round(mb / c[0], 1),
+                        "peak_rss_mb": round(c[1] / 1e6, 1),
+                    },
+                    "baseline": {
+                        "seconds": round(b[0], 2),
+                        "mb_per_s": round(mb / b[0], 1),
+                        "peak_rss_mb": round(b[1] / 1e6, 1),
+                    },
+                }
+            )
             os.remove(path)
             print(json.dumps(results[-1]))
     big = results[-1]
@@ -103,8 +106,12 @@ def main() -> None:
         "speedup_means": "peak RSS of the baseline / peak RSS of reltag, on the largest file",
         "baseline": {"name": "json.load + dict grouping (pycocotools-style)", **big["baseline"]},
         "candidate": {"name": "reltag streaming planner (ijson, per-shard spill)", **big["candidate"]},
-        "rss_growth_mb": {"candidate": round(growth_c, 1), "baseline": round(growth_b, 1),
-                          "from_images": small["images"], "to_images": big["images"]},
+        "rss_growth_mb": {
+            "candidate": round(growth_c, 1),
+            "baseline": round(growth_b, 1),
+            "from_images": small["images"],
+            "to_images": big["images"],
+        },
         "sizes": results,
         "quick": args.quick,
         "machine": machine(),
@@ -112,10 +119,12 @@ def main() -> None:
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "plan.json"), "w") as f:
         json.dump(out, f, indent=2)
-    print(f"plan: {ratio:.1f}x less peak memory vs json.load on {big['images']:,} images "
-          f"({big['candidate']['peak_rss_mb']:.0f} MB vs {big['baseline']['peak_rss_mb']:.0f} MB; "
-          f"{big['candidate']['mb_per_s']:.0f} MB/s vs {big['baseline']['mb_per_s']:.0f} MB/s; "
-          f"RSS growth {small['images']:,}->{big['images']:,} images: {growth_c:+.0f} MB vs {growth_b:+.0f} MB)")
+    print(
+        f"plan: {ratio:.1f}x less peak memory vs json.load on {big['images']:,} images "
+        f"({big['candidate']['peak_rss_mb']:.0f} MB vs {big['baseline']['peak_rss_mb']:.0f} MB; "
+        f"{big['candidate']['mb_per_s']:.0f} MB/s vs {big['baseline']['mb_per_s']:.0f} MB/s; "
+        f"RSS growth {small['images']:,}->{big['images']:,} images: {growth_c:+.0f} MB vs {growth_b:+.0f} MB)"
+    )
 
 
 if __name__ == "__main__":

@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import PeakRSS, machine  # noqa: E402
 from models.rlipv2.config import RLIPv2Config  # noqa: E402
 from models.rlipv2.model import RLIPv2ParSeD  # noqa: E402
 from models.rlipv2.tagger import TagImage, tag_images  # noqa: E402
@@ -54,48 +51,10 @@ def class_names() -> list[str]:
     return names[:365]
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+def machine_info() -> dict:
     from kernels import select_backend
 
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-        "ms_deform_attn_backend": select_backend("cpu"),
-        "load_average_at_end": os.getloadavg(),
-    }
-
-
-class PeakRSS:
-    """Samples the process RSS every 5 ms while active; peak in MiB."""
-
-    def __enter__(self):
-        self.proc = psutil.Process()
-        self.peak = self.proc.memory_info().rss
-        self.stop = threading.Event()
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-        return self
-
-    def _run(self):
-        while not self.stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        self.t.join()
-        self.peak = max(self.peak, self.proc.memory_info().rss)
-        self.peak_mib = self.peak / 2**20
+    return machine(ms_deform_attn_backend=select_backend("cpu"))
 
 
 def build_model(names: list[str]) -> RLIPv2ParSeD:
@@ -237,7 +196,7 @@ def main() -> None:
         "peak_rss_mib": {k: {"reference_style": v["reference_style"]["peak_rss_mib"], "reltag": v["reltag"]["peak_rss_mib"]}
                          for k, v in results.items()},
         "results": results,
-        "machine": machine(),
+        "machine": machine_info(),
     }  # fmt: skip
     path = ROOT / "benchmarks" / "results" / "tagger.json"
     path.parent.mkdir(parents=True, exist_ok=True)
