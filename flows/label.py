@@ -15,8 +15,6 @@ from storage.ledger import Ledger, Unit
 from tasks.pipeline import RunContext, finalize_shard, merge_stats, run_batch_stage
 from tasks.plan_run import plan_run
 
-UNIT = {"caption": "images", "parse": "images", "match": "images", "tag": "images", "threshold": "images"}
-
 
 def _io_error_only(task, task_run, state) -> bool:
     """Retry on I/O errors only; never around a model bug, a bad input or an out-of-memory error."""
@@ -71,16 +69,14 @@ def stage_task(ctx: RunContext, stage: str, shard: int, batch: int) -> dict:
     if not info.get("skipped"):
         secs = max(info["seconds"], 1e-9)
         get_run_logger().info(
-            "%s shard-%05d batch-%05d: %d %s -> %d rows in %.2f s (%.1f %s/s)",
+            "%s shard-%05d batch-%05d: %d images -> %d rows in %.2f s (%.1f images/s)",
             stage,
             shard,
             batch,
             info["items"],
-            UNIT[stage],
             info["rows"],
             info["seconds"],
             info["items"] / secs,
-            UNIT[stage],
         )
     return info
 

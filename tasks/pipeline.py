@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ from storage.records import (
     Triplet,
 )
 from tasks.config import PipelineConfig
-
-log = logging.getLogger("reltag")
 
 _OUT_TYPES = {
     "caption": Caption,
