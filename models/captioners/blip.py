@@ -72,6 +72,28 @@ def model_revision(model: str, revision: str) -> str:
     return getattr(revision, "resolved", None) or str(revision)
 
 
+_SETTINGS = (
+    "name", "revision", "n_cap", "top_p", "top_k", "max_length", "min_length", "repetition_penalty", "num_beams",
+    "prompt", "image_size",
+)  # fmt: skip
+
+
+def _settings(scope: dict) -> dict:
+    """The generation settings among a captioner constructor's arguments."""
+    return {k: scope[k] for k in _SETTINGS}
+
+
+def set_generation_settings(captioner, model, processor, **settings) -> None:
+    """What BLIP and BLIP-2 captioners share: the model in eval mode, its processor, device, dtype, settings."""
+    captioner.model = model.eval()
+    captioner.processor = processor
+    captioner.tokenizer = processor.tokenizer
+    p = next(model.parameters())
+    captioner.device, captioner.dtype = p.device, p.dtype
+    for k, v in settings.items():
+        setattr(captioner, k, v)
+
+
 class BlipCaptioner:
     """BlipForConditionalGeneration captioner (default: Salesforce/blip-image-captioning-large, the paper's).
 
@@ -111,16 +133,7 @@ class BlipCaptioner:
         image_size: int = 384,
     ):
         """Wraps an already loaded BlipForConditionalGeneration and BlipProcessor; see `load` for paths."""
-        self.model = model.eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.name, self.revision = name, revision
-        self.n_cap, self.top_p, self.top_k = n_cap, top_p, top_k
-        self.max_length, self.min_length = max_length, min_length
-        self.repetition_penalty, self.num_beams = repetition_penalty, num_beams
-        self.prompt, self.image_size = prompt, image_size
+        set_generation_settings(self, model, processor, **_settings(locals()))
         tc = model.config.text_config
         self.bos, self.eos, self.pad = tc.bos_token_id, tc.sep_token_id, tc.pad_token_id
         # [DEC] + prompt tokens, no [SEP]: what BLIP's generate feeds the decoder (input_ids[:, :-1], [:, 0] = bos).

@@ -12,7 +12,14 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessorList
 
-from models.captioners.blip import check_device, model_revision, resolve, torch_dtype
+from models.captioners.blip import (
+    _settings,
+    check_device,
+    model_revision,
+    resolve,
+    set_generation_settings,
+    torch_dtype,
+)
 from models.captioners.sampling import SeededPickProcessor, SeededSampler, image_seed
 
 
@@ -38,16 +45,7 @@ class Blip2Captioner:
         prompt: str = "a picture of ",
         image_size: int = 224,
     ):
-        self.model = model.eval()
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
-        self.name, self.revision = name, revision
-        self.n_cap, self.top_p, self.top_k = n_cap, top_p, top_k
-        self.max_length, self.min_length = max_length, min_length
-        self.repetition_penalty, self.num_beams = repetition_penalty, num_beams
-        self.prompt, self.image_size = prompt, image_size
+        set_generation_settings(self, model, processor, **_settings(locals()))
         cfg = model.config
         bos = cfg.text_config.bos_token_id
         text_ids = self.tokenizer(prompt, add_special_tokens=False).input_ids if prompt else []
