@@ -134,3 +134,19 @@ def test_a_failed_batch_fails_the_flow_and_only_it_is_redone(prefect_harness, tm
 
 def test_demo_sample_is_bundled():
     assert (EXAMPLES / "sample_detections.json").exists() and len(list((EXAMPLES / "images").iterdir())) == 5
+
+
+def test_label_shard_runs_one_shard_and_label_dataset_finishes_the_rest(prefect_harness, tmp_path):
+    from flows.label import label_dataset, label_shard
+
+    ds = write_dataset(str(tmp_path / "ds"), 30, seed=4)
+    params = _params(tmp_path, ds["detections"], ds["captions"], str(tmp_path), shard_size=20, batch_size=10)
+    label_shard(params, 1)
+    (run,) = find_runs(params.out)
+    st = run_status(run)
+    assert [r["stages"]["write"]["done"] for r in st["shards"]] == [0, 1]
+    assert st["totals"]["threshold"] == {"done": 1, "failed": 0, "pending": 2}
+    with pytest.raises(ValueError, match=r"has shards 0..1; there is no shard 5"):
+        label_shard(params, 5)
+    summary = label_dataset(params)
+    assert run_status(run)["complete"] and summary["shards"] == 2
