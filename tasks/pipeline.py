@@ -108,12 +108,6 @@ def _read(ctx: RunContext, stage: str, shard: int, batch: int) -> list:
         return schemas.from_table(pq.read_table(f), _OUT_TYPES[stage])
 
 
-def batch_seed(ctx: RunContext, shard: int, batch: int) -> int:
-    from tasks.caption import batch_seed as seed
-
-    return seed(ctx.run_key, shard, batch)
-
-
 def _load_pixels(ctx: RunContext, images: list[ImageRecord]):
     from tasks.images import load_image
 
@@ -135,13 +129,13 @@ def compute(
     cfg = ctx.config
     images = batch_images(ctx, shard, batch)
     if stage == "caption":
-        from tasks.caption import caption_batch
+        from tasks.caption import batch_seed, caption_batch
 
         out = caption_batch(
             images,
             list(_captioners(ctx.config_json, ctx.captions_file)),
             ctx.images_root,
-            batch_seed(ctx, shard, batch),
+            batch_seed(ctx.run_key, shard, batch),
             cfg.caption,
         )
         return out.captions, out.quarantine, out.stats, []
