@@ -53,7 +53,7 @@ def main() -> None:
     n_images = 300 if args.quick else 1000
     repeats = 2 if args.quick else args.repeats
 
-    from benchmarks.common import machine
+    from benchmarks.common import machine, save_result
     from benchmarks.synth import write_dataset
     from flows.label import run_in_process as label_dataset  # what `reltag run` calls
     from flows.params import LabelParams
@@ -136,9 +136,7 @@ def main() -> None:
         "quick": args.quick,
         "machine": machine(),
     }
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "flow.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    save_result("flow", out)
     print(
         f"flow: {b / c:.2f}x the plain-loop speed on a {n_images}-image shard (orchestration overhead "
         f"{100 * overhead:.1f}% of stage compute; rerun of a finished run {rr:.2f} s) vs plain Python loop"

@@ -61,7 +61,7 @@ def main() -> None:
     sizes = [20_000, 50_000] if args.quick else [50_000, 200_000]
     from synth import write_detections
 
-    from benchmarks.common import machine
+    from benchmarks.common import machine, save_result
 
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,9 +116,7 @@ def main() -> None:
         "quick": args.quick,
         "machine": machine(),
     }
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "plan.json"), "w") as f:
-        json.dump(out, f, indent=2)
+    save_result("plan", out)
     print(
         f"plan: {ratio:.1f}x less peak memory vs json.load on {big['images']:,} images "
         f"({big['candidate']['peak_rss_mb']:.0f} MB vs {big['baseline']['peak_rss_mb']:.0f} MB; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import threading
@@ -38,6 +39,16 @@ def machine(**extra) -> dict:
     except ImportError:
         pass
     return {**info, **extra}
+
+
+def save_result(name: str, result: dict) -> str:
+    """Write benchmarks/results/NAME.json; returns its path."""
+    folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    return path
 
 
 class PeakRSS:
