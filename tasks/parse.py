@@ -5,7 +5,7 @@ from __future__ import annotations
 import unicodedata
 from dataclasses import dataclass, field
 
-from models.scene_graph import SceneGraphParser, get_parser, parser_versions
+from models.scene_graph import SceneGraphParser, get_parser
 from storage.records import Caption, ParsedRelation
 from tasks.config import ParseConfig
 
@@ -89,7 +89,7 @@ def parse_batch(
         parser: a SceneGraphParser; None takes the process-wide one for cfg.
     """
     if parser is None:
-        parser = get_parser(cfg.spacy_model, cfg.processes)
+        parser = get_parser(cfg.spacy_model, cfg.processes, cfg.gemm)
     todo: list[tuple[Caption, str]] = []
     bad: dict[str, int] = {}
     n_dup = 0
@@ -126,6 +126,6 @@ def parse_batch(
         "relations_per_caption": round(len(relations) / n_parsed, 4) if n_parsed else 0.0,
         "captions_without_relations": n_without,
         "processes_used": parser.last_used_processes if n_parsed else 0,
-        "parser": parser_versions(getattr(parser, "spacy_model", cfg.spacy_model)),
+        "parser": parser.versions(),
     }
     return ParseOutput(relations, stats)

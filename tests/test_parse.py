@@ -58,6 +58,13 @@ def fast_parser():
     return SceneGraphParser(MODEL, processes=1)
 
 
+def _blas_threads() -> list[int]:
+    """BLAS thread counts of the calling process (runs inside a parser worker)."""
+    from threadpoolctl import threadpool_info
+
+    return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+
 def _first_difference(got, want, texts):
     for i, (g, w) in enumerate(zip(got, want)):
         if g != w:
@@ -100,6 +107,9 @@ def test_worker_processes_identical(reference_parser):
         # a small call stays in-process
         parser.parse_many(texts[:10])
         assert parser.last_used_processes == 1
+        # the worker's BLAS runs on one thread: threads on top of the processes oversubscribed the cores
+        # (a limit set before the worker had loaded numpy never reached OpenBLAS, halving throughput)
+        assert parser._pool.submit(_blas_threads).result() == [1]
     finally:
         parser.close()
 
@@ -196,6 +206,28 @@ def test_clean_caption_keeps_clean_text_unchanged():
 def test_parser_rejects_bad_settings():
     with pytest.raises(ValueError, match="processes must be >= 1, got 0"):
         SceneGraphParser(MODEL, processes=0)
+    with pytest.raises(ValueError, match=r"gemm must be one of \('numpy', 'blis'\), got 'mkl'"):
+        SceneGraphParser(MODEL, gemm="mkl")
+    with pytest.raises(ValueError, match="gemm"):
+        ParseConfig(gemm="mkl")
+
+
+def test_gemm_choice_reaches_the_layers_and_keeps_graphs(reference_parser, fast_parser):
+    from thinc.model import Model
+
+    def blis_layers(parser):
+        return {
+            node.ops.use_blis
+            for name, pipe in parser.nlp.pipeline
+            if name in ("tok2vec", "tagger") and isinstance(getattr(pipe, "model", None), Model)
+            for node in pipe.model.walk()
+        }
+
+    blis = SceneGraphParser(MODEL, gemm="blis")
+    assert blis_layers(fast_parser) == {False} and blis_layers(blis) == {True}
+    assert fast_parser.versions()["gemm"] == "numpy" and blis.versions()["gemm"] == "blis"
+    want = [reference_parser.parse(t) for t in BRANCH_CAPTIONS]
+    assert blis.parse_many(BRANCH_CAPTIONS) == want == fast_parser.parse_many(BRANCH_CAPTIONS)
 
 
 def test_fast_attribute_match_equals_matcher():
