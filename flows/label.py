@@ -9,7 +9,7 @@ from prefect.concurrency.sync import concurrency
 
 from flows.params import LabelParams
 from flows.progress import advance, show_progress
-from storage.atomic import read_json, write_json
+from storage.atomic import read_json, sweep_stale_temporaries, write_json
 from storage.layout import BATCH_STAGES
 from storage.ledger import Ledger, Unit
 from tasks.pipeline import RunContext, finalize_shard, merge_stats, run_batch_stage
@@ -43,13 +43,17 @@ def plan_task(params: LabelParams) -> RunContext:
     ctx, manifest = plan_run(
         params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config
     )
-    get_run_logger().info(
+    log = get_run_logger()
+    log.info(
         "run %s: %d images in %d shards (%s)",
         ctx.run_key,
         manifest["counts"].get("images_planned", 0),
         len(manifest["shards"]),
         ctx.layout.base,
     )
+    swept = sweep_stale_temporaries(ctx.layout.fs, ctx.layout.base)
+    if swept:  # a killed run's half-written files (never read: a unit counts only once renamed and recorded)
+        log.info("removed %d temporary file(s) left by a killed run, e.g. %s", len(swept), swept[0])
     return ctx
 
 

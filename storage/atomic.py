@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
+import socket
 import uuid
 from contextlib import contextmanager
 
@@ -16,9 +18,49 @@ import pyarrow.parquet as pq
 PARQUET_OPTS = dict(compression="zstd", compression_level=3, use_dictionary=True, write_statistics=True)
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+
+
+#: `.<name>.tmp-<host>-<pid>-<random>`: the writer's host and process id say whether a leftover is stale.
+_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[A-Za-z0-9._]+)-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
+
+
 def _tmp_name(path: str) -> str:
     d, b = posixpath.split(path)
-    return posixpath.join(d, f".{b}.tmp-{uuid.uuid4().hex[:12]}")
+    return posixpath.join(d, f".{b}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def sweep_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Remove the temporary files under `root` that a killed writer left behind; return their paths.
+
+    Only files written on this host by a process that no longer runs are removed, so a run writing
+    beside this one (another process, another machine on a shared disk) keeps its temporaries. Object
+    stores are skipped: an upload that never completed leaves no object there.
+    """
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "file" not in protocols or not fs.exists(root):
+        return []
+    host, removed = _host(), []
+    for path in fs.find(root):
+        m = _TMP_RE.match(posixpath.basename(path))
+        if m and m["host"] == host and not _alive(int(m["pid"])):
+            try:
+                fs.rm(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed
 
 
 @contextmanager

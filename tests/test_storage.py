@@ -11,7 +11,14 @@ import pytest
 
 from storage import records as r
 from storage import schemas
-from storage.atomic import ParquetBatchWriter, write_json, write_table
+from storage.atomic import (
+    ParquetBatchWriter,
+    _host,
+    _tmp_name,
+    sweep_stale_temporaries,
+    write_json,
+    write_table,
+)
 from storage.layout import RunLayout
 from storage.ledger import Ledger, Unit
 
@@ -89,6 +96,29 @@ def test_ledger_ignores_temporaries_of_interrupted_writes(tmp_path):
     d.mkdir(parents=True)
     (d / ".batch-00000.done.json.tmp-abc").write_text("{")
     assert led.snapshot()["done"] == {"write/shard-00000/shard"}
+
+
+def test_sweep_removes_only_temporaries_of_dead_writers_on_this_host(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    fs = fsspec.filesystem("file")
+    d = tmp_path / "run" / "parses" / "shard-00000"
+    d.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # exited: its temporaries are stale (as after a kill -9)
+    mine = _tmp_name(str(d / "batch-00000.parquet"))  # a live writer: this process
+    stale = str(d / f".batch-00000.parquet.tmp-{_host()}-{dead_pid}-0123abcd")
+    other_host = str(d / f".batch-00000.parquet.tmp-elsewhere.example-{dead_pid}-0123abcd")  # shared disk
+    for path in (mine, stale, other_host, str(d / "batch-00001.parquet"), str(d / ".hidden")):
+        open(path, "w").close()
+    assert sweep_stale_temporaries(fs, str(tmp_path / "run")) == [stale]
+    assert sorted(p.name for p in d.iterdir()) == sorted(
+        os.path.basename(p) for p in (mine, other_host, "batch-00001.parquet", ".hidden")
+    )
+    assert sweep_stale_temporaries(fs, str(tmp_path / "missing")) == []
+    assert sweep_stale_temporaries(fsspec.filesystem("memory"), "/run") == []  # object stores: nothing to sweep
 
 
 def test_write_json_is_stable(tmp_path):
