@@ -192,16 +192,10 @@ class FastAttributeMatch:
         return sorted(found)
 
 
-def _check_gemm(gemm: str) -> None:
-    if gemm not in GEMMS:
-        raise ValueError(f"SceneGraphParser gemm must be one of {GEMMS}, got {gemm!r}")
-
-
 def _load_nlp(spacy_model: str, gemm: str = "numpy", fast_attribute_ruler: bool = True):
     import spacy
     from thinc.api import use_ops
 
-    _check_gemm(gemm)
     # every thinc layer keeps the ops that were current when it was built, so the choice is made at load
     with use_ops("numpy", use_blis=gemm == "blis"):
         nlp = spacy.load(spacy_model, disable=list(DISABLED_PIPES))
@@ -266,7 +260,8 @@ class SceneGraphParser:
             raise ValueError(f"SceneGraphParser processes must be >= 1, got {processes}")
         if batch_size < 1:
             raise ValueError(f"SceneGraphParser batch_size must be >= 1, got {batch_size}")
-        _check_gemm(gemm)
+        if gemm not in GEMMS:
+            raise ValueError(f"SceneGraphParser gemm must be one of {GEMMS}, got {gemm!r}")
         self.spacy_model = spacy_model
         self.gemm = gemm
         self.processes = processes

@@ -23,7 +23,7 @@ def _host() -> str:
 
 
 #: `.<name>.tmp-<host>-<pid>-<random>`: the writer's host and process id say whether a leftover is stale.
-_TMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<host>[A-Za-z0-9._]+)-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
+_TMP_RE = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9._]+)-(?P<pid>[0-9]+)-[0-9a-f]{8}$")
 
 
 def _tmp_name(path: str) -> str:
