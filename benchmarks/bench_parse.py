@@ -351,6 +351,14 @@ def realistic_captions(n: int, seed: int = 0, n_cap: int = 10) -> list[str]:
     return out[:n]
 
 
+def word_salad(n: int, seed: int = 0) -> list[str]:
+    """Random runs of 3-14 caption words: odd parses, where two transitions score close (a stress test)."""
+    rng = random.Random(seed)
+    words = [w for pair in NOUNS for w in pair] + VERB_PREP + [a for a in ADJ if a] + NUM
+    words += ["a", "the", "is", "and", "of", "with", "while", "that", "it", "there"]
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))) for _ in range(n)]
+
+
 def _cpu_s(parser) -> float:
     """CPU seconds used so far by this process and the parser's live worker processes."""
     import psutil

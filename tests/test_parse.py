@@ -95,6 +95,17 @@ def test_generated_captions_identical_to_one_at_a_time(reference_parser, fast_pa
 
 
 @pytest.mark.slow
+def test_word_salad_identical_to_one_at_a_time(reference_parser, fast_parser):
+    # random word runs parse oddly, where a small difference in the layers' arithmetic would first show
+    texts = _bench_module().word_salad(1500, seed=21)
+    want = [reference_parser.parse(t) for t in texts]
+    got = fast_parser.parse_many(texts)
+    diff = _first_difference(got, want, texts)
+    assert diff is None, diff
+    assert sum(len(g["relations"]) for g in got) > len(texts) // 2
+
+
+@pytest.mark.slow
 def test_worker_processes_identical(reference_parser):
     texts = _bench_module().realistic_captions(600, seed=12)
     parser = SceneGraphParser(MODEL, processes=2, min_texts_for_processes=100)
