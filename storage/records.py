@@ -28,6 +28,10 @@ class ImageRecord:
     height: int
     shard: int
     boxes: list[Box] = field(default_factory=list)
+    # What the reference matcher (match.mode "reference") needs and the validated boxes do not keep; None in
+    # records not written by the planner (or planned before reltag recorded them).
+    box_file_index: list[int] | None = None  # per box, its annotation's position in the file's "annotations"
+    class_order: list[int] | None = None  # category ids by first annotation in the file, crowd/empty ones too
 
 
 @dataclass(slots=True)

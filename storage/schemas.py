@@ -35,6 +35,9 @@ IMAGES = pa.schema(
             ),
             False,
         ),
+        # additions (nullable, so images files written before them still read, as nulls)
+        ("box_file_index", pa.list_(pa.int64()), True),
+        ("class_order", pa.list_(pa.int32()), True),
     ]
 )
 

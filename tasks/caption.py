@@ -61,8 +61,9 @@ def build_captioners(cfg: CaptionConfig, captions_file: str | None) -> list[Capt
         elif name == "blip":
             out.append(
                 make_captioner(
-                    "blip", model=cfg.model, revision=cfg.model_revision, image_size=cfg.image_size, **gen
-                )
+                    "blip", model=cfg.model, revision=cfg.model_revision, image_size=cfg.image_size,
+                    beam_repetition_penalty=cfg.beam_repetition_penalty, **gen,
+                )  # fmt: skip
             )
         elif name == "blip2":
             # BLIP-2's ViT-g keeps the input size of its own processor config (224), not cfg.image_size.

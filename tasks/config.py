@@ -41,7 +41,12 @@ class CaptionConfig(_Frozen):
     )
     max_length: int = Field(20, ge=2, description="tokens, prompt included")
     min_length: int = Field(5, ge=0, description="tokens, prompt included")
-    repetition_penalty: float = 1.1
+    repetition_penalty: float = Field(1.1, gt=0.0, description="nucleus sampling (BLIP hard-codes 1.1 there)")
+    beam_repetition_penalty: float = Field(
+        1.0,
+        gt=0.0,
+        description="beam search (n_cap == 1); 1.0 = none, what BLIP's generate passes for beams",
+    )
     num_beams: int = Field(3, ge=1, description="beam width when n_cap == 1")
     prompt: str = "a picture of "
     image_size: int | None = Field(
@@ -94,9 +99,9 @@ class MatchConfig(_Frozen):
 
 
 class TagConfig(_Frozen):
-    """Relation tagger: the greedy overlap baseline (no weights) or the R-Tagger."""
+    """Relation tagger: the greedy overlap baseline (no weights), the R-Tagger or the CLIP baseline."""
 
-    tagger: Literal["greedy_overlap", "rtagger"] = "greedy_overlap"
+    tagger: Literal["greedy_overlap", "rtagger", "clip"] = "greedy_overlap"
     checkpoint: str | None = None
     text_model: str = "roberta-base"
     backbone: str = "microsoft/resnet-50"
@@ -105,15 +110,37 @@ class TagConfig(_Frozen):
     batch_size: int = Field(4, ge=1, description="images per forward")
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    clip_model: str = Field(
+        "openai/clip-vit-large-patch14",
+        description="tagger 'clip': hub id or local directory of a transformers CLIP (the reference's ViT-L/14)",
+    )
+    clip_revision: str = Field("main", description="tagger 'clip': hub revision of clip_model")
 
 
 class ThresholdConfig(_Frozen):
-    """Confidence threshold eta (paper: 0.2) and the confidence rule."""
+    """Confidence threshold eta (paper: 0.2) and the confidence rule; optional overlap prior and top-K per pair.
+
+    Order: confidence cut (eta, or clip_eta for rows of the CLIP tagger), then the overlap prior, then top-K,
+    as the reference's pre-training loader thresholds before it filters by overlap; each reject keeps its reason.
+    """
 
     eta: float = Field(0.2, ge=0.0, le=1.0)
     rule: Literal["paper", "relation_only"] = Field(
         "paper",
         description="paper: p_subject * p_object * p_relation; relation_only: p_relation (reference code)",
+    )
+    clip_eta: float = Field(
+        0.8,
+        ge=0.0,
+        le=1.0,
+        description="the cut for rows of tagger 'clip' in place of eta: the reference keeps softmax(100 cos) >= 0.8",
+    )
+    overlap_filter: bool = Field(
+        False,
+        description="the overlap prior after any tagger: pairs whose boxes share no area are rejected (no_overlap)",
+    )
+    top_k: int | None = Field(
+        None, ge=1, description="keep at most K relations per pair, highest confidence first (beyond_top_k)"
     )
 
 

@@ -29,28 +29,70 @@ class PairGroup:
 
 
 @dataclass(slots=True)
+class SlotGroup:
+    """One R-Tagger forward's worth of (pair, text) slots of one image, as the reference groups them."""
+
+    image_id: int
+    slots: list[tuple[int, int]]  # (subject_ann_id, object_ann_id) per slot; a pair repeats once per text
+    slot_text: list[int]  # per slot, the index of its relation text in `texts`
+    texts: list[str]  # the group's relation texts, first-seen order
+
+
+@dataclass(slots=True)
 class _Image:
     order: int
     record: ImageRecord
-    box_index: dict[int, int]  # ann_id -> position in record.boxes
-    boxes_by_class: dict[int, list]  # category id -> boxes in annotation order
-    class_order: list[int]  # category ids in order of first box (the reference matcher's loop order)
+    box_index: dict[int, int]  # ann_id -> the box's rank in candidate order (see _index_images)
+    boxes_by_class: dict[int, list]  # category id -> boxes in that order
+    class_order: list[int]  # the reference matcher's loop order over the image's classes
     present: set[int]
 
 
-def _index_images(images: list[ImageRecord]) -> dict[int, _Image]:
+def _index_images(images: list[ImageRecord], mode: str) -> dict[int, _Image]:
+    """Boxes and classes of each image in the order the mode needs.
+
+    correct: boxes in record order (annotation ids); classes by first box. reference: boxes in the order of
+    the detection file (the reference's CocoDetection loads an image's annotations in file order and indexes
+    pairs by position in that list) and classes in the record's `class_order` (the reference's
+    `bboxes_names`: every annotation of the image in file order, crowd and empty ones included, so a class
+    without a usable box still takes part in last-class-wins but never in a pair).
+    """
     out: dict[int, _Image] = {}
     for k, im in enumerate(images):
         if im.image_id in out:
             raise ValueError(f"image {im.image_id} appears twice in the match batch")
+        boxes = im.boxes
+        class_order = None
+        if mode == "reference":
+            if im.box_file_index is None or im.class_order is None:
+                raise ValueError(
+                    f"match.mode 'reference' needs image {im.image_id}'s annotation-file order "
+                    "(box_file_index, class_order), which its record lacks: plan the run with this reltag "
+                    "(records planned before it did not store the file order)"
+                )
+            if len(im.box_file_index) != len(boxes):
+                raise ValueError(
+                    f"image {im.image_id} has {len(boxes)} boxes but {len(im.box_file_index)} box_file_index "
+                    "entries"
+                )
+            missing = sorted({b.category_id for b in boxes} - set(im.class_order))
+            if missing:
+                raise ValueError(
+                    f"image {im.image_id}: box categories {missing} are not in its class_order {im.class_order}"
+                )
+            order = sorted(range(len(boxes)), key=lambda j: im.box_file_index[j])
+            boxes = [boxes[j] for j in order]
+            class_order = list(dict.fromkeys(im.class_order))
         box_index: dict[int, int] = {}
         by_class: dict[int, list] = {}
-        for j, b in enumerate(im.boxes):
+        for j, b in enumerate(boxes):
             if b.ann_id in box_index:
                 raise ValueError(f"image {im.image_id} has two boxes with annotation id {b.ann_id}")
             box_index[b.ann_id] = j
             by_class.setdefault(b.category_id, []).append(b)
-        out[im.image_id] = _Image(k, im, box_index, by_class, list(by_class), set(by_class))
+        if class_order is None:
+            class_order = list(by_class)
+        out[im.image_id] = _Image(k, im, box_index, by_class, class_order, set(by_class))
     return out
 
 
@@ -72,8 +114,16 @@ def match_batch(
     """Candidates: every box of the subject's class x every box of the object's class, ordered, no self-pairs.
 
     One row per (image, subject box, object box, relation text); caption_ids are the sorted distinct captions
-    that support it. Rules and synonyms come from the first supporting caption (lowest caption id). Rows are
-    ordered by image (input order), subject box, object box (annotation order), relation text.
+    that support it. Rules and synonyms come from the first supporting caption (lowest caption id).
+
+    Order. correct: by image (input order), subject box, object box (annotation-id order), relation text.
+    reference: the reference's order (BLIP_o365_caption_helper.transform_BLIP_sngs_to_verb_tagger_input_format),
+    by image, subject box, object box in annotation-file order (its `permutations(range(num_obj), 2)` over the
+    image's non-crowd boxes, clamped to the image, empty ones dropped), then relation text in the first-seen
+    order of its (subject class, relation, object class) triplet over the image's captions (caption id, then
+    the relations' input order within a caption, which is the parser's). In that mode the classes whose boxes
+    were all dropped (crowd, empty) still win entities by last-class-wins, as in the reference, and give no
+    pairs. Planning with box_policy "quarantine" would leave out boxes that the reference clamps and keeps.
 
     Args:
         images: the batch's images with their boxes.
@@ -86,7 +136,7 @@ def match_batch(
         raise ValueError(
             f"MatchConfig.vocabulary is {cfg.vocabulary!r} but the vocabulary was built from {vocab.synonyms_source!r} lists"
         )
-    idx = _index_images(images)
+    idx = _index_images(images, cfg.mode)
     # (image_id, subject ann, object ann, relation) -> [caption ids, first support key, first relation, matches]
     rows: dict[tuple[int, int, int, str], list] = {}
     reasons: Counter = Counter()
@@ -113,8 +163,9 @@ def match_batch(
             continue
         n_matched += 1
         support = (r.caption_id, seq)
-        for sb in img.boxes_by_class[ms.category_id]:
-            for ob in img.boxes_by_class[mo.category_id]:
+        # reference mode can match a class with no box (crowd / empty only): it gives no pair
+        for sb in img.boxes_by_class.get(ms.category_id, ()):
+            for ob in img.boxes_by_class.get(mo.category_id, ()):
                 if sb.ann_id == ob.ann_id:
                     continue  # no self-pairs; same-class pairs use distinct boxes
                 key = (r.image_id, sb.ann_id, ob.ann_id, r.relation)
@@ -128,7 +179,9 @@ def match_batch(
 
     def order(key):
         img = idx[key[0]]
-        return (img.order, img.box_index[key[1]], img.box_index[key[2]], key[3])
+        # reference: texts of a pair in the first-seen order of their triplet, i.e. of their first support
+        last = rows[key][1] if cfg.mode == "reference" else key[3]
+        return (img.order, img.box_index[key[1]], img.box_index[key[2]], last)
 
     candidates = []
     for key in sorted(rows, key=order):
@@ -199,6 +252,42 @@ def group_candidates(candidates: list[Candidate], n_q: int) -> list[PairGroup]:
                     pairs=[p for p, _ in chunk],
                     texts=texts,
                     pair_texts=[sorted(pos[t] for t in ts) for _, ts in chunk],
+                )
+            )
+    return groups
+
+
+def reference_slot_groups(candidates: list[Candidate], n_q: int = 100) -> list[SlotGroup]:
+    """Reference grouping: (pair, text) entries in candidate order, up to n_q per group, per image.
+
+    What the reference's candidate files hold per image (`rel_cand[image_id]`, a list of [pairs, texts]
+    groups): the image's (pair, relation text) entries in order, cut every n_q entries (num_queries 200 // 2
+    = 100), so a pair with three texts takes three slots, possibly split over two groups; each group's
+    texts are its entries' texts, de-duplicated in first-seen order. Images come in order of their first
+    candidate; an image's entries keep their relative order even when other images' candidates come between.
+    With match.mode "reference" the candidates are in the reference's entry order.
+
+    The reference builds len(entries) // n_q + 1 groups, so an image whose entry count is a multiple of n_q
+    (or zero) ends with an empty group; an empty group gives the tagger no slot and no output, so none is
+    made here.
+    """
+    if not isinstance(n_q, int) or isinstance(n_q, bool) or n_q < 1:
+        raise ValueError(f"n_q must be a positive int, got {n_q!r}")
+    per_image: dict[int, list[Candidate]] = {}
+    for c in candidates:
+        per_image.setdefault(c.image_id, []).append(c)
+    groups: list[SlotGroup] = []
+    for image_id, entries in per_image.items():
+        for i in range(0, len(entries), n_q):
+            chunk = entries[i : i + n_q]
+            pos: dict[str, int] = {}
+            slot_text = [pos.setdefault(c.relation, len(pos)) for c in chunk]
+            groups.append(
+                SlotGroup(
+                    image_id=image_id,
+                    slots=[(c.subject_ann_id, c.object_ann_id) for c in chunk],
+                    slot_text=slot_text,
+                    texts=list(pos),
                 )
             )
     return groups

@@ -36,6 +36,7 @@ ANN_DTYPE = np.dtype(
         ("category_id", "<i8"),
         ("bbox", "<f8", (4,)),
         ("iscrowd", "<i1"),
+        ("file_index", "<i8"),  # position in the file's "annotations" list (the reference's box order)
     ]
 )
 CHUNK = 65536
@@ -138,6 +139,11 @@ def plan_shards(
     RLIPv2 reference does; a box that leaves the image is clipped (cfg.box_policy="clip") or quarantined;
     an annotation with an unknown category or image id, a malformed bbox, an image without width/height, a
     duplicate image id, or an unsafe file_name is quarantined with the reason.
+
+    Boxes are stored in annotation-id order. Each image also records, for match.mode "reference", its boxes'
+    positions in the file (`box_file_index`) and its classes in the order of their first annotation in the
+    file, crowd, zero-area and left-empty-after-clipping annotations included (`class_order`: the order of
+    the reference's `bboxes_names`, which it builds from every annotation of the image).
     """
     fs = layout.fs
     categories = read_categories(annotations)
@@ -320,6 +326,7 @@ class _AnnChunk:
         rows["category_id"] = self.category_id
         rows["bbox"] = np.asarray(self.bbox, dtype=np.float64).reshape(-1, 4)
         rows["iscrowd"] = self.crowd
+        rows["file_index"] = self.index
         finite = np.isfinite(rows["bbox"]).all(axis=1)
         for r in rows[~finite]:
             q.add(
@@ -419,10 +426,11 @@ def _build_shard(
             "duplicate_image_id",
             f"image id {iid} appears more than once (file_name {images[li][1]!r}); the first occurrence is kept",
         )
+    img_sel = np.flatnonzero(keep_img)
+    class_order = _class_order(anns, local, known, img_sel)
     # columnar build: boxes of kept images as list<struct>, offsets from the sorted image positions
     sel = np.flatnonzero(keep)
     kept_local = local[sel]
-    img_sel = np.flatnonzero(keep_img)
     # kept_local is sorted: the boxes of image li are the run kept_local == li
     starts = np.searchsorted(kept_local, img_sel, side="left")
     ends = np.searchsorted(kept_local, img_sel, side="right")
@@ -455,8 +463,40 @@ def _build_shard(
             pa.array(heights[img_sel].astype(np.int32), pa.int32()),
             pa.array(np.full(len(img_sel), s, dtype=np.int32), pa.int32()),
             pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), struct),
+            pa.ListArray.from_arrays(
+                pa.array(offsets, pa.int32()), pa.array(anns["file_index"][idx], pa.int64())
+            ),
+            class_order,
         ],
         schema=schemas.IMAGES,
+    )
+
+
+def _class_order(anns: np.ndarray, local: np.ndarray, known: np.ndarray, img_sel: np.ndarray) -> pa.ListArray:
+    """Per kept image, its category ids in order of their first annotation in the file.
+
+    Every annotation of a known category counts, dropped ones too (crowd, zero-area, empty after clipping,
+    quarantined for leaving the image): the reference's `bboxes_names` is built from all of them.
+    """
+    k = np.flatnonzero(known)
+    li, cat, pos = local[k], anns["category_id"][k], anns["file_index"][k]
+    o = np.lexsort((pos, cat, li))  # runs of (image, category), each run in file order
+    li, cat, pos = li[o], cat[o], pos[o]
+    first = np.ones(len(o), dtype=bool)
+    first[1:] = (li[1:] != li[:-1]) | (cat[1:] != cat[:-1])
+    li, cat, pos = li[first], cat[first], pos[first]
+    o = np.lexsort((pos, li))  # per image, by the first annotation's position
+    li, cat = li[o], cat[o]
+    starts = np.searchsorted(li, img_sel, side="left")
+    ends = np.searchsorted(li, img_sel, side="right")
+    take = (
+        np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+        if len(img_sel)
+        else np.zeros(0, np.int64)
+    ).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()), pa.array(cat[take].astype(np.int32), pa.int32())
     )
 
 

@@ -215,12 +215,45 @@ def test_beam_search_when_n_cap_is_1_deterministic_and_equal_to_transformers(bli
     assert a == cap.caption(recs, pix, seed=999)  # beam search ignores the seed
     pv = cap.pixel_values(pix)
     ids = torch.tensor([cap.prompt_ids + [cap.eos]]).repeat(len(recs), 1)
+    # BLIP's generate passes repetition_penalty=1.0 to beam search (1.1 is for nucleus sampling only)
+    assert cap.beam_repetition_penalty == 1.0 and cap.sampling()["repetition_penalty"] == 1.0
     with torch.inference_mode():
         ref = cap.model.generate(
-            pixel_values=pv, input_ids=ids, num_beams=3, max_length=14, min_length=8, repetition_penalty=1.1
+            pixel_values=pv, input_ids=ids, num_beams=3, max_length=14, min_length=8, repetition_penalty=1.0
         )
     ref_txt = [t.strip() for t in cap.tokenizer.batch_decode(ref[:, 4:], skip_special_tokens=True)]
     assert [c[0] for c in a] == ref_txt
+
+
+def test_beam_and_nucleus_repetition_penalties_are_separate(blip_dir, photos):
+    assert CaptionConfig().repetition_penalty == 1.1 and CaptionConfig().beam_repetition_penalty == 1.0
+    root, recs = photos
+    pix = _pixels(root, recs)
+    cap = BlipCaptioner.load(
+        blip_dir,
+        image_size=SIZE,
+        n_cap=1,
+        num_beams=3,
+        max_length=14,
+        min_length=8,
+        beam_repetition_penalty=3.0,
+    )
+    assert cap.repetition_penalty == 1.1  # nucleus keeps the paper's 1.1
+    assert cap.sampling()["mode"] == "beam" and cap.sampling()["repetition_penalty"] == 3.0
+    pv = cap.pixel_values(pix)
+    ids = torch.tensor([cap.prompt_ids + [cap.eos]]).repeat(len(recs), 1)
+    common = dict(pixel_values=pv, input_ids=ids, num_beams=3, max_length=14, min_length=8)
+    with torch.inference_mode():
+        ours = cap.beam(pv)
+        want = cap.model.generate(**common, repetition_penalty=3.0)
+        plain = cap.model.generate(**common, repetition_penalty=1.0)
+    assert torch.equal(ours, want)
+    assert not torch.equal(want, plain)  # the penalty reaches the search: the test can fail
+    # nucleus sampling still applies 1.1, whatever the beam setting
+    nuc = BlipCaptioner.load(blip_dir, image_size=SIZE, n_cap=4, max_length=14, min_length=8)
+    assert nuc.sampling()["mode"] == "nucleus" and nuc.sampling()["repetition_penalty"] == 1.1
+    with pytest.raises(ValueError, match="beam_repetition_penalty=0.0"):
+        BlipCaptioner(cap.model, cap.processor, name="x", revision="r", beam_repetition_penalty=0.0)
 
 
 def test_decode_loop_logits_equal_transformers_forward(blip_dir, photos):

@@ -222,8 +222,16 @@ def test_from_categories_rejects(cats, synonyms, msg):
 
 
 def _img(image_id, boxes):
+    # as if the file listed the boxes in this order and had no other annotation (reference mode reads both)
     return ImageRecord(
-        image_id, f"{image_id}.jpg", 640, 480, 0, [Box(a, c, lab, 0, 0, 10, 10) for a, c, lab in boxes]
+        image_id,
+        f"{image_id}.jpg",
+        640,
+        480,
+        0,
+        [Box(a, c, lab, 0, 0, 10, 10) for a, c, lab in boxes],
+        box_file_index=list(range(len(boxes))),
+        class_order=list(dict.fromkeys(c for _, c, _ in boxes)),
     )
 
 

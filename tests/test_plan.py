@@ -63,6 +63,38 @@ def test_crowd_and_zero_area_boxes_are_dropped_and_counted(tmp_path):
     assert [b.ann_id for b in shard_records(layout, 0)[0].boxes] == [4]
 
 
+def test_file_order_and_class_order_recorded_for_reference_mode(tmp_path):
+    # file order differs from id order; crowd, zero-area and empty-after-clipping annotations are dropped from
+    # the boxes (unchanged, id order) but their classes enter class_order, by first annotation in the file
+    cats = CATS + [{"id": 3, "name": "Dog"}, {"id": 4, "name": "Cup"}]
+    anns = [
+        _ann(30, 1, c=3, crowd=1),
+        _ann(9, 2, c=2),
+        _ann(20, 1, c=2),
+        _ann(5, 1, c=4, bbox=(5, 5, 0, 10)),
+        _ann(10, 1, c=2),
+        _ann(7, 1, c=1, bbox=(200, 10, 5, 5)),  # entirely outside: quarantined, its class still counts
+        _ann(11, 2, c=1, crowd=1),
+    ]
+    layout, out = _plan(tmp_path, _write(tmp_path, [_img(1), _img(2)], anns, categories=cats))
+    r1, r2 = shard_records(layout, 0)
+    assert [b.ann_id for b in r1.boxes] == [10, 20] and r1.box_file_index == [4, 2]
+    assert r1.class_order == [3, 2, 4, 1]
+    assert [b.ann_id for b in r2.boxes] == [9] and r2.box_file_index == [1] and r2.class_order == [2, 1]
+    assert out.counts["dropped_crowd"] == 2 and out.counts["dropped_zero_area"] == 1
+
+
+def test_images_planned_before_the_file_order_read_as_none(tmp_path):
+    layout, _ = _plan(tmp_path, _write(tmp_path, [_img(1)], [_ann(4, 1)]))
+    with layout.fs.open(layout.images(0), "rb") as f:
+        t = pq.read_table(f)
+    old = t.drop_columns(["box_file_index", "class_order"])  # the layout before these columns
+    with layout.fs.open(layout.images(0), "wb") as f:
+        pq.write_table(old, f)
+    (r,) = shard_records(layout, 0)
+    assert [b.ann_id for b in r.boxes] == [4] and r.box_file_index is None and r.class_order is None
+
+
 def test_box_outside_image_is_clipped_by_default(tmp_path):
     anns = [_ann(1, 1, bbox=(-5, 70, 20, 20))]
     layout, out = _plan(tmp_path, _write(tmp_path, [_img(1, w=100, h=80)], anns))

@@ -10,7 +10,8 @@ Nucleus sampling runs a decoding loop over the BLIP text decoder's own modules t
     same image folded into the query-length axis), not N separate products against N copies.
 Logits processing is transformers' own (repetition penalty, min length, top-k, top-p, in generate's order);
 draws use one torch.Generator per image (models.captioners.sampling). N_Cap == 1 uses transformers' beam
-search, which is deterministic.
+search, which is deterministic, with its own repetition penalty (1.0: BLIP's generate hard-codes 1.1 for
+nucleus sampling only and passes its `repetition_penalty=1.0` argument to beam search).
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ class BlipCaptioner:
             transformers' generate defaults.
         max_length, min_length: tokens of the whole sequence, prompt tokens included ([DEC] a picture of = 4),
             as in the BLIP reference code (paper: 20 and 5).
-        repetition_penalty: 1.1 in the paper.
+        repetition_penalty: nucleus sampling's; 1.1 in the paper (BLIP's generate hard-codes it for sampling).
+        beam_repetition_penalty: beam search's (n_cap == 1); 1.0, i.e. none, the default of BLIP's
+            generate(repetition_penalty=1.0), which it passes to beam search only.
         prompt: prefix fed to the decoder and removed from the output.
         image_size: square input side (384 for BLIP ViT-L).
     `load(model, revision, image_size=, dtype=, device=, **settings)` reads weights from a hub id or a local
@@ -128,12 +131,20 @@ class BlipCaptioner:
         max_length: int = 20,
         min_length: int = 5,
         repetition_penalty: float = 1.1,
+        beam_repetition_penalty: float = 1.0,
         num_beams: int = 3,
         prompt: str = "a picture of ",
         image_size: int = 384,
     ):
         """Wraps an already loaded BlipForConditionalGeneration and BlipProcessor; see `load` for paths."""
-        set_generation_settings(self, model, processor, **_settings(locals()))
+        if not repetition_penalty > 0 or not beam_repetition_penalty > 0:
+            raise ValueError(
+                f"repetition penalties must be > 0, got repetition_penalty={repetition_penalty!r} and "
+                f"beam_repetition_penalty={beam_repetition_penalty!r}"
+            )
+        set_generation_settings(
+            self, model, processor, **_settings(locals()), beam_repetition_penalty=beam_repetition_penalty
+        )
         tc = model.config.text_config
         self.bos, self.eos, self.pad = tc.bos_token_id, tc.sep_token_id, tc.pad_token_id
         # [DEC] + prompt tokens, no [SEP]: what BLIP's generate feeds the decoder (input_ids[:, :-1], [:, 0] = bos).
@@ -206,7 +217,7 @@ class BlipCaptioner:
                 "num_beams": self.num_beams,
                 "max_length": self.max_length,
                 "min_length": self.min_length,
-                "repetition_penalty": self.repetition_penalty,
+                "repetition_penalty": self.beam_repetition_penalty,
                 "prompt": self.prompt,
                 "image_size": self.image_size,
             }
@@ -256,7 +267,7 @@ class BlipCaptioner:
             do_sample=False,
             max_length=self.max_length,
             min_length=self.min_length,
-            repetition_penalty=self.repetition_penalty,
+            repetition_penalty=self.beam_repetition_penalty,
         )
 
     def sample(self, pv: torch.Tensor, seeds: list[int], *, n: int | None = None) -> torch.Tensor:
