@@ -159,11 +159,18 @@ def compute(
 
             rows, stats = tag_greedy(images, candidates)
             return rows, [], stats, []
-        from tasks.rtagger import tag_batch_rtagger
-
         need = {c.image_id for c in candidates}
         kept, pixels, quarantined = _load_pixels(ctx, [im for im in images if im.image_id in need])
         ok = {im.image_id for im in kept}
+        if cfg.tag.tagger == "clip":
+            from tasks.clip_tag import load_scorer, tag_batch_clip
+
+            rows, stats = tag_batch_clip(
+                kept, pixels, [c for c in candidates if c.image_id in ok], load_scorer(cfg.tag), cfg.tag
+            )
+            return rows, quarantined, stats, []
+        from tasks.rtagger import tag_batch_rtagger
+
         rows, stats = tag_batch_rtagger(
             kept, pixels, [c for c in candidates if c.image_id in ok], _rtagger(ctx.config_json), cfg.tag
         )

@@ -56,6 +56,8 @@ def revisions(cfg: PipelineConfig, captions_sha256: str | None) -> dict:
     tag = cfg.tag
     if tag.tagger == "rtagger":
         tagger = "rtagger:" + (model_dir_revision(tag.checkpoint) if tag.checkpoint else "none")
+    elif tag.tagger == "clip":
+        tagger = "clip:" + model_dir_revision(tag.clip_model, tag.clip_revision)
     else:
         tagger = tag.tagger
     return {

@@ -7,13 +7,25 @@ from collections import defaultdict
 from storage.records import Box, Candidate, ImageRecord, TaggedRelation
 
 GREEDY = "greedy_overlap"
+#: TaggedRelation.tagger of the CLIP baseline (tasks/clip_tag.py); the threshold stage cuts its rows at clip_eta
+CLIP = "clip"
 
 
 def boxes_overlap(a: Box, b: Box) -> bool:
-    """True when the two boxes share an area > 0 (the overlap prior of the paper's greedy baseline)."""
+    """True when the two boxes share an area > 0: the overlap prior (paper Tables 5 and 13).
+
+    The same rule as the reference's `check_overlap` (centre distance < half the summed sizes on both axes, strict):
+    boxes that only touch along an edge do not overlap.
+    """
     iw = min(a.x + a.w, b.x + b.w) - max(a.x, b.x)
     ih = min(a.y + a.h, b.y + b.h) - max(a.y, b.y)
     return iw > 0 and ih > 0
+
+
+def confidence_order(conf: float, n_captions: int, relation: str) -> tuple:
+    """Sort key, best first: higher confidence, then more supporting captions, then text; NaN (not scored) last."""
+    nan = conf != conf
+    return (nan, 0.0 if nan else -conf, -n_captions, relation)
 
 
 def rank_within_pairs(rows: list[TaggedRelation]) -> list[TaggedRelation]:
@@ -22,7 +34,7 @@ def rank_within_pairs(rows: list[TaggedRelation]) -> list[TaggedRelation]:
     for r in rows:
         by_pair[(r.image_id, r.subject_ann_id, r.object_ann_id)].append(r)
     for group in by_pair.values():
-        group.sort(key=lambda r: (-r.confidence, -r.n_captions, r.relation))
+        group.sort(key=lambda r: confidence_order(r.confidence, r.n_captions, r.relation))
         for k, r in enumerate(group, start=1):
             r.relation_rank = k
     return rows

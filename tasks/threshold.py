@@ -1,11 +1,13 @@
-"""Threshold stage: keep tagged relations with confidence >= eta, the rest become rejects with the reason."""
+"""Threshold stage: keep tagged relations with confidence >= eta (and, optionally, overlapping boxes and the top-K
+of their pair); the rest become rejects with the reason."""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 
 from storage.records import ImageRecord, Reject, TaggedRelation, Triplet
 from tasks.config import ThresholdConfig
+from tasks.tag import CLIP, boxes_overlap, confidence_order
 
 
 def confidence(row: TaggedRelation, rule: str) -> float:
@@ -17,17 +19,54 @@ def confidence(row: TaggedRelation, rule: str) -> float:
     raise ValueError(f"unknown confidence rule {rule!r}; expected 'paper' or 'relation_only'")
 
 
+def cut_for(row: TaggedRelation, cfg: ThresholdConfig) -> float:
+    """The threshold a row is held to: clip_eta for the CLIP tagger (the reference keeps softmax >= 0.8 there),
+    eta for every other tagger."""
+    return cfg.clip_eta if row.tagger == CLIP else cfg.eta
+
+
 def threshold_batch(
     images: list[ImageRecord], tags: list[TaggedRelation], cfg: ThresholdConfig, run_key: str
 ) -> tuple[list[Triplet], list[Reject], dict]:
-    """Split tagged relations into accepted triplets (with boxes and provenance) and rejects."""
+    """Split tagged relations into accepted triplets (with boxes and provenance) and rejects.
+
+    Steps, each naming its rejects' reason:
+      1. confidence (cfg.rule) >= eta, or >= clip_eta for rows of the CLIP tagger: `below_eta` (NaN:
+         `nan_confidence`);
+      2. cfg.overlap_filter: the subject and object boxes share an area > 0 (tasks.tag.boxes_overlap, the
+         greedy baseline's rule): `no_overlap`;
+      3. cfg.top_k: at most K relations per (image, subject, object) among the survivors, by that confidence,
+         then supporting captions, then text: `beyond_top_k`.
+    The order follows the reference's pre-training loader (confidence threshold, then the overlap filter); as
+    overlap is a property of the pair and top-K keeps the best, the accepted set does not depend on it.
+    """
     boxes = {(im.image_id, b.ann_id): b for im in images for b in im.boxes}
-    accepted, rejects = [], []
     reasons: Counter = Counter()
+    verdict: list[str | None] = []  # per tag row: None = accepted, else the reason
+    confs: list[float] = []
     for t in tags:
         conf = confidence(t, cfg.rule)
-        if not conf >= cfg.eta:  # also rejects NaN
+        confs.append(conf)
+        reason = None
+        if not conf >= cut_for(t, cfg):  # also rejects NaN
             reason = "nan_confidence" if conf != conf else "below_eta"
+        elif cfg.overlap_filter and not boxes_overlap(
+            boxes[(t.image_id, t.subject_ann_id)], boxes[(t.image_id, t.object_ann_id)]
+        ):
+            reason = "no_overlap"
+        verdict.append(reason)
+    if cfg.top_k is not None:
+        by_pair: dict[tuple[int, int, int], list[int]] = defaultdict(list)
+        for i, t in enumerate(tags):
+            if verdict[i] is None:
+                by_pair[(t.image_id, t.subject_ann_id, t.object_ann_id)].append(i)
+        for idx in by_pair.values():
+            idx.sort(key=lambda i: confidence_order(confs[i], tags[i].n_captions, tags[i].relation))
+            for i in idx[cfg.top_k :]:
+                verdict[i] = "beyond_top_k"
+    accepted, rejects = [], []
+    for t, conf, reason in zip(tags, confs, verdict):
+        if reason is not None:
             reasons[reason] += 1
             rejects.append(
                 Reject(

@@ -8,7 +8,7 @@ import pytest
 
 from storage.records import Box, Candidate, ImageRecord, TaggedRelation
 from tasks.config import ThresholdConfig
-from tasks.tag import boxes_overlap, tag_greedy
+from tasks.tag import boxes_overlap, rank_within_pairs, tag_greedy
 from tasks.threshold import confidence, threshold_batch
 
 IM = ImageRecord(
@@ -111,3 +111,80 @@ def test_merge_stats_sums_counts_and_recomputes_ratios():
         "micro_batch": 8,
         "top_heads": {"hat": 3, "sky": 1},
     }
+
+
+def test_rank_puts_unscored_rows_last():
+    rows = [_tag(1, 1, math.nan, rel="a"), _tag(1, 1, 0.1, rel="b"), _tag(1, 1, 0.7, rel="c")]
+    rank_within_pairs(rows)
+    assert [(r.relation, r.relation_rank) for r in rows] == [("a", 3), ("b", 2), ("c", 1)]
+
+
+def _clip(pr, rel="on", o=2):
+    t = _tag(1.0, 1.0, pr, rel=rel, o=o)
+    t.tagger = "clip"
+    return t
+
+
+def test_clip_rows_are_cut_at_clip_eta_and_the_others_at_eta():
+    tags = [_clip(0.8, rel="on"), _clip(0.79, rel="near"), _tag(1.0, 1.0, 0.3, rel="by")]
+    acc, rej, stats = threshold_batch([IM], tags, ThresholdConfig(), "rk")
+    assert sorted(a.relation for a in acc) == ["by", "on"]  # 0.79 < 0.8 although >= eta 0.2
+    assert [(r.relation, r.reason) for r in rej] == [("near", "below_eta")]
+    acc, _, _ = threshold_batch([IM], tags, ThresholdConfig(clip_eta=0.5, eta=0.5), "rk")
+    assert sorted(a.relation for a in acc) == ["near", "on"]
+
+
+def test_overlap_filter_follows_any_tagger_with_its_reason():
+    # box 1 (0,0,50,50) overlaps box 2 (40,40,30,30), not box 3 (80,80,10,10)
+    tags = [_clip(0.9, rel="on", o=2), _clip(0.95, rel="near", o=3), _tag(1, 1, 0.1, rel="by", o=3)]
+    acc, rej, stats = threshold_batch([IM], tags, ThresholdConfig(overlap_filter=True), "rk")
+    assert [a.relation for a in acc] == ["on"]
+    # the confidence cut comes first (as the reference's loader does), so "by" keeps below_eta
+    assert sorted((r.relation, r.reason) for r in rej) == [("by", "below_eta"), ("near", "no_overlap")]
+    assert stats["rejected_no_overlap"] == 1 and stats["rejected_below_eta"] == 1
+    acc, _, _ = threshold_batch([IM], tags, ThresholdConfig(), "rk")
+    assert sorted(a.relation for a in acc) == ["near", "on"]  # off by default
+
+
+def test_overlap_filter_matches_the_greedy_rule():
+    # the same predicate as the greedy baseline: touching edges are not an overlap
+    im = ImageRecord(
+        2, "b.jpg", 100, 100, 0, [Box(1, 1, "Person", 0, 0, 10, 10), Box(2, 3, "Chair", 10, 0, 5, 5)]
+    )
+    t = _tag(1, 1, 1.0)
+    t.image_id = 2
+    acc, rej, _ = threshold_batch([im], [t], ThresholdConfig(overlap_filter=True), "rk")
+    assert not acc and [r.reason for r in rej] == ["no_overlap"]
+    rows, _ = tag_greedy(
+        [im], [Candidate(2, 1, 2, 1, 3, "Person", "Chair", "on", "on", [0], 1, "n", "", "n", "")]
+    )
+    assert rows[0].p_relation == 0.0
+
+
+def test_top_k_keeps_the_best_relations_of_each_pair():
+    tags = [
+        _tag(1, 1, 0.5, rel="a"),
+        _tag(1, 1, 0.9, rel="b"),
+        _tag(1, 1, 0.7, rel="c"),
+        _tag(1, 1, 0.1, rel="d"),  # below eta: keeps that reason, does not take a top-K place
+        _tag(1, 1, 0.6, rel="e", o=3),
+    ]
+    acc, rej, stats = threshold_batch([IM], tags, ThresholdConfig(top_k=2), "rk")
+    assert sorted((a.object_ann_id, a.relation) for a in acc) == [(2, "b"), (2, "c"), (3, "e")]
+    assert sorted((r.relation, r.reason) for r in rej) == [("a", "beyond_top_k"), ("d", "below_eta")]
+    assert stats["rejected_beyond_top_k"] == 1
+    # ties: more supporting captions first, then text
+    t1, t2 = _tag(1, 1, 0.5, rel="x"), _tag(1, 1, 0.5, rel="w")
+    t1.caption_ids, t1.n_captions = [0, 1], 2
+    acc, _, _ = threshold_batch([IM], [t2, t1], ThresholdConfig(top_k=1), "rk")
+    assert [a.relation for a in acc] == ["x"]
+    # top-K ranks by the threshold rule's confidence: relation_only ignores p_subject * p_object
+    acc, _, _ = threshold_batch(
+        [IM],
+        [_tag(0.3, 1, 0.9, rel="p"), _tag(1, 1, 0.5, rel="q")],
+        ThresholdConfig(top_k=1, rule="relation_only"),
+        "rk",
+    )
+    assert [a.relation for a in acc] == ["p"]
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        ThresholdConfig(top_k=0)
