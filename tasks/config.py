@@ -106,6 +106,11 @@ class TagConfig(_Frozen):
     text_model: str = "roberta-base"
     backbone: str = "microsoft/resnet-50"
     texts: Literal["matched", "all"] = "matched"
+    grouping: Literal["pairs", "reference"] = Field(
+        "pairs",
+        description="R-Tagger slots: 'pairs' = each pair once, all the image's texts per forward; 'reference' = "
+        "the reference tagger's (pair, text) slots, 16 groups per forward sharing their merged texts",
+    )
     n_q: int = Field(100, ge=1)
     batch_size: int = Field(4, ge=1, description="images per forward")
     device: str = "cpu"

@@ -172,8 +172,9 @@ def compute(
         from tasks.rtagger import tag_batch_rtagger
 
         rows, stats = tag_batch_rtagger(
-            kept, pixels, [c for c in candidates if c.image_id in ok], _rtagger(ctx.config_json), cfg.tag
-        )
+            kept, pixels, [c for c in candidates if c.image_id in ok], _rtagger(ctx.config_json), cfg.tag,
+            vocabulary=cfg.match.vocabulary,
+        )  # fmt: skip
         return rows, quarantined, stats, []
     if stage == "threshold":
         from tasks.threshold import threshold_batch

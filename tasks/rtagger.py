@@ -14,10 +14,11 @@ from PIL import Image
 from models.rlipv2.boxes import xywh_pixels_to_cxcywh
 from models.rlipv2.model import RLIPv2ParSeD
 from models.rlipv2.preprocess import preprocess_image
-from models.rlipv2.tagger import TagImage, tag_images
+from models.rlipv2.tagger import GROUPS_PER_FORWARD, tag_image
+from models.rlipv2.vocab import class_keys, key_for_category
 from storage.records import Candidate, ImageRecord, TaggedRelation
 from tasks.config import TagConfig
-from tasks.match import group_candidates
+from tasks.match import group_candidates, reference_slot_groups
 from tasks.tag import rank_within_pairs
 
 RTAGGER = "rtagger"
@@ -71,108 +72,146 @@ class RTaggerRunner:
             return _RUNNERS[key]
 
 
+def _class_keys(vocabulary: str | None, images: list[ImageRecord]) -> tuple[list[str] | None, dict]:
+    """Class keys the heads score and each box's key: the vocabulary's (reference semantics), or, without a
+    vocabulary, the model's own names plus the boxes' labels (reltag-trained checkpoints)."""
+    if vocabulary is None:
+        return None, {(im.image_id, b.ann_id): b.label for im in images for b in im.boxes}
+    keys = class_keys(vocabulary)
+    out = {}
+    for im in images:
+        for b in im.boxes:
+            try:
+                out[(im.image_id, b.ann_id)] = key_for_category(vocabulary, b.category_id)
+            except ValueError as e:
+                raise ValueError(f"image {im.image_id} ({im.file_name}) box {b.ann_id}: {e}") from None
+    return keys, out
+
+
 def tag_batch_rtagger(
     images: list[ImageRecord],
     pixels: list[Image.Image],
     candidates: list[Candidate],
     runner: RTaggerRunner,
     cfg: TagConfig,
+    vocabulary: str | None = None,
 ) -> tuple[list[TaggedRelation], dict]:
-    """Score every candidate (pair, relation text) of a batch of images with the R-Tagger.
+    """Score the candidates (pair, relation text) of a batch of images with the R-Tagger.
 
-    Pairs are grouped by at most cfg.n_q per forward; the groups of one image share one backbone+encoder
-    pass, and cfg.batch_size images share one encoder batch. Output per (pair, text): p_subject and p_object
-    (top-1 softmax of the subject/object class), p_relation (sigmoid), confidence = their product (paper
-    Sec. 4.2.2) and relation_rank within the pair.
+    One encoder pass per image and text list (models.rlipv2.tagger.tag_image), so an image's scores do not
+    depend on the other images of the batch. vocabulary ("o365" / "coco"): the subject/object heads score
+    that dataset's class keys plus "no objects" and each box enters with its category's key, as the reference
+    does; None: the model's own names plus the boxes' labels.
 
-    Which texts a pair is scored against (cfg.texts): "matched" (default) emits one row per candidate, i.e.
-    the texts matched to that pair from the captions, because only those carry caption provenance and the
-    row count stays that of the candidates; "all" emits a row for every relation text of the image's
-    candidates (the reference code's behaviour), with caption_ids [] where the text was not matched to the
-    pair. The model sees all the image's relation texts in both modes (they share the fusion pass), so a
-    matched row has the same scores in both modes.
+    cfg.grouping "pairs" (reltag): each pair once, N_Q pairs per group, all the image's relation texts
+    (sorted) in one forward; rows per cfg.texts: "matched" = the texts matched to that pair (caption provenance
+    kept), "all" = every relation text of the image. cfg.grouping "reference": the reference tagger's groups
+    of N_Q (pair, text) slots, a pair repeated once per text (tasks.match.reference_slot_groups), up to 16
+    groups per forward sharing their merged texts in first-seen order; every slot is scored against the
+    forward's texts, rows are its own text ("matched") or every merged text ("all"), and a (pair, text) scored
+    in several slots keeps its highest confidence, as the reference's deduplication does.
+    Output per row: p_subject and p_object (top-1 softmax over the class keys + "no objects"), p_relation
+    (sigmoid), confidence = their product (paper Sec. 4.2.2; threshold.rule relation_only uses p_relation).
     """
     t0 = time.perf_counter()
     if len(images) != len(pixels):
         raise ValueError(f"tag_batch_rtagger: {len(images)} image records but {len(pixels)} decoded images")
     model = runner.model
     by_id = {im.image_id: (im, px) for im, px in zip(images, pixels)}
+    by_image: dict[int, list[Candidate]] = defaultdict(list)
     for c in candidates:
         if c.image_id not in by_id:
             raise ValueError(
                 f"candidate ({c.subject_ann_id}, {c.object_ann_id}, {c.relation!r}) names image {c.image_id}, not in the batch"
             )
-    groups = group_candidates(candidates, cfg.n_q)
-    per_image: dict[int, list] = defaultdict(list)
-    for g in groups:
-        per_image[g.image_id].append(g)
-    cands_by_key: dict[tuple[int, int, int], dict[str, Candidate]] = defaultdict(dict)
-    lemmas: dict[tuple[int, str], str] = {}
-    for c in candidates:
-        cands_by_key[(c.image_id, c.subject_ann_id, c.object_ann_id)][c.relation] = c
-        lemmas.setdefault((c.image_id, c.relation), c.relation_lemma)
-
-    work = []  # (ImageRecord, TagImage, groups, rel_texts, box index)
-    for image_id in sorted(per_image):
+        by_image[c.image_id].append(c)
+    keys, box_key = _class_keys(vocabulary, [by_id[i][0] for i in by_image])
+    rows: list[TaggedRelation] = []
+    enc_passes = dec_groups = n_slots = 0
+    hits0, miss0 = model.phrase_cache.hits, model.phrase_cache.misses
+    for image_id in sorted(by_image):
         im, px = by_id[image_id]
+        cands = by_image[image_id]
         if px.size != (im.width, im.height):
             raise ValueError(
                 f"image {image_id} ({im.file_name}): decoded size {px.size} != record size ({im.width}, {im.height})"
             )
         index = {b.ann_id: k for k, b in enumerate(im.boxes)}
-        rel_texts = sorted({t for g in per_image[image_id] for t in g.texts})
-        tag_groups = []
-        for g in per_image[image_id]:
-            for s, o in g.pairs:
-                for a in (s, o):
-                    if a not in index:
-                        raise ValueError(
-                            f"candidate pair ({s}, {o}) of image {image_id} names box {a}, which the image does not have"
-                        )
-            tag_groups.append([(index[s], index[o]) for s, o in g.pairs])
+        for c in cands:
+            for a in (c.subject_ann_id, c.object_ann_id):
+                if a not in index:
+                    raise ValueError(
+                        f"candidate pair ({c.subject_ann_id}, {c.object_ann_id}) of image {image_id} names box {a}, "
+                        "which the image does not have"
+                    )
         boxes = torch.tensor(
             [xywh_pixels_to_cxcywh(b.x, b.y, b.w, b.h, im.width, im.height) for b in im.boxes],
             dtype=torch.float32,
         )
-        tim = TagImage(
-            preprocess_image(px, model.cfg), boxes, [b.label for b in im.boxes], tag_groups, rel_texts
-        )
-        work.append((im, tim, per_image[image_id], rel_texts))
-
-    rows: list[TaggedRelation] = []
-    enc_passes = dec_groups = 0
-    hits0, miss0 = model.phrases.cache_hits, model.phrases.cache_misses
-    for start in range(0, len(work), cfg.batch_size):
-        chunk = work[start : start + cfg.batch_size]
-        scores, counters = tag_images(model, [w[1] for w in chunk], cfg.n_q)
-        enc_passes += counters["encoder_passes"]
-        dec_groups += counters["decoder_groups"]
-        for (im, _tim, grps, rel_texts), img_scores in zip(chunk, scores):
-            col = {t: i for i, t in enumerate(rel_texts)}
-            for g, gs in zip(grps, img_scores):
-                for p, (s, o) in enumerate(g.pairs):
-                    matched = cands_by_key[(im.image_id, s, o)]
-                    texts = [g.texts[i] for i in g.pair_texts[p]] if cfg.texts == "matched" else rel_texts
-                    ps, po = float(gs.p_subject[p]), float(gs.p_object[p])
-                    for text in texts:
-                        pr = float(gs.p_relation[p, col[text]])
-                        rows.append(_row(im.image_id, s, o, text, matched, lemmas, ps, po, pr))
+        labels = [box_key[(image_id, b.ann_id)] for b in im.boxes]
+        pixels_t = preprocess_image(px, model.cfg)
+        matched: dict[tuple[int, int], dict[str, Candidate]] = defaultdict(dict)
+        for c in cands:
+            matched[(c.subject_ann_id, c.object_ann_id)][c.relation] = c
+        lemmas = {c.relation: c.relation_lemma for c in cands}
+        # forwards: (slots, texts, group sizes, own text per slot or None)
+        forwards = []
+        if cfg.grouping == "pairs":
+            groups = group_candidates(cands, cfg.n_q)
+            texts = sorted({t for g in groups for t in g.texts})
+            slots = [p for g in groups for p in g.pairs]
+            forwards.append((slots, texts, [len(g.pairs) for g in groups], None))
+        else:
+            groups = reference_slot_groups(cands, cfg.n_q)
+            for start in range(0, len(groups), GROUPS_PER_FORWARD):
+                chunk = groups[start : start + GROUPS_PER_FORWARD]
+                texts = list(dict.fromkeys(t for g in chunk for t in g.texts))
+                slots = [s for g in chunk for s in g.slots]
+                own = [g.texts[i] for g in chunk for i in g.slot_text]
+                forwards.append((slots, texts, [len(g.slots) for g in chunk], own))
+        best: dict[tuple[int, int, str], TaggedRelation] = {}
+        for slots, texts, sizes, own in forwards:
+            scores, counters = tag_image(
+                model, pixels_t, boxes, labels, [(index[s], index[o]) for s, o in slots], texts,
+                n_q=cfg.n_q, class_keys=keys, group_sizes=sizes,
+            )  # fmt: skip
+            enc_passes += counters["encoder_passes"]
+            dec_groups += counters["decoder_groups"]
+            n_slots += len(slots)
+            col = {t: i for i, t in enumerate(texts)}
+            for k, (s, o) in enumerate(slots):
+                m = matched[(s, o)]
+                if cfg.texts == "all":
+                    wanted = texts
+                elif own is None:
+                    wanted = sorted(m)
+                else:
+                    wanted = [own[k]]
+                ps, po = float(scores.p_subject[k]), float(scores.p_object[k])
+                for text in wanted:
+                    row = _row(
+                        image_id, s, o, text, m, lemmas, ps, po, float(scores.p_relation[k, col[text]])
+                    )
+                    key = (s, o, text)
+                    if key not in best or row.confidence > best[key].confidence:
+                        best[key] = row
+        rows.extend(best.values())
     rank_within_pairs(rows)
-    n_pairs = sum(len(g.pairs) for g in groups)
-    n_img = len(work)
+    n_img = len(by_image)
     # keys follow tasks.pipeline.merge_stats: counts are summed across batches, the two ratios recomputed
     return rows, {
         "tag_rows": len(rows),
-        "pairs": n_pairs,
-        "groups": len(groups),
+        "pairs": len({(c.image_id, c.subject_ann_id, c.object_ann_id) for c in candidates}),
+        "slots": n_slots,
+        "groups": dec_groups,
         "images": n_img,  # images with at least one candidate (the others need no forward)
         "images_in_batch": len(images),
-        "forwards": dec_groups,  # decoder forwards of N_Q slots; encoder passes are counted apart
+        "forwards": dec_groups,  # decoder groups of N_Q slots; encoder passes are counted apart
         "forwards_per_image": round(dec_groups / n_img, 4) if n_img else 0.0,
-        "pairs_per_forward": round(n_pairs / dec_groups, 4) if dec_groups else 0.0,
+        "pairs_per_forward": round(n_slots / dec_groups, 4) if dec_groups else 0.0,
         "encoder_passes": enc_passes,
-        "phrase_cache_hits": model.phrases.cache_hits - hits0,
-        "phrase_cache_misses": model.phrases.cache_misses - miss0,
+        "phrase_cache_hits": model.phrase_cache.hits - hits0,
+        "phrase_cache_misses": model.phrase_cache.misses - miss0,
         "seconds": round(time.perf_counter() - t0, 3),
     }
 
@@ -186,7 +225,7 @@ def _row(image_id, s, o, text, matched, lemmas, ps, po, pr) -> TaggedRelation:
         ref = next(iter(matched.values()))
         return TaggedRelation(
             image_id, s, o, ref.subject_category_id, ref.object_category_id, ref.subject_label, ref.object_label,
-            text, lemmas[(image_id, text)], [], 0, ps, po, pr, ps * po * pr, 0, RTAGGER,
+            text, lemmas[text], [], 0, ps, po, pr, ps * po * pr, 0, RTAGGER,
         )  # fmt: skip
     return TaggedRelation(
         image_id, s, o, c.subject_category_id, c.object_category_id, c.subject_label, c.object_label,

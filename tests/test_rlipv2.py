@@ -11,10 +11,10 @@ from models.ms_deform_attn import MSDeformAttn
 from models.rlipv2.checkpoint import checkpoint_revision, load_checkpoint, save_checkpoint
 from models.rlipv2.config import RLIPv2Config
 from models.rlipv2.denoising import flip_labels, noise_boxes, pair_block_mask, region_block_mask
-from models.rlipv2.layers import ALIF
+from models.rlipv2.layers import BiAttentionBlock
 from models.rlipv2.matcher import hungarian_match
 from models.rlipv2.model import RLIPv2ParSeD
-from models.rlipv2.tagger import TagImage, entity_phrases, pad_images, tag_images
+from models.rlipv2.tagger import entity_texts, pad_images, tag_image
 from models.rlipv2.tokenizer import build_word_tokenizer
 from models.rlipv2.train import tiny_config, train
 
@@ -66,8 +66,15 @@ def test_msdeformattn_shapes_reference_modes_and_padding():
 
 def test_config_validation_and_hash():
     cfg = RLIPv2Config()
-    assert (cfg.d_model, cfg.n_heads, cfg.n_points, cfg.d_ffn, cfg.enc_layers, cfg.n_alif, cfg.dec_layers) == (
+    # the reference tagger's flags (scripts/verb_tagger/test_Tagger_resnet.sh)
+    assert (cfg.d_model, cfg.n_heads, cfg.n_points, cfg.d_ffn, cfg.enc_layers, cfg.n_fusion, cfg.dec_layers) == (
         256, 8, 4, 1024, 6, 3, 3,
+    )  # fmt: skip
+    assert (cfg.fusion_interval, cfg.fusion_dim, cfg.fusion_heads, cfg.fusion_gamma_init, cfg.n_q) == (
+        2, 2048, 8, 0.25, 100,
+    )  # fmt: skip
+    assert (cfg.backbone_depths, cfg.backbone_widths, cfg.min_size, cfg.max_size) == (
+        (3, 4, 6, 3), (64, 128, 256, 512), 800, 1333,
     )  # fmt: skip
     assert (cfg.dn_box_noise, cfg.dn_label_flip, cfg.w_l1, cfg.w_giou, cfg.w_cls, cfg.w_rel) == (
         0.4,
@@ -89,30 +96,36 @@ def test_shapes_end_to_end_both_query_modes(tiny):
     px, boxes, labels = _image(4)
     px2, _, _ = _image(3, seed=1, size=(64, 96))
     pixels, mask = pad_images([px, px2])
-    ents = [entity_phrases(tiny, labels), entity_phrases(tiny, ["dog"])]
+    ents = [entity_texts(tiny, labels), entity_texts(tiny, ["dog"])]
     with torch.no_grad():
         st = tiny.encode(pixels, mask, ents, [["riding on", "next to"], ["holding"]])
-        assert st.entity_feats.shape == (2, len(ents[0]), 32) and st.rel_feats.shape == (2, 2, 32)
+        n_t = len(ents[0]) + 2
+        # one text stack per fusion round (3), resized to d
+        assert st.text.shape == (3, 2, n_t, 32) and st.n_entity == len(ents[0])
         assert st.rel_mask.tolist() == [[False, False], [False, True]]
+        assert st.entity_mask[1].tolist() == [False] * len(ents[1]) + [True] * (len(ents[0]) - len(ents[1]))
         g, q = 3, 7
         idx = torch.tensor([0, 0, 1])
         sb = boxes[torch.randint(0, 3, (g, q))]
         lab = torch.zeros(g, q, dtype=torch.long)
-        out = tiny.decode(st, idx, sb, sb.flip(1), lab, lab, torch.ones(g, q, dtype=torch.bool))
-        assert out.sub_boxes.shape == out.obj_boxes.shape == (g, q, 4)
+        out = tiny.decode(
+            st, idx, sb, sb.flip(1), lab, lab, torch.ones(g, q, dtype=torch.bool), all_layers=True
+        )
+        assert out.sub_boxes.shape == out.obj_boxes.shape == (g, q, 4) and len(out.aux) == 2
         assert out.sub_logits.shape == (g, q, len(ents[0])) and out.rel_logits.shape == (g, q, 2)
         assert torch.isinf(out.rel_logits[2, :, 1]).all() and torch.isfinite(out.rel_logits[:2]).all()
+        assert torch.isinf(out.sub_logits[2, :, len(ents[1]) :]).all()
         assert ((out.sub_boxes >= 0) & (out.sub_boxes <= 1)).all()
         learned = tiny.decode(st, torch.tensor([0, 1]))
         assert learned.sub_logits.shape == (2, tiny.cfg.n_q, len(ents[0]))
 
 
 def test_padding_invariance_30_pairs_in_100_slots(tiny):
-    """Empty slots are masked: scores of 30 real pairs are bitwise identical whatever the padding holds,
-    and equal (to float rounding of different matrix sizes) to an unpadded 30-slot forward."""
+    """Empty slots are hidden as keys: scores of 30 real pairs are bitwise identical whatever the padding
+    holds, and equal (to float rounding of different matrix sizes) to an unpadded 30-slot forward."""
     px, boxes, labels = _image(8)
     pairs = [(s, o) for s in range(8) for o in range(8) if s != o][:30]
-    ents = entity_phrases(tiny, labels)
+    ents = entity_texts(tiny, labels)
     lab = torch.tensor([ents.index(lb) for lb in labels])
     s_idx = torch.tensor([p[0] for p in pairs])
     o_idx = torch.tensor([p[1] for p in pairs])
@@ -143,26 +156,32 @@ def test_padding_invariance_30_pairs_in_100_slots(tiny):
     for x, y, z in zip(a, b, unpadded):
         assert torch.equal(x[:30], y[:30])
         torch.testing.assert_close(x[:30], z, rtol=1e-5, atol=1e-5)
-    # the tagger pads every group to n_q slots, so its logits are bitwise those of the padded forward; the
-    # probabilities may differ in the last bits only (vectorised sigmoid/softmax handle tails by tensor length)
-    scores, counters = tag_images(tiny, [TagImage(px, boxes, labels, [pairs], RELS)], n_q=100)
-    torch.testing.assert_close(scores[0][0].p_relation, a[2][:30].sigmoid(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(scores[0][0].p_subject, a[0][:30].softmax(-1).amax(-1), rtol=1e-6, atol=1e-7)
+    scores, counters = tag_image(tiny, px, boxes, labels, pairs, RELS, n_q=100)
+    torch.testing.assert_close(torch.from_numpy(scores.p_relation), a[2][:30].sigmoid(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        torch.from_numpy(scores.p_subject), a[0][:30].softmax(-1).amax(-1), rtol=1e-6, atol=1e-7
+    )
     assert counters == {"encoder_passes": 1, "decoder_groups": 1}
 
 
 def test_shared_encoder_equals_reference_style(tiny):
     px, boxes, labels = _image(12)
     pairs = [(s, o) for s in range(12) for o in range(12) if s != o][:130]
-    im = TagImage(px, boxes, labels, [pairs[:100], pairs[100:]], RELS[:3])
-    ours, c1 = tag_images(tiny, [im], n_q=100)
-    ref, c2 = tag_images(tiny, [im], n_q=100, reference_style=True)
-    assert c1["encoder_passes"] == 1 and c2["encoder_passes"] == 2
-    for a, b in zip(ours[0], ref[0]):
-        torch.testing.assert_close(a.p_relation, b.p_relation, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(a.p_subject, b.p_subject, rtol=1e-4, atol=1e-5)
-    with pytest.raises(ValueError, match="group 0 has 101 pairs"):
-        tag_images(tiny, [TagImage(px, boxes, labels, [pairs[:101]], RELS)], n_q=100)
+    ours, c1 = tag_image(tiny, px, boxes, labels, pairs, RELS[:3], n_q=100)
+    ref, c2 = tag_image(tiny, px, boxes, labels, pairs, RELS[:3], n_q=100, reference_style=True)
+    assert c1 == {"encoder_passes": 1, "decoder_groups": 2} and c2 == {
+        "encoder_passes": 2,
+        "decoder_groups": 2,
+    }
+    np = pytest.importorskip("numpy")
+    np.testing.assert_allclose(ours.p_relation, ref.p_relation, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours.p_subject, ref.p_subject, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="n_q 101 must be in 1..100"):
+        tag_image(tiny, px, boxes, labels, pairs, RELS, n_q=101)
+    with pytest.raises(ValueError, match=r"pair 0 \(0, 12\) names a box outside 0..11"):
+        tag_image(tiny, px, boxes, labels, [(0, 12)], RELS)
+    with pytest.raises(ValueError, match=r"group sizes \[100, 20\] must be 1..100 each and sum to 130"):
+        tag_image(tiny, px, boxes, labels, pairs, RELS, group_sizes=[100, 20])
 
 
 def test_denoising_mask_blocks_exactly_copies_of_one_region():
@@ -197,32 +216,42 @@ def test_box_noise_and_label_flip_statistics():
     assert flipped.max() < 5 and torch.equal(flip_labels(labels, 5, 0.0, g), labels)
 
 
-def test_alif_masks_padded_text_and_pixels():
+def test_fusion_masks_padded_text_and_pixels():
+    """reltag masks padding in the bi-attention (the reference's mask is a no-op, see layers.py): padded
+    pixels and phrases cannot change the valid ones; the residual base is the layer-normed stream."""
     torch.manual_seed(0)
     cfg = tiny_config()
-    alif = ALIF(cfg).eval()
-    v, t = torch.randn(1, 12, 32), torch.randn(1, 5, 32)
-    v_mask = torch.zeros(1, 12, dtype=torch.bool)
-    v_mask[0, 9:] = True
-    t_mask = torch.tensor([[False, False, False, True, True]])
+    block = BiAttentionBlock(cfg, d_text=48).eval()
+    v, t, pos = torch.randn(1, 12, 32), torch.randn(1, 5, 48), torch.randn(1, 12, 32)
+    v_pad = torch.zeros(1, 12, dtype=torch.bool)
+    v_pad[0, 9:] = True
+    t_pad = torch.tensor([[False, False, False, True, True]])
     v2, t2 = v.clone(), t.clone()
     v2[0, 9:] += 100.0
     t2[0, 3:] -= 100.0
     with torch.no_grad():
-        a, b = alif(v, v_mask, t, t_mask), alif(v2, v_mask, t2, t_mask)
-    assert torch.equal(a[0][0, :9], b[0][0, :9]) and torch.equal(a[1][0, :3], b[1][0, :3])
-    assert not torch.equal(a[1][0, :3], t[0, :3])  # the text side is really updated
+        a, b = block(v, t, pos, v_pad, t_pad), block(v2, t2, pos, v_pad, t_pad)
+        torch.testing.assert_close(a[0][0, :9], b[0][0, :9], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a[1][0, :3], b[1][0, :3], rtol=1e-5, atol=1e-5)
+        # gamma 0: the output is exactly the layer-normed input (residual on the normalised stream)
+        block.gamma_v.zero_()
+        block.gamma_l.zero_()
+        c = block(v, t, pos, v_pad, t_pad)
+    torch.testing.assert_close(c[0], block.layer_norm_v(v), rtol=0, atol=0)
+    torch.testing.assert_close(c[1], block.layer_norm_l(t), rtol=0, atol=0)
+    assert not torch.allclose(a[1][0, :3], block.layer_norm_l(t)[0, :3])  # the text side is really updated
 
 
 def test_phrase_cache_reuses_features(tiny):
-    tiny.phrases.clear_cache()
+    tiny.phrase_cache.clear()
     with torch.no_grad():
-        a = tiny.phrases(["person", "riding on"])
-        misses = tiny.phrases.cache_misses
-        b = tiny.phrases(["riding on", "person", "person"])
-    assert tiny.phrases.cache_misses == misses
-    assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0])
-    torch.testing.assert_close(tiny.phrases(["person"], use_cache=False)[0], a[0], rtol=1e-5, atol=1e-6)
+        a = tiny.phrase_features(["person", "riding on"])
+        misses = tiny.phrase_cache.misses
+        b = tiny.phrase_features(["riding on", "person", "person"])
+        assert tiny.phrase_cache.misses == misses
+        assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0])
+        fresh = tiny.phrase_features(["person"], use_cache=False)[0]
+    torch.testing.assert_close(fresh, a[0], rtol=1e-5, atol=1e-6)
 
 
 def test_hungarian_matcher_recovers_permutation():
@@ -244,59 +273,66 @@ def test_hungarian_matcher_recovers_permutation():
 
 
 def test_training_steps_lower_the_loss_tagger_mode():
-    model, hist = train(VG_TINY, None, steps=8, mode="tagger", lr=2e-3, tiny=True, fixed_batch=True)
+    # the parity architecture starts its boxes from learned 2-d points (reference_points_sub/obj) with sizes
+    # sigmoid(0) = 0.5, so the first steps are spent on the box losses; 12.15 -> 10.76 in 8 steps (seeded)
+    model, hist = train(VG_TINY, None, steps=8, mode="tagger", lr=1e-2, tiny=True, fixed_batch=True)
     first, last = hist[0]["loss"], hist[-1]["loss"]
-    assert last < 0.9 * first, [round(h["loss"], 3) for h in hist]
+    assert last < 0.93 * first, [round(h["loss"], 3) for h in hist]
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in hist)
 
 
 @pytest.mark.slow
 def test_training_steps_lower_the_loss_detect_mode():
-    _, hist = train(VG_TINY, None, steps=8, mode="detect", lr=2e-3, tiny=True, fixed_batch=True)
+    _, hist = train(VG_TINY, None, steps=8, mode="detect", lr=5e-3, tiny=True, fixed_batch=True)
     assert hist[-1]["loss"] < hist[0]["loss"], [round(h["loss"], 3) for h in hist]
     assert "loss_noobj" in hist[0]
 
 
 def test_checkpoint_roundtrip_identical_outputs(tiny, tmp_path):
     px, boxes, labels = _image(5)
-    im = TagImage(px, boxes, labels, [[(0, 1), (1, 2), (3, 4), (4, 0)]], RELS)
-    # both models encode the same phrase batch (cached features depend on the batch's padded length)
-    tiny.phrases.clear_cache()
-    before, _ = tag_images(tiny, [im], n_q=16)
+    pairs = [(0, 1), (1, 2), (3, 4), (4, 0)]
+    tiny.phrase_cache.clear()
+    before, _ = tag_image(tiny, px, boxes, labels, pairs, RELS)
     rev = save_checkpoint(tiny, tmp_path / "ckpt")
     assert rev == checkpoint_revision(tmp_path / "ckpt")
     loaded = load_checkpoint(tmp_path / "ckpt")
-    after, _ = tag_images(loaded, [im], n_q=16)
-    for a, b in zip(before[0], after[0]):
-        assert torch.equal(a.p_relation, b.p_relation) and torch.equal(a.p_subject, b.p_subject)
-    assert loaded.cfg.hash() != tiny.cfg.hash() or loaded.cfg.backbone_config == tiny.cfg.backbone_config
+    after, _ = tag_image(loaded, px, boxes, labels, pairs, RELS)
+    assert (before.p_relation == after.p_relation).all() and (before.p_subject == after.p_subject).all()
+    assert loaded.cfg.text_config is not None and loaded.cfg.backbone_depths == tiny.cfg.backbone_depths
     (tmp_path / "broken").mkdir()
     with pytest.raises(ValueError, match="has no rlipv2_config.json"):
         load_checkpoint(tmp_path / "broken")
 
 
 def test_pretrained_parts_load_through_from_pretrained(tmp_path):
-    """The real loading path (hub id or local dir): tiny ResNet / RoBERTa saved with save_pretrained."""
-    from transformers import ResNetBackbone, ResNetConfig, RobertaConfig, RobertaModel
+    """The real loading path (hub id or local dir): a tiny transformers ResNet (bottleneck, ImageNet layout of
+    microsoft/resnet-50) mapped onto the torchvision-named backbone, and a tiny RoBERTa, both save_pretrained."""
+    from transformers import ResNetConfig, ResNetModel, RobertaConfig, RobertaModel
 
     torch.manual_seed(1)
     rcfg = tiny_config()
-    resnet = ResNetBackbone(ResNetConfig(**rcfg.backbone_config, out_features=["stage2", "stage3", "stage4"]))
+    resnet = ResNetModel(
+        ResNetConfig(
+            embedding_size=rcfg.backbone_stem, hidden_sizes=[4 * w for w in rcfg.backbone_widths],
+            depths=list(rcfg.backbone_depths), layer_type="bottleneck",
+        )
+    ).eval()  # fmt: skip
     resnet.save_pretrained(tmp_path / "resnet")
     roberta = RobertaModel(RobertaConfig(**rcfg.text_config), add_pooling_layer=True)
     roberta.save_pretrained(tmp_path / "roberta")
     tok = build_word_tokenizer(LABELS + RELS, tmp_path / "roberta")
     cfg = tiny_config(
-        backbone=str(tmp_path / "resnet"),
-        backbone_config=None,
-        text_model=str(tmp_path / "roberta"),
-        text_config=None,
+        backbone=str(tmp_path / "resnet"), text_model=str(tmp_path / "roberta"), text_config=None
     )
-    model = RLIPv2ParSeD(cfg, tok, pretrained=True)
-    for k, v in resnet.state_dict().items():
-        assert torch.equal(model.backbone.body.state_dict()[k], v), k
+    model = RLIPv2ParSeD(cfg, tok, pretrained=True).eval()
     for k, v in roberta.state_dict().items():
-        assert torch.equal(model.phrases.roberta.state_dict()[k], v), k
+        assert torch.equal(model.transformer.text_encoder.state_dict()[k], v), k
+    # same network: the last stage's output of transformers' ResNet equals the renamed torchvision body's
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ours = model.backbone[0].body(x)[-1]
+        theirs = resnet(x, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
 def test_training_cli_writes_a_checkpoint_the_tag_stage_loads(tmp_path):
@@ -336,5 +372,10 @@ def test_vg_loader_validates_boxes_and_relationships(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(bad_rel))
     with pytest.raises(ValueError, match="names an object that is not in the image"):
         load_vg(tmp_path / "b.json")
-    assert resized_size(640, 480, 800, 1333) == (1067, 800)  # shorter side to 800
-    assert resized_size(2000, 500, 800, 1333) == (1333, 333)  # longer side capped at 1333
+    # DETR's rule truncates the longer side: 640 * 800 / 480 = 1066.67 -> 1066 (rounding would give 1067)
+    assert resized_size(640, 480, 800, 1333) == (1066, 800)
+    assert resized_size(480, 640, 800, 1333) == (800, 1066)
+    # capped: the shorter side becomes round(1333 * 500 / 2000) = 333, the longer int(333 * 4) = 1332
+    assert resized_size(2000, 500, 800, 1333) == (1332, 333)
+    assert resized_size(800, 600, 800, 1333) == (1066, 800)
+    assert resized_size(1333, 800, 800, 1333) == (1333, 800)  # already at size: unchanged

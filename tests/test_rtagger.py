@@ -139,7 +139,7 @@ def test_images_batched_and_phrases_cached(runner):
     recs = [_image(10 + k, 4, seed=10 + k) for k in range(3)]
     cands = [c for im, _ in recs for c in _candidates(im, 6)]
     cfg = TagConfig(tagger="rtagger", batch_size=2)
-    runner.model.phrases.clear_cache()
+    runner.model.phrase_cache.clear()
     rows, stats = tag_batch_rtagger([r[0] for r in recs], [r[1] for r in recs], cands, runner, cfg)
     assert (
         stats["images"] == 3
@@ -147,7 +147,7 @@ def test_images_batched_and_phrases_cached(runner):
         and stats["encoder_passes"] == 3
         and stats["forwards"] == 3
     )
-    assert stats["phrase_cache_hits"] > 0  # the second encoder batch reuses the first one's phrases
+    assert stats["phrase_cache_hits"] > 0  # later images reuse the first one's phrases
     _, again = tag_batch_rtagger([r[0] for r in recs], [r[1] for r in recs], cands, runner, cfg)
     assert again["phrase_cache_misses"] == 0
     assert {r.image_id for r in rows} == {10, 11, 12}
@@ -194,7 +194,7 @@ def test_from_config_needs_a_checkpoint_and_loads_once(runner, tmp_path):
 def test_bfloat16_runner_close_to_float32(runner):
     im, px = _image(6, 5, seed=6)
     cands = _candidates(im, 8)
-    model16 = RLIPv2ParSeD(runner.model.cfg, runner.model.phrases.tokenizer)
+    model16 = RLIPv2ParSeD(runner.model.cfg, runner.model.tokenizer)
     model16.load_state_dict(runner.model.state_dict())
     r16 = RTaggerRunner(model16, "test", dtype="bfloat16")
     a, _ = tag_batch_rtagger([im], [px], cands, runner, TagConfig(tagger="rtagger"))

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 
-from models.rlipv2.backbone import resnet_config_dict
 from models.rlipv2.config import RLIPv2Config
 from models.rlipv2.model import RLIPv2ParSeD
 from models.rlipv2.text import roberta_config_dict
@@ -21,10 +20,9 @@ TOKENIZER_DIR = "tokenizer"
 
 
 def offline_config(model: RLIPv2ParSeD) -> RLIPv2Config:
-    """The model's config with the backbone and text configs inlined, so loading needs no hub access."""
+    """The model's config with the text encoder's config inlined, so loading needs no hub access."""
     d = model.cfg.to_dict()
-    d["backbone_config"] = resnet_config_dict(model.backbone.body)
-    d["text_config"] = roberta_config_dict(model.phrases.roberta)
+    d["text_config"] = roberta_config_dict(model.transformer.text_encoder)
     return RLIPv2Config.from_dict(d)
 
 
@@ -42,7 +40,7 @@ def save_checkpoint(model: RLIPv2ParSeD, out_dir: str | Path) -> str:
     tmp = out / (CONFIG_NAME + ".tmp")
     tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
     os.replace(tmp, out / CONFIG_NAME)
-    model.phrases.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
+    model.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     return checkpoint_revision(out)
 
 

@@ -9,46 +9,53 @@ from dataclasses import asdict, dataclass, field, fields
 
 @dataclass(slots=True)
 class RLIPv2Config:
-    """Architecture, denoising and loss settings.
+    """Architecture, denoising and loss settings of RLIPv2-ParSeD as the released R-Tagger was trained.
 
-    Defaults are the paper's (RLIPv2, ICCV 2023): hidden 256, 8 heads, 4 sampling points, FFN 1024
-    (Sec. 4 implementation details, inherited from Deformable DETR); 4 feature levels; 6 encoder layers with
-    ALIF every N_v = 2 layers (N_ALIF = 3, Sec. 3.1 / Table 2); 3 decoder layers for Parallel Entity Detection
-    and 3 for Sequential Relation Inference (Sec. 3.1); N_Q = 100 query pairs (Sec. 4.2.2); denoising box
-    noise 0.4 and label flip 0.2 (Appendix E, Table 4); loss weights 2.5 / 1 / 1 / 1 (Eq. 6).
+    The defaults are the flags of the reference's tagger scripts (JacobYuan7/RLIPv2,
+    scripts/verb_tagger/train_vg_RLIP_ParSeD_v2_tagger_resnet.sh and test_Tagger_resnet.sh): ResNet-50,
+    4 feature levels, hidden 256, 8 heads, 4 sampling points, FFN 1024, 6 deformable encoder layers with a
+    GLIP-style bi-attention fusion before layers 0, 2, 4 (`--fusion_type GLIP_attn --fusion_interval 2`) on the
+    coarsest level only (`--fusion_last_vis`), per-channel fusion gammas starting at 1/num_feature_levels = 0.25,
+    a RoBERTa layer on the text side after each fusion, 3 entity and 3 relation decoder layers with box
+    refinement (`--with_box_refine`), 200 queries = 100 pairs (`--num_queries 200`), the 'no objects' text
+    (`--use_no_obj_token`). Where the paper (Sec. 3.1, Appendix F) and that code differ, the code wins: those
+    weights were trained with it (see models/rlipv2/README.md for every difference).
     """
 
-    # backbone: a transformers hub id / local dir, or an inline ResNetConfig dict (tiny models in tests)
+    # backbone: torchvision-layout ResNet (reference key names); `backbone` names ImageNet weights to start
+    # training from (a transformers ResNet hub id or local dir), never needed to load a tagger checkpoint
     backbone: str = "microsoft/resnet-50"
-    backbone_config: dict | None = None
-    # text encoder: RoBERTa-base (Sec. 3.1); phrase feature = RoBERTa's pooler output on <s>
+    backbone_depths: tuple[int, ...] = (3, 4, 6, 3)
+    backbone_widths: tuple[int, ...] = (64, 128, 256, 512)
+    backbone_stem: int = 64
+    # text encoder: roberta-base; one feature per phrase = the pooler output (tanh(dense(h_<s>)))
     text_model: str = "roberta-base"
     text_config: dict | None = None
-    max_text_tokens: int = 16  # tokens per phrase; class names and relation spans are short
+    max_text_tokens: int = 32  # tokens per phrase (class keys and relation texts are a few words)
     d_model: int = 256
     n_heads: int = 8
     n_points: int = 4
     d_ffn: int = 1024
     n_levels: int = 4
+    gn_groups: int = 32  # GroupNorm(32, 256) after each input projection (Deformable DETR)
     enc_layers: int = 6
-    alif_every: int = 2  # N_v: one ALIF after every 2 encoder layers -> N_ALIF = 3
-    alif_gate_init: float = (
-        0.0  # learnable scalar gate alpha (Table 2), starts closed like Flamingo's tanh gates
-    )
-    dec_layers: int = 3  # Parallel Entity Detection
-    rel_dec_layers: int = 3  # Sequential Relation Inference
-    n_q: int = 100
-    dropout: float = 0.0  # 0.0 at our scale; Deformable DETR uses 0.1 while training at full size
-    # images: DETR / Deformable DETR resize (shorter side 800, longer at most 1333), ImageNet statistics
+    fusion_interval: int = 2  # a fusion before encoder layers 0, 2, 4
+    fusion_dim: int = 2048  # GLIP bi-attention embed dim (8 heads of 256)
+    fusion_heads: int = 8
+    fusion_gamma_init: float = 0.25  # 1 / num_feature_levels in the reference
+    dec_layers: int = 3  # entity decoder; the relation decoder has as many
+    n_q: int = 100  # pair slots per group: 200 queries = 100 subjects + 100 objects
+    dropout: float = 0.1  # the reference's; inactive at inference
+    # images: DETR resize (shorter side 800, longer at most 1333, truncating), ImageNet statistics
     min_size: int = 800
     max_size: int = 1333
     pixel_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     pixel_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
-    # entity vocabulary always scored by the subject/object heads (e.g. the 365 Objects365 names);
-    # the labels of an image's boxes are added per image, and the "no objects" phrase is always last.
+    # the dataset's class keys scored by the subject/object heads (80 COCO or 365 Objects365 keys, in the
+    # reference's order); "no objects" is appended as the last entity text
     entity_names: list[str] = field(default_factory=list)
     no_object_text: str = "no objects"
-    # denoising (Appendix E, Table 4)
+    # denoising while training (Appendix E, Table 4)
     dn_box_noise: float = 0.4
     dn_label_flip: float = 0.2
     dn_groups: int = 1  # noised copies per annotated pair while training (reltag default, not from the paper)
@@ -64,9 +71,18 @@ class RLIPv2Config:
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"RLIPv2Config: d_model {self.d_model} not divisible by n_heads {self.n_heads}")
-        if self.enc_layers % self.alif_every:
+        if self.enc_layers % self.fusion_interval:
             raise ValueError(
-                f"RLIPv2Config: enc_layers {self.enc_layers} is not a multiple of alif_every {self.alif_every}"
+                f"RLIPv2Config: enc_layers {self.enc_layers} is not a multiple of fusion_interval "
+                f"{self.fusion_interval}"
+            )
+        if self.fusion_dim % self.fusion_heads:
+            raise ValueError(
+                f"RLIPv2Config: fusion_dim {self.fusion_dim} not divisible by fusion_heads {self.fusion_heads}"
+            )
+        if self.n_levels != 4:
+            raise ValueError(
+                f"RLIPv2Config: n_levels {self.n_levels}; the architecture has 3 ResNet levels + 1"
             )
         if not 0.0 <= self.dn_label_flip <= 1.0 or self.dn_box_noise < 0:
             raise ValueError(
@@ -75,15 +91,19 @@ class RLIPv2Config:
             )
         self.pixel_mean = tuple(self.pixel_mean)
         self.pixel_std = tuple(self.pixel_std)
+        self.backbone_depths = tuple(self.backbone_depths)
+        self.backbone_widths = tuple(self.backbone_widths)
 
     @property
-    def n_alif(self) -> int:
-        return self.enc_layers // self.alif_every
+    def n_fusion(self) -> int:
+        return self.enc_layers // self.fusion_interval
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["pixel_mean"] = list(self.pixel_mean)
         d["pixel_std"] = list(self.pixel_std)
+        d["backbone_depths"] = list(self.backbone_depths)
+        d["backbone_widths"] = list(self.backbone_widths)
         return d
 
     @classmethod

@@ -1,8 +1,7 @@
-"""Deformable encoder/decoder layers and Asymmetric Language-Image Fusion (RLIPv2 Sec. 3.1, Appendix F)."""
+"""Layers of RLIPv2-ParSeD with the reference's parameter names: deformable encoder/decoder layers, the
+GLIP-style bi-attention fusion (`VLFuse_layers.k.b_attn`), box MLPs and the text resizer."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -12,109 +11,130 @@ from models.ms_deform_attn import MSDeformAttn
 from models.rlipv2.config import RLIPv2Config
 
 
-class FFN(nn.Module):
-    """Linear -> ReLU -> Linear with residual and post-LayerNorm (Deformable DETR)."""
-
-    def __init__(self, d: int, d_ffn: int, dropout: float):
-        super().__init__()
-        self.linear1, self.linear2 = nn.Linear(d, d_ffn), nn.Linear(d_ffn, d)
-        self.dropout = nn.Dropout(dropout)
-        self.norm = nn.LayerNorm(d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
-
-
 class EncoderLayer(nn.Module):
-    """Deformable self-attention over all levels + FFN."""
+    """Deformable self-attention over all levels, then FFN; post-norm (Deformable DETR)."""
 
     def __init__(self, cfg: RLIPv2Config):
         super().__init__()
-        self.self_attn = MSDeformAttn(cfg.d_model, cfg.n_levels, cfg.n_heads, cfg.n_points)
+        d = cfg.d_model
+        self.self_attn = MSDeformAttn(d, cfg.n_levels, cfg.n_heads, cfg.n_points)
+        self.norm1 = nn.LayerNorm(d)
+        self.linear1, self.linear2 = nn.Linear(d, cfg.d_ffn), nn.Linear(cfg.d_ffn, d)
+        self.norm2 = nn.LayerNorm(d)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.norm = nn.LayerNorm(cfg.d_model)
-        self.ffn = FFN(cfg.d_model, cfg.d_ffn, cfg.dropout)
 
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         """src, pos: Tensor[B, S, d]; reference_points Tensor[B, S, L, 2]; padding_mask Tensor[B, S] bool."""
         out = self.self_attn(
             src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
         )
-        return self.ffn(self.norm(src + self.dropout(out)))
+        src = self.norm1(src + self.dropout(out))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout(ffn))
 
 
-class ALIF(nn.Module):
-    """Asymmetric Language-Image Fusion (RLIPv2 Sec. 3.1, Appendix F Eqs. 7-9).
+class BiMultiHeadAttention(nn.Module):
+    """GLIP's image-text bi-attention: one score map, softmaxed over the text for the image update and over
+    the image for the text update (reference `attn` inside `b_attn`). Widths: image d, text R, inner E."""
 
-    One attention map A = (W_q V)(W_k T)^T / sqrt(d_head) between the coarsest visual level V and the
-    phrase tokens T (Eq. 7) is softmaxed over the text to update V (Eq. 8) and over the image to update T
-    (Eq. 9); each update is gated by a learnable scalar alpha (Table 2's best gating). The text side then
-    goes through one RoBERTa-architecture layer at width d (the sparse language layers of Eq. 4), so text
-    is refined only at the N_ALIF fusion points while vision runs N_v deformable layers in between
-    (the asymmetry). Padded text tokens and padded pixels are masked on both sides.
-    """
-
-    def __init__(self, cfg: RLIPv2Config):
+    def __init__(self, d: int, d_text: int, embed_dim: int, heads: int, dropout: float):
         super().__init__()
-        from transformers import RobertaConfig
-        from transformers.models.roberta.modeling_roberta import RobertaLayer
+        self.h, self.dh = heads, embed_dim // heads
+        self.scale = self.dh**-0.5
+        self.v_proj, self.l_proj = nn.Linear(d, embed_dim), nn.Linear(d_text, embed_dim)
+        self.values_v_proj, self.values_l_proj = nn.Linear(d, embed_dim), nn.Linear(d_text, embed_dim)
+        self.out_v_proj, self.out_l_proj = nn.Linear(embed_dim, d), nn.Linear(embed_dim, d_text)
+        self.dropout = nn.Dropout(dropout)
+        for lin in (
+            self.v_proj,
+            self.l_proj,
+            self.values_v_proj,
+            self.values_l_proj,
+            self.out_v_proj,
+            self.out_l_proj,
+        ):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
 
-        d, h = cfg.d_model, cfg.n_heads
-        self.h, self.dh = h, d // h
-        self.norm_v, self.norm_t = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.v_query, self.t_key = nn.Linear(d, d), nn.Linear(d, d)
-        self.v_value, self.t_value = nn.Linear(d, d), nn.Linear(d, d)
-        self.v_out, self.t_out = nn.Linear(d, d), nn.Linear(d, d)
-        self.alpha_v = nn.Parameter(torch.tensor(float(cfg.alif_gate_init)))
-        self.alpha_t = nn.Parameter(torch.tensor(float(cfg.alif_gate_init)))
-        lang = RobertaConfig(
-            hidden_size=d,
-            num_attention_heads=h,
-            intermediate_size=cfg.d_ffn,
-            hidden_dropout_prob=cfg.dropout,
-            attention_probs_dropout_prob=cfg.dropout,
-        )
-        lang._attn_implementation = "eager"  # additive float mask, no sdpa kernel selection surprises
-        self.lang_layer = RobertaLayer(lang)
+    def forward(self, v, t, v_pos, v_pad, l_pad):
+        """Args: v Tensor[B, Nv, d] and t Tensor[B, T, R] (both already layer-normed), v_pos Tensor[B, Nv, d],
+        v_pad Tensor[B, Nv] / l_pad Tensor[B, T] bool, True = padding.
 
-    def forward(self, v, v_mask, t, t_mask):
-        """Args: v Tensor[B, Sv, d], v_mask Tensor[B, Sv] bool (True = pad), t Tensor[B, T, d], t_mask Tensor[B, T].
+        Returns (dv Tensor[B, Nv, d], dl Tensor[B, T, R]).
 
-        Returns: (v, t) updated, same shapes.
+        Masking: the reference builds its masks with `bool_mask.masked_fill(mask == 0, -9e15)` on a bool tensor,
+        which leaves every entry True, so it adds +1 to every score and masks nothing. The reference tagger
+        never has padding (one image, every text valid), where masking and not masking agree exactly; reltag
+        masks padding properly so that batched training is not polluted by padded pixels or phrases.
         """
-        b, sv, d = v.shape
-        nt = t.shape[1]
-        vn, tn = self.norm_v(v), self.norm_t(t)
+        b, nv, _ = v.shape
+        n_t = t.shape[1]
 
-        def heads(x, n):  # [B, n, d] -> [B, h, n, dh]
+        def heads(x, n):  # [B, n, E] -> [B, h, n, dh]
             return x.view(b, n, self.h, self.dh).transpose(1, 2)
 
-        attn = heads(self.v_query(vn), sv) @ heads(self.t_key(tn), nt).transpose(-1, -2) / math.sqrt(self.dh)
-        # Eq. 8: vision attends to the phrases; [B, h, Sv, T]
-        a_vt = attn.masked_fill(t_mask[:, None, None, :], float("-inf")).softmax(-1)
-        dv = (a_vt @ heads(self.t_value(tn), nt)).transpose(1, 2).reshape(b, sv, d)
-        # Eq. 9: phrases attend to the image; [B, h, T, Sv]
-        a_tv = attn.transpose(-1, -2).masked_fill(v_mask[:, None, None, :], float("-inf")).softmax(-1)
-        dt = (a_tv @ heads(self.v_value(vn), sv)).transpose(1, 2).reshape(b, nt, d)
-        v = v + self.alpha_v * self.v_out(dv)
-        t = t + self.alpha_t * self.t_out(dt)
-        ext = torch.zeros(b, 1, 1, nt, dtype=t.dtype, device=t.device)
-        ext = ext.masked_fill(t_mask[:, None, None, :], torch.finfo(t.dtype).min)
-        return v, self.lang_layer(t, ext)
+        q = heads(self.v_proj(v + v_pos) * self.scale, nv)  # the position enters the image queries only
+        k = heads(self.l_proj(t), n_t)
+        vv, vl = heads(self.values_v_proj(v), nv), heads(self.values_l_proj(t), n_t)
+        attn = q @ k.transpose(-1, -2)  # [B, h, Nv, T]
+        # text side: softmax over image tokens (the reference subtracts the row max first; softmax-invariant)
+        a_l = attn.transpose(-1, -2)
+        a_l = a_l - a_l.amax(-1, keepdim=True)
+        p_l = a_l.masked_fill(v_pad[:, None, None, :], float("-inf")).softmax(-1)
+        p_v = attn.masked_fill(l_pad[:, None, None, :], float("-inf")).softmax(-1)
+        o_v = (self.dropout(p_v) @ vl).transpose(1, 2).reshape(b, nv, -1)
+        o_l = (self.dropout(p_l) @ vv).transpose(1, 2).reshape(b, n_t, -1)
+        return self.out_v_proj(o_v), self.out_l_proj(o_l)
+
+
+class BiAttentionBlock(nn.Module):
+    """Layer norms, bi-attention and per-channel gammas (GLIP gating, init 0.25).
+
+    The residual is added to the *layer-normed* streams, as in the reference: out = LN(x) + gamma * delta.
+    The pre-fusion stream is not carried on (paper Eq. 2-3 write a residual on the raw stream; the code that
+    trained the released weights does this).
+    """
+
+    def __init__(self, cfg: RLIPv2Config, d_text: int):
+        super().__init__()
+        d = cfg.d_model
+        self.layer_norm_v, self.layer_norm_l = nn.LayerNorm(d), nn.LayerNorm(d_text)
+        self.attn = BiMultiHeadAttention(d, d_text, cfg.fusion_dim, cfg.fusion_heads, cfg.dropout)
+        self.gamma_v = nn.Parameter(torch.full((d,), float(cfg.fusion_gamma_init)))
+        self.gamma_l = nn.Parameter(torch.full((d_text,), float(cfg.fusion_gamma_init)))
+
+    def forward(self, v, t, v_pos, v_pad, l_pad):
+        v, t = self.layer_norm_v(v), self.layer_norm_l(t)
+        dv, dt = self.attn(v, t, v_pos, v_pad, l_pad)
+        return v + self.gamma_v * dv, t + self.gamma_l * dt
+
+
+class VLFuse(nn.Module):
+    """Wrapper that names the block `b_attn`, as the reference's `RLIPv2_VLFuse` does."""
+
+    def __init__(self, cfg: RLIPv2Config, d_text: int):
+        super().__init__()
+        self.b_attn = BiAttentionBlock(cfg, d_text)
+
+    def forward(self, v, t, v_pos, v_pad, l_pad):
+        return self.b_attn(v, t, v_pos, v_pad, l_pad)
 
 
 class DecoderLayer(nn.Module):
-    """Query self-attention (with a block mask) -> deformable cross-attention to the memory -> FFN."""
+    """Self-attention -> deformable cross-attention -> FFN, post-norm; norms named as in Deformable DETR
+    (norm2 after self-attention, norm1 after cross-attention, norm3 after the FFN)."""
 
     def __init__(self, cfg: RLIPv2Config):
         super().__init__()
         d = cfg.d_model
         self.n_heads = cfg.n_heads
-        self.self_attn = nn.MultiheadAttention(d, cfg.n_heads, dropout=cfg.dropout, batch_first=True)
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.cross_attn = MSDeformAttn(d, cfg.n_levels, cfg.n_heads, cfg.n_points)
+        self.norm1 = nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(d, cfg.n_heads, dropout=cfg.dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(d)
+        self.linear1, self.linear2 = nn.Linear(d, cfg.d_ffn), nn.Linear(cfg.d_ffn, d)
+        self.norm3 = nn.LayerNorm(d)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.ffn = FFN(d, cfg.d_ffn, cfg.dropout)
 
     def forward(
         self,
@@ -125,27 +145,25 @@ class DecoderLayer(nn.Module):
         spatial_shapes,
         level_start_index,
         memory_mask,
-        block,
-        memory_index,
+        attn_mask,
+        value_index,
     ):
-        """Args:
-        tgt, pos: Tensor[G, Q, d]; reference_points Tensor[G, Q, L, 4] (cx, cy, w, h);
-        memory Tensor[B, S, d] (one row per image); memory_mask Tensor[B, S] bool; block Tensor[G, Q, Q] bool,
-        True = query i may not attend to key j (every row keeps its diagonal open); memory_index Tensor[G]
-        long, the image of each group (groups of one image share the value projection).
-        """
+        """tgt, pos Tensor[G, Q, d]; reference_points Tensor[G, Q, L, 2|4]; memory Tensor[B, S, d] read by group g
+        at row value_index[g]; attn_mask Tensor[G, Q, Q] bool, True = query i may not attend to key j."""
         q = k = tgt + pos
-        mask = block.repeat_interleave(self.n_heads, dim=0)  # [G*h, Q, Q], MHA's per-head layout
+        mask = attn_mask.repeat_interleave(self.n_heads, 0)  # [G, Q, Q] -> [G * heads, Q, Q]
         out = self.self_attn(q, k, tgt, attn_mask=mask, need_weights=False)[0]
-        tgt = self.norm1(tgt + self.dropout(out))
+        tgt = self.norm2(tgt + self.dropout(out))
         out = self.cross_attn(
-            tgt + pos, reference_points, memory, spatial_shapes, level_start_index, memory_mask, memory_index
+            tgt + pos, reference_points, memory, spatial_shapes, level_start_index, memory_mask, value_index
         )
-        return self.ffn(self.norm2(tgt + self.dropout(out)))
+        tgt = self.norm1(tgt + self.dropout(out))
+        ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout(ffn))
 
 
 class MLP(nn.Module):
-    """Box regression MLP (DETR: 3 layers, ReLU)."""
+    """Box regression MLP (DETR: 3 layers, ReLU between)."""
 
     def __init__(self, d_in: int, d_hidden: int, d_out: int, n_layers: int):
         super().__init__()
@@ -158,16 +176,14 @@ class MLP(nn.Module):
         return x
 
 
-class PhraseSimilarityHead(nn.Module):
-    """Logits as scaled dot products between projected queries and projected (fused) phrase features."""
+class FeatureResizer(nn.Module):
+    """Linear R -> d then LayerNorm (eps 1e-12), MDETR's resizer: applied to the fused text after the encoder."""
 
-    def __init__(self, d: int, bias_init: float = 0.0):
+    def __init__(self, d_in: int, d_out: int, dropout: float):
         super().__init__()
-        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
-        self.bias = nn.Parameter(torch.tensor(float(bias_init)))
-        self.scale = 1.0 / math.sqrt(d)
+        self.fc = nn.Linear(d_in, d_out)
+        self.layer_norm = nn.LayerNorm(d_out, eps=1e-12)
+        self.dropout = nn.Dropout(dropout)
 
-    def forward(self, h, phrases, phrase_mask):
-        """h Tensor[G, Q, d]; phrases Tensor[G, T, d]; phrase_mask Tensor[G, T] bool -> Tensor[G, Q, T]."""
-        logits = self.q(h) @ self.k(phrases).transpose(-1, -2) * self.scale + self.bias
-        return logits.masked_fill(phrase_mask[:, None, :], float("-inf"))
+    def forward(self, x):
+        return self.dropout(self.layer_norm(self.fc(x)))

@@ -1,5 +1,12 @@
-"""RLIPv2-ParSeD: backbone, deformable encoder with ALIF, Parallel Entity Detection, Sequential Relation
-Inference, phrase-similarity heads; queries learned (pre-training) or built from annotated boxes (R-Tagger)."""
+"""RLIPv2-ParSeD as the reference code runs it in R-Tagger mode (JacobYuan7/RLIPv2: hoi.RLIP_ParSeD with
+ParSetransformer.RLIP_ParSeDTransformer_v2, the flags of scripts/verb_tagger/*.sh).
+
+Module names follow the reference, so a converted checkpoint loads with identical key names
+(`backbone.0.body.*`, `input_proj.*`, `transformer.ho_encoder.*`, `transformer.text_encoder.*`, ...).
+The two decoders' box MLPs are the top-level `sub_bbox_embed.{0..5}` / `obj_bbox_embed.{0..5}` only: the
+reference also registers them under `transformer.{ho,verb}_decoder.*_bbox_embed` (the same tensors twice);
+models/rlipv2/convert.py checks those aliases are equal and drops them.
+"""
 
 from __future__ import annotations
 
@@ -9,21 +16,25 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.rlipv2.backbone import MultiLevelBackbone, sine_position_encoding
-from models.rlipv2.boxes import inverse_sigmoid, union_box
+from models.rlipv2.backbone import Backbone, downsample_mask, input_projections, sine_position_encoding
+from models.rlipv2.boxes import inverse_sigmoid
 from models.rlipv2.config import RLIPv2Config
-from models.rlipv2.layers import ALIF, MLP, DecoderLayer, EncoderLayer, PhraseSimilarityHead
-from models.rlipv2.text import PhraseEncoder
+from models.rlipv2.layers import MLP, DecoderLayer, EncoderLayer, FeatureResizer, VLFuse
+from models.rlipv2.text import PhraseCache, build_roberta, roberta_config
+
+# classification bias of every head: -log((1 - 0.01) / 0.01), a constant in the reference (not a parameter)
+BIAS_C = -math.log((1 - 0.01) / 0.01)
 
 
 @dataclass
 class EncodedImages:
-    """Output of the backbone + encoder pass, shared by every query group of an image.
+    """Backbone + encoder output, shared by every query group of an image.
 
-    memory Tensor[B, S, d]; memory_mask Tensor[B, S] bool; spatial_shapes Tensor[L, 2];
-    level_start_index Tensor[L]; valid_ratios Tensor[B, L, 2];
-    entity_feats Tensor[B, Te, d] (fused entity phrases, "no objects" last of each row's valid part);
-    entity_mask Tensor[B, Te] bool; rel_feats Tensor[B, Tr, d]; rel_mask Tensor[B, Tr] bool.
+    memory Tensor[B, S, d]; memory_mask Tensor[B, S] bool; spatial_shapes Tensor[L, 2]; level_start_index
+    Tensor[L]; valid_ratios Tensor[B, L, 2]; text Tensor[K, B, T, d]: the fused phrases after each of the K
+    fusion rounds, resized to d (entity texts first, "no objects" last of them, then relation texts);
+    n_entity: entity texts per row (padded to the longest); entity_mask Tensor[B, Te], rel_mask Tensor[B, Tr]
+    bool, True = padding.
     """
 
     memory: torch.Tensor
@@ -31,17 +42,18 @@ class EncodedImages:
     spatial_shapes: torch.Tensor
     level_start_index: torch.Tensor
     valid_ratios: torch.Tensor
-    entity_feats: torch.Tensor
+    text: torch.Tensor
+    n_entity: int
     entity_mask: torch.Tensor
-    rel_feats: torch.Tensor
     rel_mask: torch.Tensor
 
 
 @dataclass
 class DecoderOutput:
-    """Per group of Q query pairs: boxes (cx, cy, w, h) in [0, 1], logits over the image's phrases.
+    """Per group of Q pair slots, last decoder layer: boxes (cx, cy, w, h) in [0, 1] and logits.
 
-    sub_boxes, obj_boxes Tensor[G, Q, 4]; sub_logits, obj_logits Tensor[G, Q, Te]; rel_logits Tensor[G, Q, Tr].
+    sub_boxes, obj_boxes Tensor[G, Q, 4]; sub_logits, obj_logits Tensor[G, Q, Te]; rel_logits Tensor[G, Q, Tr]
+    (padded phrases -inf). aux: the same for the earlier decoder layers (training), a list of dicts.
     """
 
     sub_boxes: torch.Tensor
@@ -49,6 +61,73 @@ class DecoderOutput:
     sub_logits: torch.Tensor
     obj_logits: torch.Tensor
     rel_logits: torch.Tensor
+    aux: list[dict]
+
+
+class Encoder(nn.Module):
+    """6 deformable layers; before layers 0, 2, 4 the coarsest level and the phrases are fused (`VLFuse_layers`)
+    and the phrases then pass one RoBERTa layer (`roberta_layers`)."""
+
+    def __init__(self, cfg: RLIPv2Config, text_conf):
+        super().__init__()
+        from transformers.models.roberta.modeling_roberta import RobertaLayer
+
+        self.cfg = cfg
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
+        self.roberta_layers = nn.ModuleList(RobertaLayer(text_conf) for _ in range(cfg.n_fusion))
+        self.VLFuse_layers = nn.ModuleList(VLFuse(cfg, text_conf.hidden_size) for _ in range(cfg.n_fusion))
+
+    def forward(self, src, pos, mask, ref, spatial_shapes, level_start_index, lang, lang_mask):
+        """src, pos Tensor[B, S, d]; mask Tensor[B, S]; ref Tensor[B, S, L, 2]; lang Tensor[B, T, R];
+        lang_mask Tensor[B, T] (True = pad). Returns (memory Tensor[B, S, d], text Tensor[K, B, T, R])."""
+        s3 = int(level_start_index[-1])  # the last level (stride 64) is the one fused with the text
+        ext = None
+        if bool(lang_mask.any()):
+            # RoBERTa's additive mask; -10000 as transformers 4.5.1 (the reference's pin) wrote it
+            ext = lang_mask[:, None, None, :].to(lang.dtype) * -10000.0
+        texts = []
+        for i, layer in enumerate(self.layers):
+            if i % self.cfg.fusion_interval == 0:
+                k = i // self.cfg.fusion_interval
+                v, lang = self.VLFuse_layers[k](src[:, s3:], lang, pos[:, s3:], mask[:, s3:], lang_mask)
+                src = torch.cat([src[:, :s3], v], 1)
+                lang = self.roberta_layers[k](lang, attention_mask=ext)
+                if isinstance(lang, tuple):
+                    lang = lang[0]
+                texts.append(lang)
+            src = layer(src, pos, ref, spatial_shapes, level_start_index, mask)
+        return src, torch.stack(texts)
+
+
+class Decoder(nn.Module):
+    """Decoder layers only; the box MLPs it refines with live at the top level (see the module docstring)."""
+
+    def __init__(self, cfg: RLIPv2Config):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
+
+
+class ParSeDTransformer(nn.Module):
+    """The reference's `transformer` submodule: level embeddings, fused encoder, text encoder and resizer,
+    entity (`ho_decoder`) and relation (`verb_decoder`) decoders, tagger query projections."""
+
+    def __init__(self, cfg: RLIPv2Config, pretrained: bool):
+        super().__init__()
+        d = cfg.d_model
+        text_conf = roberta_config(cfg)
+        self.level_embed = nn.Parameter(torch.empty(cfg.n_levels, d).normal_())
+        self.ho_encoder = Encoder(cfg, text_conf)
+        self.ho_decoder = Decoder(cfg)
+        self.verb_decoder = Decoder(cfg)
+        self.reference_points_sub = nn.Linear(d, 2)
+        self.reference_points_obj = nn.Linear(d, 2)
+        self.text_encoder = build_roberta(cfg, pretrained)
+        self.resizer = FeatureResizer(text_conf.hidden_size, d, cfg.dropout)
+        self.coord_proj = nn.Linear(4, d)  # R-Tagger query position: Linear of inverse-sigmoid (cx, cy, w, h)
+        self.verb_tgt = nn.Embedding(2 * cfg.n_q, d)  # relation query content: rows [:Q] + rows [Q:]
+        for lin in (self.reference_points_sub, self.reference_points_obj):
+            nn.init.xavier_uniform_(lin.weight, gain=1.0)
+            nn.init.constant_(lin.bias, 0.0)
 
 
 def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:
@@ -60,7 +139,7 @@ def _valid_ratio(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _encoder_reference_points(spatial_shapes, valid_ratios, device):
-    """Pixel centres of every level in [0, 1] of the valid area, seen from every level. -> Tensor[B, S, L, 2]."""
+    """Pixel centres of every level in [0, 1] of the valid area, seen from every level -> Tensor[B, S, L, 2]."""
     refs = []
     for lvl, (h, w) in enumerate(spatial_shapes.tolist()):
         ys, xs = torch.meshgrid(
@@ -76,47 +155,55 @@ def _encoder_reference_points(spatial_shapes, valid_ratios, device):
 
 
 class RLIPv2ParSeD(nn.Module):
-    """The network of RLIPv2 (ParSeD variant) with two query modes.
+    """RLIPv2-ParSeD with R-Tagger queries (ground-truth boxes) or learned queries.
 
-    - learned queries (pre-training): N_Q subject and N_Q object query embeddings, matched to targets by
-      the Hungarian matcher;
-    - R-Tagger (Sec. 4.2.2, Eq. 5, Appendix E): queries from annotated boxes, position = Linear(4, d) of
-      inverse-sigmoid (cx, cy, w, h), content = Linear(d, d) of the detached fused text feature of the box's
-      class name; subjects and objects in two blocks of N_Q slots; empty slots masked.
+    encode(): backbone, input projections, fused deformable encoder, text stack.
+    decode(): entity decoder (subject and object slots of each pair together, box refinement), relation decoder
+    (query position = h_sub + h_obj, content = a learned slot embedding, reference = the mean of the pair's
+    boxes, refined per layer), heads: logits = (h + a) . projection_text(L2norm(t) / 2) + BIAS_C with a =
+    bias_obj_a for subjects and objects and bias_pred_a for relations, t = the text of the matching fusion
+    round (decoder layer l reads fusion round l).
     """
 
     def __init__(self, cfg: RLIPv2Config, tokenizer, pretrained: bool = False):
         super().__init__()
         self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.phrase_cache = PhraseCache()
         d = cfg.d_model
-        self.backbone = MultiLevelBackbone(cfg, pretrained=pretrained)
-        self.phrases = PhraseEncoder(cfg, tokenizer, pretrained=pretrained)
-        self.text_proj = nn.Linear(self.phrases.hidden_size, d)  # RoBERTa width (768) -> d (256)
-        self.level_embed = nn.Parameter(torch.empty(cfg.n_levels, d).normal_())
-        self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
-        self.alif = nn.ModuleList(ALIF(cfg) for _ in range(cfg.n_alif))
-        self.entity_decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
-        self.relation_decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.rel_dec_layers))
-        # box refinement per entity decoder layer (Deformable DETR "with_box_refine")
-        self.bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(cfg.dec_layers))
-        for m in self.bbox_embed:
+        self.backbone = nn.ModuleList([Backbone(cfg)])
+        if pretrained:
+            from models.rlipv2.backbone import load_imagenet_resnet
+
+            load_imagenet_resnet(self.backbone[0], cfg.backbone)
+        self.input_proj = input_projections(cfg, self.backbone[0].body.channels)
+        self.transformer = ParSeDTransformer(cfg, pretrained)
+        # learned queries (detection mode); the tagger reads only its row count, as the reference does
+        self.query_embed = nn.Embedding(2 * cfg.n_q, 3 * d)
+        self.projection_text = nn.Linear(d, d)
+        self.bias_obj_a = nn.Parameter(torch.zeros(d))
+        self.bias_pred_a = nn.Parameter(torch.zeros(d))
+        # box refinement: MLPs 0..L-1 for the entity decoder, L..2L-1 for the relation decoder
+        self.sub_bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(2 * cfg.dec_layers))
+        self.obj_bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(2 * cfg.dec_layers))
+        for m in list(self.sub_bbox_embed) + list(self.obj_bbox_embed):
             nn.init.zeros_(m.layers[-1].weight)
             nn.init.zeros_(m.layers[-1].bias)
-        # R-Tagger query construction (Eq. 5)
-        self.box_pos = nn.Linear(4, d)
-        self.label_content = nn.Linear(d, d)
-        # learned queries (pre-training mode): content + position per slot, initial box from the position
-        self.sub_query = nn.Embedding(cfg.n_q, 2 * d)
-        self.obj_query = nn.Embedding(cfg.n_q, 2 * d)
-        self.query_box = nn.Linear(d, 4)
-        # Sequential Relation Inference: relation query from its decoded subject and object queries
-        self.rel_content = nn.Linear(2 * d, d)
-        self.rel_pos = nn.Linear(4, d)
-        self.entity_head = PhraseSimilarityHead(d)
-        # focal-loss prior 0.01 for relation logits (Lin et al. 2017), as RLIP's relation classifier
-        self.relation_head = PhraseSimilarityHead(d, bias_init=-math.log((1 - 0.01) / 0.01))
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.phrase_cache.clear()  # weights will change: cached phrase features would go stale
+        return super().train(mode)
 
     # ---------------------------------------------------------------- encoder
+    def phrase_features(self, texts: list[str], use_cache: bool | None = None) -> torch.Tensor:
+        """Pooled RoBERTa features, Tensor[n, R]; cached when not training and no grad (use_cache None)."""
+        if use_cache is None:
+            use_cache = not self.training and not torch.is_grad_enabled()
+        return self.phrase_cache.encode(
+            self.transformer.text_encoder, self.tokenizer, texts, self.cfg.max_text_tokens, use_cache
+        )
+
     def encode(
         self,
         pixel_values: torch.Tensor,
@@ -125,94 +212,78 @@ class RLIPv2ParSeD(nn.Module):
         rel_texts: list[list[str]],
         use_phrase_cache: bool | None = None,
     ) -> EncodedImages:
-        """Backbone + 6 deformable layers with ALIF every N_v layers.
-
-        Args:
-            pixel_values: Tensor[B, 3, H, W] normalised; pixel_mask: Tensor[B, H, W] bool, True on padding.
-            entity_texts: per image, the entity phrases (class names ..., "no objects" last).
-            rel_texts: per image, the relation phrases (may be empty).
-            use_phrase_cache: None = cache phrase features when not training and no grad; False = re-encode.
-        """
+        """Args: pixel_values Tensor[B, 3, H, W] normalised; pixel_mask Tensor[B, H, W] bool, True on padding;
+        entity_texts per image (class keys ..., "no objects" last); rel_texts per image (may be empty)."""
         b = pixel_values.shape[0]
         if len(entity_texts) != b or len(rel_texts) != b:
             raise ValueError(
                 f"encode: {b} images but {len(entity_texts)} entity and {len(rel_texts)} relation text lists"
             )
-        levels = self.backbone(pixel_values, pixel_mask)
-        srcs, masks, poss, shapes = [], [], [], []
-        for lvl, (src, mask) in enumerate(levels):
-            h, w = src.shape[-2:]
-            shapes.append((h, w))
-            pos = sine_position_encoding(mask, self.cfg.d_model).to(src.dtype)
-            srcs.append(src.flatten(2).transpose(1, 2))  # [B, d, H, W] -> [B, H*W, d]
-            poss.append(pos.flatten(2).transpose(1, 2) + self.level_embed[lvl])
-            masks.append(mask.flatten(1))
-        src, pos, mask_flat = torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(masks, 1)
+        d = self.cfg.d_model
+        feats = self.backbone[0].body(pixel_values)
+        srcs, masks = [], []
+        for lvl, f in enumerate(feats):
+            srcs.append(self.input_proj[lvl](f))
+            masks.append(downsample_mask(pixel_mask, f.shape[-2:]))
+        extra = self.input_proj[len(feats)](feats[-1])  # level 4 from the raw last ResNet map
+        srcs.append(extra)
+        masks.append(downsample_mask(pixel_mask, extra.shape[-2:]))
+        flat_src, flat_pos, flat_mask, shapes = [], [], [], []
+        for lvl, (src, mask) in enumerate(zip(srcs, masks)):
+            shapes.append(tuple(src.shape[-2:]))
+            pos = sine_position_encoding(mask, d).to(src.dtype)
+            flat_src.append(src.flatten(2).transpose(1, 2))  # [B, d, H, W] -> [B, H*W, d]
+            flat_pos.append(pos.flatten(2).transpose(1, 2) + self.transformer.level_embed[lvl])
+            flat_mask.append(mask.flatten(1))
+        src, pos, mask_flat = torch.cat(flat_src, 1), torch.cat(flat_pos, 1), torch.cat(flat_mask, 1)
         device = src.device
         spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
         level_start_index = torch.cat(
             [spatial_shapes.new_zeros(1), (spatial_shapes[:, 0] * spatial_shapes[:, 1]).cumsum(0)[:-1]]
         )
         # reference points in float32 whatever the model dtype (bf16 cannot resolve 1/W of a 167-wide level)
-        valid_ratios32 = torch.stack([_valid_ratio(m) for _, m in levels], 1)
+        valid_ratios32 = torch.stack([_valid_ratio(m) for m in masks], 1)
         ref = _encoder_reference_points(spatial_shapes, valid_ratios32, device).to(src.dtype)
-        valid_ratios = valid_ratios32.to(src.dtype)
 
-        text, text_mask, n_ent_max = self._text_tokens(
-            entity_texts, rel_texts, src.dtype, device, use_phrase_cache
+        lang, lang_mask, n_ent = self._phrases(entity_texts, rel_texts, src.dtype, device, use_phrase_cache)
+        memory, text = self.transformer.ho_encoder(
+            src, pos, mask_flat, ref, spatial_shapes, level_start_index, lang, lang_mask
         )
-        coarse = int(level_start_index[-1])  # the coarsest level is fused with the text (Appendix F)
-        for i, layer in enumerate(self.encoder):
-            src = layer(src, pos, ref, spatial_shapes, level_start_index, mask_flat)
-            if (i + 1) % self.cfg.alif_every == 0:
-                fused, text = self.alif[i // self.cfg.alif_every](
-                    src[:, coarse:], mask_flat[:, coarse:], text, text_mask
-                )
-                src = torch.cat([src[:, :coarse], fused], 1)
         return EncodedImages(
-            memory=src,
+            memory=memory,
             memory_mask=mask_flat,
             spatial_shapes=spatial_shapes,
             level_start_index=level_start_index,
-            valid_ratios=valid_ratios,
-            entity_feats=text[:, :n_ent_max],
-            entity_mask=text_mask[:, :n_ent_max],
-            rel_feats=text[:, n_ent_max:],
-            rel_mask=text_mask[:, n_ent_max:],
+            valid_ratios=valid_ratios32.to(src.dtype),
+            text=self.transformer.resizer(text),
+            n_entity=n_ent,
+            entity_mask=lang_mask[:, :n_ent],
+            rel_mask=lang_mask[:, n_ent:],
         )
 
-    def _text_tokens(self, entity_texts, rel_texts, dtype, device, use_cache=None):
-        """Phrase features laid out [B, Te_max + Tr_max, d] with a pad mask; each distinct phrase encoded once."""
-        unique = sorted({t for row in entity_texts + rel_texts for t in row})
+    def _phrases(self, entity_texts, rel_texts, dtype, device, use_cache):
+        """Pooled features laid out [B, Te_max + Tr_max, R] (entities, then relations) with a pad mask."""
+        unique = list(dict.fromkeys(t for row in entity_texts + rel_texts for t in row))
         index = {t: i for i, t in enumerate(unique)}
-        feats = self.text_proj(self.phrases(unique, use_cache=use_cache).to(dtype))  # [U, d]
+        feats = self.phrase_features(unique, use_cache).to(dtype)  # [U, R]
         n_ent = max(len(r) for r in entity_texts)
         n_rel = max((len(r) for r in rel_texts), default=0)
-        b, d = len(entity_texts), self.cfg.d_model
+        b = len(entity_texts)
         idx = torch.zeros(b, n_ent + n_rel, dtype=torch.long, device=device)
         mask = torch.ones(b, n_ent + n_rel, dtype=torch.bool, device=device)
         for i, (ents, rels) in enumerate(zip(entity_texts, rel_texts)):
             if not ents:
                 raise ValueError(
-                    f"encode: image {i} of the batch has no entity phrases (needs at least 'no objects')"
+                    f"encode: image {i} of the batch has no entity texts (needs at least 'no objects')"
                 )
             idx[i, : len(ents)] = torch.tensor([index[t] for t in ents], device=device)
             mask[i, : len(ents)] = False
             if rels:
                 idx[i, n_ent : n_ent + len(rels)] = torch.tensor([index[t] for t in rels], device=device)
                 mask[i, n_ent : n_ent + len(rels)] = False
-        text = feats[idx] if len(unique) else feats.new_zeros(b, n_ent + n_rel, d)
-        return text, mask, n_ent
+        return feats[idx], mask, n_ent
 
     # ---------------------------------------------------------------- decoders
-    def tagger_queries(self, state: EncodedImages, img_index, boxes, labels):
-        """R-Tagger queries (Eq. 5). boxes Tensor[G, Q, 4] (cx, cy, w, h); labels Tensor[G, Q] index into the
-        image's entity phrases -> (content, position), Tensor[G, Q, d] each."""
-        ent = state.entity_feats[img_index]  # [G, Te, d]
-        label_feat = torch.gather(ent, 1, labels[..., None].expand(-1, -1, ent.shape[-1]))
-        # the class-name feature is detached: the query must not train the text side (Appendix E)
-        return self.label_content(label_feat.detach()), self.box_pos(inverse_sigmoid(boxes))
-
     def decode(
         self,
         state: EncodedImages,
@@ -224,93 +295,134 @@ class RLIPv2ParSeD(nn.Module):
         pair_valid: torch.Tensor | None = None,
         entity_block: torch.Tensor | None = None,
         pair_block: torch.Tensor | None = None,
+        all_layers: bool = False,
     ) -> DecoderOutput:
-        """Decode G groups of Q query pairs; group g reads image img_index[g] of `state`.
+        """Decode G groups of Q pair slots; group g reads image img_index[g] of `state`.
 
-        R-Tagger mode when sub_boxes is given: sub_boxes/obj_boxes Tensor[G, Q, 4] in [0, 1] (cx, cy, w, h),
-        sub_labels/obj_labels Tensor[G, Q] long, pair_valid Tensor[G, Q] bool (False = empty slot, masked:
-        no real query attends to it, so padding cannot change any score). Learned-query mode otherwise
-        (Q = N_Q slots, all valid). entity_block Tensor[G, 2Q, 2Q] / pair_block Tensor[G, Q, Q] bool add
-        blocked (query, key) pairs, e.g. the denoising mask between noised copies of one region.
+        R-Tagger mode when sub_boxes is given: sub_boxes/obj_boxes Tensor[G, Q, 4] (cx, cy, w, h) in [0, 1] of
+        the unpadded image, sub_labels/obj_labels Tensor[G, Q] long (index into the image's entity texts),
+        pair_valid Tensor[G, Q] bool (False = empty slot: zero queries, hidden as keys from every query, as
+        the reference's key padding mask does; its own outputs are never read). Learned-query mode otherwise.
+        entity_block Tensor[G, 2Q, 2Q] / pair_block Tensor[G, Q, Q] bool add blocked (query, key) pairs
+        (the denoising mask between noised copies of one region while training).
         """
         g = img_index.shape[0]
         d = self.cfg.d_model
+        tr = self.transformer
+        text_last = state.text[-1][img_index]  # [G, T, d]
         if sub_boxes is not None:
             q = sub_boxes.shape[1]
-            c_sub, p_sub = self.tagger_queries(state, img_index, sub_boxes, sub_labels)
-            c_obj, p_obj = self.tagger_queries(state, img_index, obj_boxes, obj_labels)
-            ref = torch.cat([sub_boxes, obj_boxes], 1)
+            if pair_valid is None:
+                pair_valid = torch.ones(g, q, dtype=torch.bool, device=img_index.device)
+            # query content: the detached fused text of the box's class (last fusion round, resized)
+            ent = text_last[:, : state.n_entity].detach()
+            c_sub = torch.gather(ent, 1, sub_labels[..., None].expand(-1, -1, d))
+            c_obj = torch.gather(ent, 1, obj_labels[..., None].expand(-1, -1, d))
+            p_sub = tr.coord_proj(inverse_sigmoid(sub_boxes))
+            p_obj = tr.coord_proj(inverse_sigmoid(obj_boxes))
+            keep = torch.cat([pair_valid, pair_valid], 1)[..., None].to(c_sub.dtype)
+            tgt = torch.cat([c_sub, c_obj], 1) * keep  # empty slots: zero position and content
+            pos = torch.cat([p_sub, p_obj], 1) * keep
         else:
             q = self.cfg.n_q
-            sq = self.sub_query.weight[None].expand(g, -1, -1)
-            oq = self.obj_query.weight[None].expand(g, -1, -1)
-            p_sub, c_sub = sq[..., :d], sq[..., d:]
-            p_obj, c_obj = oq[..., :d], oq[..., d:]
-            ref = torch.cat([self.query_box(p_sub), self.query_box(p_obj)], 1).sigmoid()
-        if pair_valid is None:
-            pair_valid = torch.ones(g, q, dtype=torch.bool, device=img_index.device)
-        tgt, pos = torch.cat([c_sub, c_obj], 1), torch.cat([p_sub, p_obj], 1)
-
-        memory, memory_mask = state.memory, state.memory_mask  # per image; groups index into them
+            if pair_valid is None:
+                pair_valid = torch.ones(g, q, dtype=torch.bool, device=img_index.device)
+            # learned queries (reltag's detection mode): position = first d, content = second d of each row
+            qe = self.query_embed.weight[None].expand(g, -1, -1)
+            pos, tgt = qe[..., :d], qe[..., d : 2 * d]
         valid_ratios = state.valid_ratios[img_index]
         ent_valid = torch.cat([pair_valid, pair_valid], 1)
-        block = self._block(ent_valid, entity_block)
-        # Parallel Entity Detection: subject and object blocks decoded together, boxes refined per layer
-        for layer, bbox in zip(self.entity_decoder, self.bbox_embed):
-            # box references are scaled into each level's valid area: [G, 2Q, 4] -> [G, 2Q, L, 4]
-            ref_l = ref[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
-            tgt = layer(
-                tgt,
-                pos,
-                ref_l,
-                memory,
-                state.spatial_shapes,
-                state.level_start_index,
-                memory_mask,
-                block,
-                img_index,
-            )
-            ref = (inverse_sigmoid(ref) + bbox(tgt)).sigmoid()
-            ref_in = ref
-            ref = ref.detach()
-        h_sub, h_obj = tgt[:, :q], tgt[:, q:]
-        boxes_sub, boxes_obj = ref_in[:, :q], ref_in[:, q:]
-
-        # Sequential Relation Inference: relation queries from the decoded subject/object queries,
-        # located at the union of the predicted boxes
-        rel_tgt = self.rel_content(torch.cat([h_sub, h_obj], -1))
-        rel_ref = union_box(boxes_sub, boxes_obj).detach()
-        rel_pos = self.rel_pos(inverse_sigmoid(rel_ref))
-        rel_block = self._block(pair_valid, pair_block)
-        rel_ref_l = rel_ref[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]
-        for layer in self.relation_decoder:
-            rel_tgt = layer(
-                rel_tgt,
-                rel_pos,
-                rel_ref_l,
-                memory,
-                state.spatial_shapes,
-                state.level_start_index,
-                memory_mask,
-                rel_block,
-                img_index,
-            )
-        ent, ent_mask = state.entity_feats[img_index], state.entity_mask[img_index]
+        ent_mask = self._attn_mask(ent_valid, entity_block)
+        ref_s = tr.reference_points_sub(pos[:, :q]).sigmoid()  # 2-d points before the first layer
+        ref_o = tr.reference_points_obj(pos[:, q:]).sigmoid()
+        x = tgt
+        layers_out = []
+        for lvl, layer in enumerate(tr.ho_decoder.layers):
+            ref = torch.cat([ref_s, ref_o], 1)
+            scale = valid_ratios if ref.shape[-1] == 2 else torch.cat([valid_ratios, valid_ratios], -1)
+            x = layer(
+                x, pos, ref[:, :, None] * scale[:, None], state.memory, state.spatial_shapes,
+                state.level_start_index, state.memory_mask, ent_mask, img_index,
+            )  # fmt: skip
+            new_s = self._refine(self.sub_bbox_embed[lvl](x[:, :q]), ref_s)
+            new_o = self._refine(self.obj_bbox_embed[lvl](x[:, q:]), ref_o)
+            layers_out.append({"h_sub": x[:, :q], "h_obj": x[:, q:], "sub_boxes": new_s, "obj_boxes": new_o})
+            ref_s, ref_o = new_s.detach(), new_o.detach()
+        # relation decoder: position = h_sub + h_obj of the last entity layer, content = verb_tgt[:Q] + verb_tgt[Q:]
+        h_last = layers_out[-1]
+        pos_v = h_last["h_sub"] + h_last["h_obj"]
+        w = tr.verb_tgt.weight
+        half = w.shape[0] // 2
+        xv = (w[:half] + w[half:])[None, :q].expand(g, -1, -1)
+        rel_mask = self._attn_mask(pair_valid, pair_block)
+        box_scale = torch.cat([valid_ratios, valid_ratios], -1)[:, None]
+        n_dec = len(tr.ho_decoder.layers)
+        for lvl, layer in enumerate(tr.verb_decoder.layers):
+            ref = 0.5 * (ref_s + ref_o)
+            xv = layer(
+                xv, pos_v, ref[:, :, None] * box_scale, state.memory, state.spatial_shapes,
+                state.level_start_index, state.memory_mask, rel_mask, img_index,
+            )  # fmt: skip
+            # the relation decoder refines the pair's boxes too (MLPs L..2L-1), moving its next reference
+            ref_s = self._refine(self.sub_bbox_embed[n_dec + lvl](xv), ref_s).detach()
+            ref_o = self._refine(self.obj_bbox_embed[n_dec + lvl](xv), ref_o).detach()
+            layers_out[lvl]["h_rel"] = xv
+        wanted = range(len(layers_out)) if all_layers else [len(layers_out) - 1]
+        heads = []
+        for lvl in wanted:
+            o = layers_out[lvl]
+            ent_logits, rel_logits = self._heads(state, img_index, lvl, o["h_sub"], o["h_obj"], o["h_rel"])
+            heads.append(
+                {"sub_boxes": o["sub_boxes"], "obj_boxes": o["obj_boxes"], "sub_logits": ent_logits[0],
+                 "obj_logits": ent_logits[1], "rel_logits": rel_logits}
+            )  # fmt: skip
+        last = heads[-1]
         return DecoderOutput(
-            sub_boxes=boxes_sub,
-            obj_boxes=boxes_obj,
-            sub_logits=self.entity_head(h_sub, ent, ent_mask),
-            obj_logits=self.entity_head(h_obj, ent, ent_mask),
-            rel_logits=self.relation_head(rel_tgt, state.rel_feats[img_index], state.rel_mask[img_index]),
+            sub_boxes=last["sub_boxes"],
+            obj_boxes=last["obj_boxes"],
+            sub_logits=last["sub_logits"],
+            obj_logits=last["obj_logits"],
+            rel_logits=last["rel_logits"],
+            aux=heads[:-1],
         )
 
+    def _heads(self, state, img_index, lvl, h_sub, h_obj, h_rel):
+        """Logits of decoder layer lvl against the texts of fusion round lvl (the last round if fewer rounds)."""
+        k = min(lvl, state.text.shape[0] - 1)
+        t = nn.functional.normalize(state.text[k][img_index], p=2, dim=-1)
+        pt = self.projection_text(t / 2.0)  # [G, T, d]
+        n = state.n_entity
+        ent_t, rel_t = pt[:, :n], pt[:, n:]
+        ent_pad = state.entity_mask[img_index][:, None, :]
+        rel_pad = state.rel_mask[img_index][:, None, :]
+        sub = ((h_sub + self.bias_obj_a) @ ent_t.transpose(-1, -2) + BIAS_C).masked_fill(
+            ent_pad, float("-inf")
+        )
+        obj = ((h_obj + self.bias_obj_a) @ ent_t.transpose(-1, -2) + BIAS_C).masked_fill(
+            ent_pad, float("-inf")
+        )
+        rel = ((h_rel + self.bias_pred_a) @ rel_t.transpose(-1, -2) + BIAS_C).masked_fill(
+            rel_pad, float("-inf")
+        )
+        return (sub, obj), rel
+
     @staticmethod
-    def _block(valid: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
-        """valid Tensor[G, Q] -> Tensor[G, Q, Q] bool: keys that are empty slots are blocked for every query;
-        the diagonal stays open so an empty slot's own row is finite (its output is never read)."""
+    def _refine(delta: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """Box refinement: sigmoid(delta + inverse_sigmoid(ref)); a 2-d reference moves only the centre and the
+        size comes from delta alone (the first entity layer, as in Deformable DETR's box refinement)."""
+        if ref.shape[-1] == 2:
+            return torch.cat([delta[..., :2] + inverse_sigmoid(ref), delta[..., 2:]], -1).sigmoid()
+        return (delta + inverse_sigmoid(ref)).sigmoid()
+
+    @staticmethod
+    def _attn_mask(valid: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        """valid Tensor[G, Q] -> Tensor[G, Q, Q] bool: keys that are empty slots are hidden from every query (the
+        reference's key padding mask), plus the extra blocked pairs. An empty group (no valid slot) keeps its
+        diagonal open so its rows stay finite (they are never read)."""
         q = valid.shape[1]
         block = (~valid)[:, None, :].expand(-1, q, -1)
         if extra is not None:
             block = block | extra
-        eye = torch.eye(q, dtype=torch.bool, device=valid.device)
-        return block & ~eye
+        all_blocked = block.all(-1, keepdim=True)
+        eye = torch.eye(q, dtype=torch.bool, device=valid.device)[None]
+        return block & ~(eye & all_blocked)

@@ -1,45 +1,54 @@
-"""R-Tagger inference (RLIPv2 Sec. 4.2.2): score annotated subject-object pairs against relation texts."""
+"""R-Tagger inference (RLIPv2 Sec. 4.2.2): score annotated subject-object pairs against relation texts.
+
+`load_tagger(DIR).score(image, boxes, labels, pairs, texts)` is the scoring API for notebooks and checks;
+`tag_image` is what the tag stage calls. Both follow the reference tagger's semantics:
+- one image per encoder pass (the reference runs batch size 1), so an image's scores never depend on the
+  other images of a batch; the encoder runs once per (image, text list) and every group decodes from it;
+- pairs fill slots in the given order, N_Q = 100 per group (a pair may repeat, as the reference repeats a
+  pair once per text); groups never interact;
+- every slot is scored against every text in `texts`, in that order (the forward's merged text list): the
+  texts are fused with the image, so the list itself is part of the input;
+- p_subject / p_object: top-1 of the softmax over the class keys plus "no objects"; p_relation: sigmoid.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from models.rlipv2.boxes import xywh_pixels_to_cxcywh
 from models.rlipv2.model import RLIPv2ParSeD
+from models.rlipv2.preprocess import preprocess_image
+
+GROUPS_PER_FORWARD = 16  # the reference's --img_inference_batch: groups decoded together (memory bound only)
 
 
 @dataclass(slots=True)
-class TagImage:
-    """One image to tag.
+class Scores:
+    """p_subject float32[P], p_object float32[P], p_relation float32[P, T] (numpy)."""
 
-    pixels: Tensor[3, H, W] normalised (see preprocess); boxes: Tensor[n_boxes, 4] (cx, cy, w, h) in [0, 1];
-    labels: class name per box; groups: per forward, the (subject, object) box-index pairs (<= N_Q each);
-    rel_texts: the image's relation texts, every pair gets a sigmoid for each.
-    """
-
-    pixels: torch.Tensor
-    boxes: torch.Tensor
-    labels: list[str]
-    groups: list[list[tuple[int, int]]]
-    rel_texts: list[str]
+    p_subject: np.ndarray
+    p_object: np.ndarray
+    p_relation: np.ndarray
 
 
-@dataclass(slots=True)
-class GroupScores:
-    """Per group: p_subject Tensor[P], p_object Tensor[P] (top-1 softmax), p_relation Tensor[P, Tr] (sigmoid)."""
-
-    p_subject: torch.Tensor
-    p_object: torch.Tensor
-    p_relation: torch.Tensor
-
-
-def entity_phrases(model: RLIPv2ParSeD, labels: list[str]) -> list[str]:
-    """The entity phrases of an image: the model's vocabulary plus the image's labels, sorted, "no objects" last."""
-    names = sorted(set(model.cfg.entity_names) | set(labels))
-    if model.cfg.no_object_text in names:
-        raise ValueError(f"class name {model.cfg.no_object_text!r} collides with the 'no objects' phrase")
+def entity_texts(
+    model: RLIPv2ParSeD, labels: list[str] | None = None, class_keys: list[str] | None = None
+) -> list[str]:
+    """The entity texts scored by the subject/object heads: the class keys in order (`class_keys`, else the
+    model's), then any label of the image that is not among them (reltag extension for checkpoints without a
+    vocabulary), then "no objects"."""
+    names = list(model.cfg.entity_names if class_keys is None else class_keys)
+    known = set(names)
+    for lb in labels or []:
+        if lb not in known:
+            names.append(lb)
+            known.add(lb)
+    if model.cfg.no_object_text in known:
+        raise ValueError(f"class key {model.cfg.no_object_text!r} collides with the 'no objects' text")
     return names + [model.cfg.no_object_text]
 
 
@@ -56,74 +65,158 @@ def pad_images(pixels: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def tag_images(
-    model: RLIPv2ParSeD, images: list[TagImage], n_q: int, reference_style: bool = False
-) -> tuple[list[list[GroupScores]], dict]:
-    """Score every group of every image; one backbone+encoder pass per image, all groups decoded together.
+def tag_image(
+    model: RLIPv2ParSeD,
+    pixels: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: list[str],
+    slots: list[tuple[int, int]],
+    texts: list[str],
+    n_q: int | None = None,
+    groups_per_forward: int = GROUPS_PER_FORWARD,
+    reference_style: bool = False,
+    class_keys: list[str] | None = None,
+    group_sizes: list[int] | None = None,
+) -> tuple[Scores, dict]:
+    """Score `slots` of one image against `texts`.
 
-    Every group is padded to exactly n_q slots (empty slots masked), so a pair's scores do not depend on how
-    many other pairs share its group's padding. reference_style=True reproduces the reference code's
-    cost model for benchmarks: the image is repeated once per group in the batch (one encoder pass per
-    group) and every phrase is re-encoded by RoBERTa in every forward (no cache); scores are the same.
-
-    Returns: per image, per group, GroupScores; and counters (encoder_passes, decoder_groups).
+    Args:
+        pixels: Tensor[3, H, W] normalised (preprocess_image); boxes: Tensor[n, 4] (cx, cy, w, h) in [0, 1];
+        labels: class key per box; slots: (subject, object) box indices, in slot order (repeats allowed);
+        texts: relation texts; n_q: slots per group (default the model's N_Q).
+        class_keys: the entity texts' class keys (default the model's `entity_names`).
+        group_sizes: slots per group in order (each <= n_q, summing to len(slots)); default: cut every n_q.
+        reference_style: benchmark baseline with the reference's cost model: the image is re-encoded for
+            every group (the reference repeats it once per group in the batch) and phrases are re-encoded
+            every forward; the scores are the same.
+    Returns: Scores, and counters (encoder_passes, decoder_groups).
     """
     model.eval()
+    n_q = n_q or model.cfg.n_q
+    if not 0 < n_q <= model.cfg.n_q:
+        raise ValueError(f"tag_image: n_q {n_q} must be in 1..{model.cfg.n_q} (the model's pair slots)")
+    n_box = boxes.shape[0]
+    if len(labels) != n_box:
+        raise ValueError(f"tag_image: {n_box} boxes but {len(labels)} labels")
+    for k, (s, o) in enumerate(slots):
+        if not (0 <= s < n_box and 0 <= o < n_box):
+            raise ValueError(f"tag_image: pair {k} ({s}, {o}) names a box outside 0..{n_box - 1}")
+    p = len(slots)
+    if p == 0:
+        z = np.zeros(0, np.float32)
+        return Scores(z, z.copy(), np.zeros((0, len(texts)), np.float32)), {
+            "encoder_passes": 0,
+            "decoder_groups": 0,
+        }
     dev = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    images = [im for im in images]
-    for k, im in enumerate(images):
-        for g, grp in enumerate(im.groups):
-            if not 0 < len(grp) <= n_q:
-                raise ValueError(f"image {k} group {g} has {len(grp)} pairs; a group needs 1..{n_q} (N_Q)")
-    ents = [entity_phrases(model, im.labels) for im in images]
-    if reference_style:
-        # one batch row per group: the image is re-encoded for each of its groups
-        rows = [(k, g) for k, im in enumerate(images) for g in range(len(im.groups))]
-        px, pmask = pad_images([images[k].pixels.to(dev, dtype) for k, _ in rows])
-        state = model.encode(
-            px,
-            pmask,
-            [ents[k] for k, _ in rows],
-            [images[k].rel_texts for k, _ in rows],
-            use_phrase_cache=False,
-        )
-        img_index = torch.arange(len(rows), device=dev)
-        n_enc = len(rows)
+    ents = entity_texts(model, labels, class_keys)
+    label_idx = torch.tensor([ents.index(lb) for lb in labels], dtype=torch.long, device=dev)
+    px = pixels.to(dev, dtype)[None]
+    pmask = torch.zeros(1, px.shape[2], px.shape[3], dtype=torch.bool, device=dev)
+    cache = False if reference_style else None
+    state = (
+        None if reference_style else model.encode(px, pmask, [ents], [list(texts)], use_phrase_cache=cache)
+    )
+    n_enc = 0 if reference_style else 1
+    pairs = torch.as_tensor(np.asarray(slots, dtype=np.int64).reshape(-1, 2), device=dev)
+    bx = boxes.to(dev, dtype)
+    p_sub, p_obj, p_rel = [], [], []
+    if group_sizes is None:
+        groups = [pairs[i : i + n_q] for i in range(0, p, n_q)]
     else:
-        rows = [(k, g) for k, im in enumerate(images) for g in range(len(im.groups))]
-        px, pmask = pad_images([im.pixels.to(dev, dtype) for im in images])
-        state = model.encode(px, pmask, ents, [im.rel_texts for im in images])
-        img_index = torch.tensor([k for k, _ in rows], dtype=torch.long, device=dev)
-        n_enc = len(images)
-    if not rows:
-        return [[] for _ in images], {"encoder_passes": 0, "decoder_groups": 0}
-    # queries: [G, n_q] boxes and entity-phrase indices; empty slots get a dummy valid box and are masked
-    n_g = len(rows)
-    sub_b = torch.full((n_g, n_q, 4), 0.5, dtype=dtype, device=dev)
-    obj_b = sub_b.clone()
-    sub_l = torch.zeros(n_g, n_q, dtype=torch.long, device=dev)
-    obj_l = sub_l.clone()
-    valid = torch.zeros(n_g, n_q, dtype=torch.bool, device=dev)
-    for r, (k, g) in enumerate(rows):
-        im = images[k]
-        pairs = np.asarray(im.groups[g], dtype=np.int64)
-        label_idx = torch.tensor([ents[k].index(lb) for lb in im.labels], dtype=torch.long, device=dev)
-        s = torch.as_tensor(pairs[:, 0], device=dev)
-        o = torch.as_tensor(pairs[:, 1], device=dev)
-        p = len(pairs)
-        boxes = im.boxes.to(dev, dtype)
-        sub_b[r, :p], obj_b[r, :p] = boxes[s], boxes[o]
-        sub_l[r, :p], obj_l[r, :p] = label_idx[s], label_idx[o]
-        valid[r, :p] = True
-    out = model.decode(state, img_index, sub_b, obj_b, sub_l, obj_l, valid)
-    # softmax over the image's valid entity phrases (padded phrases have -inf logits), top-1 probability
-    p_sub = out.sub_logits.float().softmax(-1).amax(-1)
-    p_obj = out.obj_logits.float().softmax(-1).amax(-1)
-    p_rel = out.rel_logits.float().sigmoid()
-    result: list[list[GroupScores]] = [[] for _ in images]
-    for r, (k, g) in enumerate(rows):
-        p = len(images[k].groups[g])
-        n_t = len(images[k].rel_texts)
-        result[k].append(GroupScores(p_sub[r, :p].cpu(), p_obj[r, :p].cpu(), p_rel[r, :p, :n_t].cpu()))
-    return result, {"encoder_passes": n_enc, "decoder_groups": n_g}
+        if sum(group_sizes) != p or not all(0 < k <= n_q for k in group_sizes):
+            raise ValueError(
+                f"tag_image: group sizes {group_sizes} must be 1..{n_q} each and sum to {p} slots"
+            )
+        bounds = np.cumsum([0, *group_sizes])
+        groups = [pairs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    for start in range(0, len(groups), groups_per_forward):
+        chunk = groups[start : start + groups_per_forward]
+        g = len(chunk)
+        if reference_style:
+            # the reference's batch: the image repeated once per group, texts re-encoded
+            st = model.encode(px.expand(g, -1, -1, -1), pmask.expand(g, -1, -1), [ents] * g, [list(texts)] * g,
+                              use_phrase_cache=False)  # fmt: skip
+            img_index = torch.arange(g, device=dev)
+            n_enc += g
+        else:
+            st = state
+            img_index = torch.zeros(g, dtype=torch.long, device=dev)
+        sub_b = torch.full((g, n_q, 4), 0.5, dtype=dtype, device=dev)
+        obj_b = sub_b.clone()
+        sub_l = torch.zeros(g, n_q, dtype=torch.long, device=dev)
+        obj_l = sub_l.clone()
+        valid = torch.zeros(g, n_q, dtype=torch.bool, device=dev)
+        for r, grp in enumerate(chunk):
+            k = grp.shape[0]
+            sub_b[r, :k], obj_b[r, :k] = bx[grp[:, 0]], bx[grp[:, 1]]
+            sub_l[r, :k], obj_l[r, :k] = label_idx[grp[:, 0]], label_idx[grp[:, 1]]
+            valid[r, :k] = True
+        out = model.decode(st, img_index, sub_b, obj_b, sub_l, obj_l, valid)
+        ps = out.sub_logits.float().softmax(-1).amax(-1)
+        po = out.obj_logits.float().softmax(-1).amax(-1)
+        pr = out.rel_logits.float().sigmoid()
+        for r, grp in enumerate(chunk):
+            k = grp.shape[0]
+            p_sub.append(ps[r, :k])
+            p_obj.append(po[r, :k])
+            p_rel.append(pr[r, :k, : len(texts)])
+    scores = Scores(
+        torch.cat(p_sub).cpu().numpy().astype(np.float32),
+        torch.cat(p_obj).cpu().numpy().astype(np.float32),
+        torch.cat(p_rel).cpu().numpy().astype(np.float32).reshape(p, len(texts)),
+    )
+    return scores, {"encoder_passes": n_enc, "decoder_groups": len(groups)}
+
+
+class Tagger:
+    """A loaded R-Tagger with the scoring API. Build with load_tagger(DIR)."""
+
+    def __init__(self, model: RLIPv2ParSeD, revision: str):
+        self.model = model.eval()
+        self.revision = revision
+
+    @property
+    def class_keys(self) -> list[str]:
+        return list(self.model.cfg.entity_names)
+
+    def score(self, image, boxes, labels, pairs, texts, n_q: int | None = None) -> Scores:
+        """Score pairs of one image against relation texts.
+
+        Args:
+            image: PIL image (converted to RGB); boxes: [[x, y, w, h]] in pixels; labels: class key per box (one
+            of `class_keys`); pairs: [(subject_idx, object_idx)] in slot order; texts: relation texts.
+        Returns: Scores (numpy float32): p_subject [P], p_object [P], p_relation [P, T].
+        """
+        from PIL import Image
+
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"score: image must be a PIL image, got {type(image).__name__}")
+        keys = set(self.model.cfg.entity_names)
+        if keys:
+            unknown = sorted({lb for lb in labels if lb not in keys})
+            if unknown:
+                raise ValueError(
+                    f"score: labels {unknown[:5]} are not class keys of this tagger (first keys: "
+                    f"{self.class_keys[:5]}); the subject/object heads score the dataset's class keys"
+                )
+        img = image.convert("RGB")
+        w, h = img.size
+        rows = []
+        for k, b in enumerate(boxes):
+            if len(b) != 4 or not all(np.isfinite(b)) or b[2] <= 0 or b[3] <= 0:
+                raise ValueError(f"score: box {k} {list(b)} must be [x, y, w, h] with w, h > 0")
+            rows.append(xywh_pixels_to_cxcywh(*map(float, b), w, h))
+        bx = torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
+        px = preprocess_image(img, self.model.cfg)
+        scores, _ = tag_image(self.model, px, bx, list(labels), [tuple(p) for p in pairs], list(texts), n_q)
+        return scores
+
+
+def load_tagger(ckpt_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Tagger:
+    """Load a reltag checkpoint directory (converted from the reference, or trained by reltag)."""
+    from models.rlipv2.checkpoint import checkpoint_revision, load_checkpoint
+
+    model = load_checkpoint(ckpt_dir, device=device, dtype=dtype)
+    return Tagger(model, checkpoint_revision(ckpt_dir))

@@ -24,16 +24,16 @@ from models.rlipv2.losses import pair_losses
 from models.rlipv2.matcher import hungarian_match
 from models.rlipv2.model import RLIPv2ParSeD
 from models.rlipv2.preprocess import preprocess_image
-from models.rlipv2.tagger import entity_phrases, pad_images
+from models.rlipv2.tagger import entity_texts, pad_images
 
 
 def tiny_config(**overrides) -> RLIPv2Config:
-    """A few-thousand-parameter architecture with the paper's structure (4 levels, 6 + ALIF, 3 + 3 decoders):
-    for tests and the offline example run only; the constants of the real model are RLIPv2Config's defaults."""
+    """A small architecture with the reference's structure (4 levels, 6 encoder layers with 3 fusions, 3 + 3
+    decoder layers): for tests and the offline example run only; the real constants are RLIPv2Config's defaults."""
     base = dict(
-        backbone_config=dict(
-            embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic"
-        ),
+        backbone_depths=(1, 1, 1, 1),
+        backbone_widths=(4, 8, 16, 32),
+        backbone_stem=8,
         text_config=dict(
             vocab_size=128,
             hidden_size=32,
@@ -48,10 +48,12 @@ def tiny_config(**overrides) -> RLIPv2Config:
         d_model=32,
         n_heads=4,
         d_ffn=64,
-        n_q=16,
+        gn_groups=8,
+        fusion_dim=64,
+        fusion_heads=4,
         min_size=64,
         max_size=112,
-        alif_gate_init=0.5,
+        dropout=0.0,
     )
     base.update(overrides)
     return RLIPv2Config(**base)
@@ -100,7 +102,7 @@ def make_batch(
     for im in images:
         pixels.append(preprocess_image(Image.open(Path(image_root) / im.file_name), cfg))
         labels = [o.name for o in im.objects]
-        ent = entity_phrases(model, labels)
+        ent = entity_texts(model, labels)
         ents.append(ent)
         by_id = {o.object_id: o for o in im.objects}
         pairs = sorted({(r.subject_id, r.object_id) for r in im.relationships})
