@@ -3,13 +3,17 @@
 Baseline "reference_style" = how the RLIPv2 reference code runs the R-Tagger: the image is repeated once
 per group of N_Q pairs in the batch (one backbone+encoder pass per group) and every phrase (365 class
 names, "no objects", the relation texts) is re-encoded by RoBERTa in every forward. Candidate "reltag" =
-models.rlipv2.tagger.tag_images: one backbone+encoder pass per image shared by all its groups, RoBERTa
+models.rlipv2.tagger.tag_image: one backbone+encoder pass per image shared by all its groups, RoBERTa
 features cached by text across images (steady state: the class names are cached; "reltag_cold" clears the
 cache before every call, i.e. a new image whose phrases were never seen).
 
-Full-size architecture, random weights, CPU: ResNet-50 (transformers ResNetConfig defaults), RoBERTa-base
-(hidden 768, 12 layers), hidden 256, 8 heads, 4 points, FFN 1024, 6 encoder layers with 3 ALIF, 3 + 3
-decoder layers. Synthetic Objects365-like image: 40 boxes, 365 two-word class names, 250 candidate pairs
+Full-size parity architecture (the reference tagger's, models/rlipv2), random weights, CPU: ResNet-50,
+RoBERTa-base (hidden 768, 12 layers), hidden 256, 8 heads, 4 points, FFN 1024, 6 encoder layers with 3
+GLIP fusions (2048-d) + 3 RoBERTa layers, 3 + 3 decoder layers, 100 pair slots.
+
+Batch invariance: reltag encodes one image per pass (the reference runs batch size 1), so an image's scores
+never depend on its batch-mates. Its cost is measured as the encoder time of two differently sized images
+encoded one at a time vs together in one padded batch (the non-invariant alternative). Synthetic Objects365-like image: 40 boxes, 365 two-word class names, 250 candidate pairs
 (3 groups at N_Q = 100) and a 20-pair variant. The tokenizer is word-level over the benchmark's words
 (no download possible); the phrases are 1-3 words, as Objects365 names and relation spans are.
 
@@ -34,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import PeakRSS, machine  # noqa: E402
 from models.rlipv2.config import RLIPv2Config  # noqa: E402
 from models.rlipv2.model import RLIPv2ParSeD  # noqa: E402
-from models.rlipv2.tagger import TagImage, tag_images  # noqa: E402
+from models.rlipv2.tagger import entity_texts, pad_images, tag_image  # noqa: E402
 from models.rlipv2.tokenizer import build_word_tokenizer  # noqa: E402
 
 ADJ = ["red", "small", "wooden", "plastic", "glass", "metal", "paper", "leather", "baby", "traffic", "street",
@@ -67,17 +71,12 @@ def build_model(names: list[str]) -> RLIPv2ParSeD:
         "num_attention_heads": rb.num_attention_heads, "intermediate_size": rb.intermediate_size,
         "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1, "bos_token_id": 0, "eos_token_id": 2,
     }  # fmt: skip
-    from transformers import ResNetConfig
-
-    r = ResNetConfig()  # defaults are ResNet-50: bottleneck, depths [3, 4, 6, 3], widths [256 .. 2048]
-    backbone_config = {"embedding_size": r.embedding_size, "hidden_sizes": list(r.hidden_sizes), "depths": list(r.depths),
-                       "layer_type": r.layer_type}  # fmt: skip
-    cfg = RLIPv2Config(backbone_config=backbone_config, text_config=text_config, entity_names=names)
+    cfg = RLIPv2Config(text_config=text_config, entity_names=names)  # defaults: ResNet-50, the tagger's flags
     torch.manual_seed(0)
     return RLIPv2ParSeD(cfg, tok).eval()
 
 
-def scene(h: int, w: int, n_pairs: int, names: list[str], seed: int = 0) -> TagImage:
+def scene(h: int, w: int, n_pairs: int, names: list[str], seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     n_boxes = 40
     c = torch.rand(n_boxes, 2, generator=g) * 0.7 + 0.15
@@ -86,9 +85,9 @@ def scene(h: int, w: int, n_pairs: int, names: list[str], seed: int = 0) -> TagI
     pairs = [(s, o) for s in range(n_boxes) for o in range(n_boxes) if s != o]
     perm = torch.randperm(len(pairs), generator=g)[:n_pairs].tolist()
     chosen = sorted(pairs[i] for i in perm)
-    groups = [chosen[i : i + 100] for i in range(0, len(chosen), 100)]
     n_rel = 12 if n_pairs > 100 else 5  # distinct relation texts of the image's candidates
-    return TagImage(torch.randn(3, h, w, generator=g), torch.cat([c, wh], 1), labels, groups, RELS[:n_rel])
+    return {"pixels": torch.randn(3, h, w, generator=g), "boxes": torch.cat([c, wh], 1), "labels": labels,
+            "slots": chosen, "texts": RELS[:n_rel], "groups": -(-n_pairs // 100)}  # fmt: skip
 
 
 def timed(fn) -> tuple[float, float, float]:
@@ -101,15 +100,40 @@ def timed(fn) -> tuple[float, float, float]:
 
 
 def max_diff(a, b) -> float:
-    d = 0.0
-    for ga, gb in zip(a[0][0], b[0][0]):  # (per image, per group) of the single image
-        for x, y in (
-            (ga.p_relation, gb.p_relation),
-            (ga.p_subject, gb.p_subject),
-            (ga.p_object, gb.p_object),
-        ):
-            d = max(d, float((x - y).abs().max()))
-    return d
+    return max(float(abs(x - y).max()) for x, y in ((a.p_relation, b.p_relation), (a.p_subject, b.p_subject),
+                                                    (a.p_object, b.p_object)))  # fmt: skip
+
+
+def run(model, im, **kw):
+    return tag_image(model, im["pixels"], im["boxes"], im["labels"], im["slots"], im["texts"], **kw)[0]
+
+
+def invariance_cost(model, h: int, w: int, names: list[str], reps: int) -> dict:
+    """Encoder seconds for two differently sized images: one at a time (reltag) vs one padded batch."""
+    g = torch.Generator().manual_seed(1)
+    pix = [torch.randn(3, h, w, generator=g), torch.randn(3, h, int(w * 0.8), generator=g)]
+    ents = entity_texts(model)
+    texts = RELS[:12]
+
+    def single():
+        with torch.no_grad():
+            for p in pix:
+                model.encode(p[None], torch.zeros(1, *p.shape[1:], dtype=torch.bool), [ents], [texts])
+
+    def batched():
+        px, mask = pad_images(pix)
+        with torch.no_grad():
+            model.encode(px, mask, [ents, ents], [texts, texts])
+
+    single()
+    batched()
+    t_single, t_batch = [], []
+    for _ in range(reps):
+        t_single.append(timed(single)[0])
+        t_batch.append(timed(batched)[0])
+    ms, mb = statistics.median(t_single), statistics.median(t_batch)
+    return {"one_image_per_pass_s": t_single, "padded_batch_s": t_batch, "median_one_per_pass_s": ms,
+            "median_padded_batch_s": mb, "cost_ratio": ms / mb}  # fmt: skip
 
 
 def main() -> None:
@@ -128,8 +152,8 @@ def main() -> None:
         im = scene(h, w, n_pairs, names)
 
         # warm-up: first call of each path (allocator, lazily built kernels, phrase cache for reltag)
-        ref_out = tag_images(model, [im], n_q, reference_style=True)
-        ours_out = tag_images(model, [im], n_q)
+        ref_out = run(model, im, n_q=n_q, reference_style=True)
+        ours_out = run(model, im, n_q=n_q)
         diff = max_diff(ours_out, ref_out)
         if diff > 1e-4:
             raise SystemExit(
@@ -137,14 +161,14 @@ def main() -> None:
             )
 
         def ref(im=im):
-            return tag_images(model, [im], n_q, reference_style=True)
+            return run(model, im, n_q=n_q, reference_style=True)
 
         def ours(im=im):
-            return tag_images(model, [im], n_q)
+            return run(model, im, n_q=n_q)
 
         def cold(im=im):
-            model.phrases.clear_cache()
-            return tag_images(model, [im], n_q)
+            model.phrase_cache.clear()
+            return run(model, im, n_q=n_q)
 
         # interleaved repeats (ref, ours, cold, ref, ...): load from other processes hits all three alike
         runs = {"ref": [], "ours": [], "cold": []}
@@ -154,11 +178,11 @@ def main() -> None:
         t_ref, t_ours, t_cold = ([r[0] for r in runs[k]] for k in ("ref", "ours", "cold"))
         cpu = {k: statistics.median(r[1] for r in v) for k, v in runs.items()}
         m_ref, m_ours, m_cold = (max(r[2] for r in runs[k]) for k in ("ref", "ours", "cold"))
-        model.phrases.clear_cache()
-        tag_images(model, [im], n_q)  # re-warm the cache for the next scene
+        model.phrase_cache.clear()
+        run(model, im, n_q=n_q)  # re-warm the cache for the next scene
         med = {k: statistics.median(v) for k, v in (("ref", t_ref), ("ours", t_ours), ("cold", t_cold))}
         results[f"{n_pairs}_pairs"] = {
-            "groups": len(im.groups),
+            "groups": im["groups"],
             "pairs": n_pairs,
             "max_abs_score_diff": diff,
             "reference_style": {"seconds": t_ref, "median_s": med["ref"], "images_per_s": 1 / med["ref"],
@@ -174,11 +198,17 @@ def main() -> None:
         }  # fmt: skip
         r = results[f"{n_pairs}_pairs"]
         print(
-            f"cpu-time speedup {r['speedup_cpu_time']:.2f}x; {n_pairs} pairs ({len(im.groups)} groups): reference_style {med['ref']:.2f} s/img, reltag "
+            f"cpu-time speedup {r['speedup_cpu_time']:.2f}x; {n_pairs} pairs ({im['groups']} groups): reference_style {med['ref']:.2f} s/img, reltag "
             f"{med['ours']:.2f} s/img ({r['speedup']:.2f}x), cold cache {med['cold']:.2f} s/img "
             f"({r['speedup_cold']:.2f}x); max |score diff| {diff:.2e}",
             flush=True,
         )
+    inv = invariance_cost(model, h, w, names, reps)
+    print(
+        f"batch invariance: two images encoded one per pass {inv['median_one_per_pass_s']:.2f} s vs one padded "
+        f"batch {inv['median_padded_batch_s']:.2f} s ({inv['cost_ratio']:.2f}x)",
+        flush=True,
+    )
     head = results["250_pairs"]
     out = {
         "name": "tagger",
@@ -196,6 +226,7 @@ def main() -> None:
         "peak_rss_mib": {k: {"reference_style": v["reference_style"]["peak_rss_mib"], "reltag": v["reltag"]["peak_rss_mib"]}
                          for k, v in results.items()},
         "results": results,
+        "batch_invariance_cost": inv,
         "machine": machine_info(),
     }  # fmt: skip
     path = ROOT / "benchmarks" / "results" / "tagger.json"

@@ -1,5 +1,5 @@
 """The flow with real model code: BLIP captions (tiny, random weights, loaded from disk) and the R-Tagger
-(tiny checkpoint) on the bundled photographs, through `reltag run`, plus a corrupt image quarantined."""
+(a tiny reference-layout checkpoint converted by models.rlipv2.convert) on the bundled photographs, through `reltag run`, plus a corrupt image quarantined."""
 
 from __future__ import annotations
 
@@ -12,10 +12,7 @@ import torch
 
 from flows.cli import EXAMPLES, main
 from flows.status import find_runs, run_status
-from models.rlipv2.checkpoint import save_checkpoint
-from models.rlipv2.model import RLIPv2ParSeD
 from models.rlipv2.tokenizer import build_word_tokenizer
-from models.rlipv2.train import tiny_config
 from storage import schemas
 from storage.records import Quarantined
 from tests.test_caption_blip import build_tiny_blip
@@ -25,34 +22,31 @@ pytestmark = [pytest.mark.flow, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
+    """BLIP (tiny, random) and an R-Tagger converted from a reference-layout checkpoint (.pth with args), the
+    way a user turns the authors' released weights into a reltag checkpoint."""
+    import argparse
+    import dataclasses
+
+    from transformers import RobertaConfig
+
+    from models.rlipv2.convert import main as convert_main
+    from tests.rlipv2_reference import TINY, reference_state_dict
+
     d = tmp_path_factory.mktemp("models")
     build_tiny_blip(str(d / "blip"))
-    torch.manual_seed(0)
-    cfg = tiny_config()
-    words = [
-        "person",
-        "helmet",
-        "cup",
-        "plate",
-        "spoon",
-        "camera",
-        "tripod",
-        "gloves",
-        "flag",
-        "on",
-        "next",
-        "to",
-        "with",
-        "holding",
-        "wearing",
-        "near",
-        "beside",
-        "of",
-        "in",
-        "at",
-        "sitting",
-    ]
-    save_checkpoint(RLIPv2ParSeD(cfg, build_word_tokenizer(words + [cfg.no_object_text])), d / "rtagger")
+    sizes = dataclasses.replace(TINY, n_q=100)  # 200 queries, as the released tagger
+    words = ["person", "helmet", "cup", "plate", "spoon", "camera", "tripod", "gloves", "flag", "on", "next",
+             "to", "with", "holding", "wearing", "near", "beside", "of", "in", "at", "sitting", "no", "objects"]  # fmt: skip
+    text_dir = d / "roberta-tiny"
+    RobertaConfig(**sizes.text_config()).save_pretrained(text_dir)
+    build_word_tokenizer(words, text_dir)
+    args = argparse.Namespace(hidden_dim=sizes.d, nheads=sizes.heads, enc_n_points=sizes.points,
+                              dec_n_points=sizes.points, num_queries=2 * sizes.n_q, fusion_type="GLIP_attn",
+                              fusion_interval=2, fusion_last_vis=True, with_box_refine=True, backbone="resnet50")  # fmt: skip
+    torch.save({"model": reference_state_dict(sizes, seed=3), "epoch": 19, "args": args}, d / "tagger.pth")
+    rc = convert_main(["--reference", str(d / "tagger.pth"), "--text-model", str(text_dir), "--out",
+                       str(d / "rtagger"), "--vocabulary", "o365"])  # fmt: skip
+    assert rc == 0
     return d
 
 

@@ -206,3 +206,86 @@ def test_bfloat16_runner_close_to_float32(runner):
         assert abs(x.p_relation - y.p_relation) < 5e-3 and abs(x.p_subject - y.p_subject) < 5e-3
     with pytest.raises(ValueError, match="dtype 'float64' is not one of"):
         RTaggerRunner(model16, "test", dtype="float64")
+
+
+def test_reference_grouping_slots_forwards_and_merged_texts(runner):
+    """grouping 'reference': (pair, text) slots, N_Q per group, 16 groups per forward sharing the forward's
+    merged texts; a row's score is its slot's score against its own text in that forward's text list."""
+    from models.rlipv2.preprocess import preprocess_image
+    from models.rlipv2.tagger import tag_image
+    from tasks.match import reference_slot_groups
+
+    im, px = _image(7, 9, seed=7)
+    cands = _candidates(
+        im, 40, texts_per_pair=(1, 2, 3)
+    )  # 14 x 1 + 13 x 2 + 13 x 3 = 79 (pair, text) entries
+    n_q = 4
+    cfg = TagConfig(tagger="rtagger", grouping="reference", n_q=n_q)
+    rows, stats = tag_batch_rtagger([im], [px], cands, runner, cfg)
+    groups = reference_slot_groups(cands, n_q)
+    assert len(groups) == 20 and sum(len(g.slots) for g in groups) == 79
+    assert stats["slots"] == 79 and stats["groups"] == 20 and stats["encoder_passes"] == 2  # 16 + 4 groups
+    assert len(rows) == len(cands)  # texts "matched": one row per (pair, text) entry
+    # the second forward, computed directly: groups 16..19, texts merged in first-seen order
+    chunk = groups[16:]
+    texts = list(dict.fromkeys(t for g in chunk for t in g.texts))
+    index = {b.ann_id: k for k, b in enumerate(im.boxes)}
+    slots = [s for g in chunk for s in g.slots]
+    own = [g.texts[i] for g in chunk for i in g.slot_text]
+    boxes = torch.tensor(
+        [
+            [(b.x + b.w / 2) / im.width, (b.y + b.h / 2) / im.height, b.w / im.width, b.h / im.height]
+            for b in im.boxes
+        ]
+    )
+    scores, _ = tag_image(
+        runner.model, preprocess_image(px, runner.model.cfg), boxes, [b.label for b in im.boxes],
+        [(index[s], index[o]) for s, o in slots], texts, n_q=n_q, group_sizes=[len(g.slots) for g in chunk],
+    )  # fmt: skip
+    got = {(r.subject_ann_id, r.object_ann_id, r.relation): r for r in rows}
+    for k, ((s, o), t) in enumerate(zip(slots, own)):
+        r = got[(s, o, t)]
+        assert r.p_relation == pytest.approx(float(scores.p_relation[k, texts.index(t)]), abs=1e-6)
+        assert r.p_subject == pytest.approx(float(scores.p_subject[k]), abs=1e-6)
+    # the default grouping scores the same pairs in other groups against other texts: different numbers
+    rows_pairs, _ = tag_batch_rtagger([im], [px], cands, runner, TagConfig(tagger="rtagger", n_q=n_q))
+    assert {(r.subject_ann_id, r.object_ann_id, r.relation) for r in rows_pairs} == set(got)
+
+
+def test_vocabulary_class_keys_and_unknown_category(runner):
+    """With a vocabulary the heads score its class keys (+ 'no objects') and boxes enter with their category's
+    key; a category outside the vocabulary is an error naming the image and the box."""
+    from models.rlipv2.preprocess import preprocess_image
+    from models.rlipv2.tagger import tag_image
+    from models.rlipv2.vocab import class_keys, key_for_category
+
+    im, px = _image(8, 4, seed=8)
+    cands = _candidates(im, 3)
+    rows, _ = tag_batch_rtagger([im], [px], cands, runner, TagConfig(tagger="rtagger"), vocabulary="coco")
+    keys = class_keys("coco")
+    labels = [key_for_category("coco", b.category_id) for b in im.boxes]
+    assert labels[:2] == ["person", "bicycle"]  # COCO ids 1, 2 (the test's category ids are 1..6)
+    boxes = torch.tensor(
+        [
+            [(b.x + b.w / 2) / im.width, (b.y + b.h / 2) / im.height, b.w / im.width, b.h / im.height]
+            for b in im.boxes
+        ]
+    )
+    index = {b.ann_id: k for k, b in enumerate(im.boxes)}
+    pairs = sorted({(c.subject_ann_id, c.object_ann_id) for c in cands})
+    texts = sorted({c.relation for c in cands})
+    scores, _ = tag_image(
+        runner.model, preprocess_image(px, runner.model.cfg), boxes, labels,
+        [(index[s], index[o]) for s, o in pairs], texts, class_keys=keys,
+    )  # fmt: skip
+    for r in rows:
+        k = pairs.index((r.subject_ann_id, r.object_ann_id))
+        assert r.p_subject == pytest.approx(float(scores.p_subject[k]), abs=1e-6)
+        assert r.p_relation == pytest.approx(float(scores.p_relation[k, texts.index(r.relation)]), abs=1e-6)
+    # 81 entity texts: a uniform-ish softmax over them bounds the top-1 probability from below by 1/81
+    assert all(r.p_subject >= 1 / 81 - 1e-6 for r in rows)
+    import dataclasses
+
+    im.boxes[0] = dataclasses.replace(im.boxes[0], category_id=12)  # COCO has no category 12
+    with pytest.raises(ValueError, match=r"image 8 \(img8.jpg\) box 800: category id 12 has no class key"):
+        tag_batch_rtagger([im], [px], cands, runner, TagConfig(tagger="rtagger"), vocabulary="coco")

@@ -207,7 +207,12 @@ class Tagger:
         for k, b in enumerate(boxes):
             if len(b) != 4 or not all(np.isfinite(b)) or b[2] <= 0 or b[3] <= 0:
                 raise ValueError(f"score: box {k} {list(b)} must be [x, y, w, h] with w, h > 0")
-            rows.append(xywh_pixels_to_cxcywh(*map(float, b), w, h))
+            # clamped to the image as the reference's CocoDetection does; empty after clamping is an error
+            x0, y0 = min(max(float(b[0]), 0.0), w), min(max(float(b[1]), 0.0), h)
+            x1, y1 = min(max(float(b[0] + b[2]), 0.0), w), min(max(float(b[1] + b[3]), 0.0), h)
+            if x1 <= x0 or y1 <= y0:
+                raise ValueError(f"score: box {k} {list(b)} lies outside the {w}x{h} image")
+            rows.append(xywh_pixels_to_cxcywh(x0, y0, x1 - x0, y1 - y0, w, h))
         bx = torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
         px = preprocess_image(img, self.model.cfg)
         scores, _ = tag_image(self.model, px, bx, list(labels), [tuple(p) for p in pairs], list(texts), n_q)
