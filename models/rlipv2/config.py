@@ -31,7 +31,7 @@ class RLIPv2Config:
     # text encoder: roberta-base; one feature per phrase = the pooler output (tanh(dense(h_<s>)))
     text_model: str = "roberta-base"
     text_config: dict | None = None
-    max_text_tokens: int = 32  # tokens per phrase (class keys and relation texts are a few words)
+    max_text_tokens: int = 512  # tokens per phrase: RoBERTa-base's limit; the reference does not truncate
     d_model: int = 256
     n_heads: int = 8
     n_points: int = 4

@@ -133,6 +133,8 @@ def config_from_reference(
         backbone_widths=widths,
         backbone_stem=stem,
         text_config=text_config,
+        # no truncation in the reference: the whole phrase, up to RoBERTa's positions (514 - 2 for roberta-base)
+        max_text_tokens=int(text_config["max_position_embeddings"]) - 2,
         d_model=int(d),
         n_heads=n_heads,
         n_points=n_points,

@@ -53,6 +53,7 @@ def tiny_config(**overrides) -> RLIPv2Config:
         fusion_heads=4,
         min_size=64,
         max_size=112,
+        max_text_tokens=32,  # the tiny RoBERTa has 40 positions
         dropout=0.0,
     )
     base.update(overrides)
