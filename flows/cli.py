@@ -33,9 +33,13 @@ OVERRIDES = {
     "tagger": ("tag", "tagger", str),
     "checkpoint": ("tag", "checkpoint", str),
     "tag_device": ("tag", "device", str),
-    "tag_batch_size": ("tag", "batch_size", int),
+    "tag_grouping": ("tag", "grouping", str),
+    "tag_texts": ("tag", "texts", str),
+    "clip_model": ("tag", "clip_model", str),
     "eta": ("threshold", "eta", float),
     "rule": ("threshold", "rule", str),
+    "clip_eta": ("threshold", "clip_eta", float),
+    "top_k_relations": ("threshold", "top_k", int),
 }
 
 

@@ -95,7 +95,6 @@ class MatchConfig(_Frozen):
     mode: Literal["correct", "reference"] = Field(
         "correct", description="'reference' reproduces the original substring, last-class-wins matcher"
     )
-    n_q: int = Field(100, ge=1, description="pairs per R-Tagger forward (N_Q)")
 
 
 class TagConfig(_Frozen):
@@ -103,16 +102,13 @@ class TagConfig(_Frozen):
 
     tagger: Literal["greedy_overlap", "rtagger", "clip"] = "greedy_overlap"
     checkpoint: str | None = None
-    text_model: str = "roberta-base"
-    backbone: str = "microsoft/resnet-50"
     texts: Literal["matched", "all"] = "matched"
     grouping: Literal["pairs", "reference"] = Field(
         "pairs",
         description="R-Tagger slots: 'pairs' = each pair once, all the image's texts per forward; 'reference' = "
         "the reference tagger's (pair, text) slots, 16 groups per forward sharing their merged texts",
     )
-    n_q: int = Field(100, ge=1)
-    batch_size: int = Field(4, ge=1, description="images per forward")
+    n_q: int = Field(100, ge=1, le=100, description="R-Tagger pair slots per group (N_Q; the model has 100)")
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     clip_model: str = Field(
@@ -172,7 +168,7 @@ class PipelineConfig(_Frozen):
         return self
 
     def output_affecting(self) -> dict:
-        """The settings that change the output (devices, tagger batch size and parse processes do not).
+        """The settings that change the output (devices and parse processes do not).
 
         The caption batch size stays in: sampled captions depend on how images share a generate call.
         """
@@ -180,7 +176,6 @@ class PipelineConfig(_Frozen):
         d["caption"].pop("device")
         d["parse"].pop("processes")
         d["tag"].pop("device")
-        d["tag"].pop("batch_size")
         return d
 
 

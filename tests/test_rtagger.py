@@ -138,7 +138,7 @@ def test_texts_all_scores_every_image_text_and_agrees_with_matched(runner):
 def test_images_batched_and_phrases_cached(runner):
     recs = [_image(10 + k, 4, seed=10 + k) for k in range(3)]
     cands = [c for im, _ in recs for c in _candidates(im, 6)]
-    cfg = TagConfig(tagger="rtagger", batch_size=2)
+    cfg = TagConfig(tagger="rtagger")
     runner.model.phrase_cache.clear()
     rows, stats = tag_batch_rtagger([r[0] for r in recs], [r[1] for r in recs], cands, runner, cfg)
     assert (
