@@ -27,21 +27,19 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="reltag-bench-pref
 
 def plain_loop(params) -> float:
     """Every unit of the run, in order, without Prefect."""
-    from storage.atomic import read_json
-    from storage.layout import BATCH_STAGES
+    from tasks.stages import BATCH_STAGES
     from tasks.pipeline import finalize_shard, run_batch_stage
     from tasks.plan_run import plan_run
 
     t = time.perf_counter()
-    ctx, _ = plan_run(
+    ctx, plan = plan_run(
         params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config
     )
-    manifest = read_json(ctx.layout.fs, ctx.layout.manifest)
-    for sh in manifest["shards"]:
-        for b in range(sh["batches"]):
+    for sh in plan.shards:
+        for b in range(sh.batches):
             for stage in BATCH_STAGES:
-                run_batch_stage(ctx, stage, sh["shard"], b)
-        finalize_shard(ctx, sh["shard"], sh["batches"])
+                run_batch_stage(ctx, stage, sh.shard, b)
+        finalize_shard(ctx, sh.shard, sh.batches)
     return time.perf_counter() - t
 
 

@@ -98,13 +98,14 @@ def cmd_plan(args) -> int:
     from tasks.plan_run import plan_run
 
     p = _params(args)
-    ctx, manifest = plan_run(p.annotations, p.images, p.out, p.captions, p.dataset_name, p.config)
-    c = manifest["counts"]
+    ctx, plan = plan_run(p.annotations, p.images, p.out, p.captions, p.dataset_name, p.config)
+    c = plan.counts
     print(
-        f"run key {ctx.run_key}: {c.get('images_planned', 0)} images, {c.get('boxes_planned', 0)} boxes in "
-        f"{len(manifest['shards'])} shards; {manifest['quarantined']} records quarantined"
+        f"run key {ctx.run_key} (plan {ctx.plan_key}): {c.get('images_planned', 0)} images, "
+        f"{c.get('boxes_planned', 0)} boxes in {len(plan.shards)} shards; {plan.quarantined} records quarantined"
     )
-    print(f"manifest: {ctx.layout.manifest}")
+    print(f"plan: {ctx.layout.plan_manifest}")
+    print(f"run:  {ctx.layout.manifest}")
     return 0
 
 
@@ -149,21 +150,71 @@ def cmd_demo(args) -> int:
 
 
 def _runs(args, quiet: bool = False) -> list:
-    """The runs under --out (only --run-key's, when given); says so on stderr when there are none."""
+    """The runs under --out, oldest first (only those whose key starts with --run-key, when given); says so on
+    stderr when there are none."""
     from flows.status import find_runs
 
-    runs = [r for r in find_runs(args.out) if not args.run_key or r.run_key == args.run_key]
+    runs = [r for r in find_runs(args.out) if not args.run_key or r.run_key.startswith(args.run_key)]
     if not runs and not quiet:
-        which = f" with run key {args.run_key}" if args.run_key else ""
+        which = f" with a run key starting {args.run_key!r}" if args.run_key else ""
         print(f"no runs under {args.out}{which}", file=sys.stderr)
     return runs
+
+
+def _one_run(args):
+    """The run a command shows: --run-key (a prefix) picks it; without it, the newest run, named on stderr."""
+    runs = _runs(args)
+    if not runs:
+        return None
+    if args.run_key and len(runs) > 1:
+        keys = ", ".join(r.run_key for r in runs)
+        print(
+            f"run key prefix {args.run_key!r} matches {len(runs)} runs ({keys}); give more of it",
+            file=sys.stderr,
+        )
+        return None
+    run = runs[-1]
+    if len(runs) > 1:
+        print(f"showing run {run.run_key} ({run.dataset}), the newest of {len(runs)}; --run-key picks another",
+              file=sys.stderr)  # fmt: skip
+    return run
+
+
+def cmd_runs(args) -> int:
+    """Every run under the root: key, dataset, date, what differs, progress and triplets."""
+    from flows.status import run_record, run_status
+
+    runs = _runs(args)
+    if not runs:
+        return 1
+    rows = []
+    for r in runs:
+        rec, st = run_record(r), run_status(r)
+        cfg = rec.config
+        rows.append({
+            "run_key": r.run_key, "dataset": r.dataset, "plan_key": rec.plan_key, "created_at": rec.created_at,
+            "stage_keys": dict(rec.stage_keys), "captioner": cfg["caption"]["captioner"],
+            "tagger": cfg["tag"]["tagger"], "eta": cfg["threshold"]["eta"], "rule": cfg["threshold"]["rule"],
+            "images": st["images"], "complete": st["complete"], "triplets": st.get("triplets"),
+            "output": r.base,
+        })  # fmt: skip
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        state = f"{row['triplets']} triplets" if row["complete"] else "incomplete"
+        print(
+            f"{row['run_key']}  {row['dataset']:<12} {row['created_at']}  captioner={row['captioner']} "
+            f"tagger={row['tagger']} eta={row['eta']} rule={row['rule']}  {row['images']} images, {state}"
+        )
+    return 0
 
 
 def cmd_status(args) -> int:
     from flows.status import run_status
 
-    runs = _runs(args)
-    if not runs:
+    runs = [_one_run(args)] if args.run_key else _runs(args)
+    if not runs or runs[0] is None:
         return 1
     report = [run_status(r) for r in runs]
     if args.json:
@@ -175,8 +226,9 @@ def cmd_status(args) -> int:
     con = Console()
     for st in report:
         t = Table(
-            title=f"{st['dataset']} / {st['run_key']}  ({st['images']} images, "
-            f"{'complete' if st['complete'] else 'incomplete'})"
+            title=f"{st['dataset']} / run {st['run_key']}  ({st['images']} images, "
+            f"{'complete' if st['complete'] else 'incomplete'})",
+            caption="stage keys: " + ", ".join(f"{k}={v}" for k, v in st["stage_keys"].items()),
         )
         t.add_column("shard")
         for stage in st["totals"]:
@@ -198,14 +250,19 @@ def cmd_status(args) -> int:
 
 
 def cmd_stats(args) -> int:
+    """The statistics of one finished run as one JSON document (the newest, or --run-key's)."""
     from storage.atomic import read_json
 
-    done = [r for r in _runs(args, quiet=True) if r.fs.exists(r.run_stats)]
-    if not done:
-        print(f"no finished run under {args.out}", file=sys.stderr)
+    run = _one_run(args)
+    if run is None:
         return 1
-    for r in done:
-        print(json.dumps(read_json(r.fs, r.run_stats), indent=2))
+    if not run.fs.exists(run.run_stats):
+        print(
+            f"run {run.run_key} under {args.out} is not finished (reltag status shows what is left)",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps(read_json(run.fs, run.run_stats), indent=2))
     return 0
 
 
@@ -215,30 +272,28 @@ def cmd_show(args) -> int:
 
     import pyarrow.parquet as pq
 
+    from flows.status import plan_of, run_record
     from storage import schemas
-    from storage.atomic import read_json
     from storage.records import Triplet
     from tasks.images import load_image
     from tasks.plan import shard_records
     from tasks.visualize import contact_sheet, draw_triplets
 
-    runs = _runs(args)
-    if not runs:
+    run = _one_run(args)
+    if run is None:
         return 1
-    run = runs[-1]
-    manifest = read_json(run.fs, run.manifest)
-    images_root = manifest["inputs"]["images_root"]
+    images_root = run_record(run).inputs["images_root"]
     wanted = set(args.image_id or [])
     picked = []
-    for sh in manifest["shards"]:
-        if not run.fs.exists(run.triplets(sh["shard"])):
+    for sh in plan_of(run).shards:
+        if not run.fs.exists(run.triplets(sh.shard)):
             continue
-        with run.fs.open(run.triplets(sh["shard"]), "rb") as f:
+        with run.fs.open(run.triplets(sh.shard), "rb") as f:
             trips = schemas.from_table(pq.read_table(f), Triplet)
         by_image: dict[int, list] = {}
         for t in trips:
             by_image.setdefault(t.image_id, []).append(t)
-        for rec in shard_records(run, sh["shard"]):
+        for rec in shard_records(run, sh.shard):
             if (wanted and rec.image_id in wanted) or (not wanted and rec.image_id in by_image):
                 picked.append((rec, by_image.get(rec.image_id, [])))
     if wanted and len(picked) < len(wanted):
@@ -298,15 +353,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "status",
         help="per shard and stage: batches done, failed, pending",
-        description="Read the ledger of every run under --out (or one --run-key).",
+        description="Read the ledger of every run under --out (or of the run --run-key names).",
     )
     p.add_argument("--out", required=True)
-    p.add_argument("--run-key")
+    p.add_argument("--run-key", help="a run key or its first characters")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
-    p = sub.add_parser("stats", help="print the statistics of finished runs (stats/run.json)")
+    p = sub.add_parser(
+        "runs",
+        help="list the runs under a root: key, dataset, date, settings, progress, triplets",
+        description="Every run under --out, oldest first, with the settings that tell runs apart.",
+    )
     p.add_argument("--out", required=True)
-    p.add_argument("--run-key")
+    p.add_argument("--run-key", help="a run key or its first characters")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_runs)
+    p = sub.add_parser(
+        "stats",
+        help="print the statistics of a finished run (the newest, or --run-key's) as one JSON document",
+    )
+    p.add_argument("--out", required=True)
+    p.add_argument("--run-key", help="a run key or its first characters")
     p.set_defaults(func=cmd_stats)
     p = sub.add_parser(
         "show",
@@ -315,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
         "subject->object arrows and relation labels.",
     )
     p.add_argument("--out", required=True)
-    p.add_argument("--run-key")
+    p.add_argument("--run-key", help="a run key or its first characters (default: the newest run)")
     p.add_argument("--png", required=True, help="PNG file to write")
     p.add_argument("--image-id", type=int, action="append", help="image id to draw (repeatable)")
     p.add_argument("--sample", type=int, default=6, help="how many random images with triplets (default 6)")

@@ -10,10 +10,15 @@ from prefect.concurrency.sync import concurrency
 from flows.params import LabelParams
 from flows.progress import advance, show_progress
 from storage.atomic import read_json, sweep_stale_temporaries, write_json
-from storage.layout import BATCH_STAGES
 from storage.ledger import Ledger, Unit
+from storage.manifest import PlanManifest
+from tasks.context import plan_manifest
 from tasks.pipeline import RunContext, finalize_shard, merge_stats, run_batch_stage
 from tasks.plan_run import plan_run
+from tasks.stages import BATCH_STAGES, STAGES
+from tasks.stages import stage as get_stage
+
+WRITE = STAGES[-1].name  # the shard-level stage that writes the product
 
 
 def _io_error_only(task, task_run, state) -> bool:
@@ -27,12 +32,9 @@ def _io_error_only(task, task_run, state) -> bool:
     return False
 
 
-def _on_accelerator(ctx: RunContext, stage: str) -> bool:
+def _on_accelerator(ctx: RunContext, name: str) -> bool:
     """Stages on a GPU take a slot of the Prefect global concurrency limit named "gpu" (a no-op if none exists)."""
-    cfg = ctx.config
-    return (stage == "caption" and cfg.caption.device != "cpu") or (
-        stage == "tag" and cfg.tag.device != "cpu"
-    )
+    return get_stage(name).device(ctx.config) != "cpu"
 
 
 _retry = dict(retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_io_error_only)
@@ -40,16 +42,17 @@ _retry = dict(retries=3, retry_delay_seconds=[2, 5, 15], retry_condition_fn=_io_
 
 @task(name="plan", cache_policy=None, persist_result=False, **_retry)
 def plan_task(params: LabelParams) -> RunContext:
-    ctx, manifest = plan_run(
+    ctx, plan = plan_run(
         params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config
     )
     log = get_run_logger()
     log.info(
-        "run %s: %d images in %d shards (%s)",
+        "run %s: %d images in %d shards (%s); stage keys %s",
         ctx.run_key,
-        manifest["counts"].get("images_planned", 0),
-        len(manifest["shards"]),
+        plan.counts.get("images_planned", 0),
+        len(plan.shards),
         ctx.layout.base,
+        ", ".join(f"{s}={k}" for s, k in ctx.stage_keys),
     )
     swept = sweep_stale_temporaries(ctx.layout.fs, ctx.layout.base)
     if swept:  # a killed run's half-written files (never read: a unit counts only once renamed and recorded)
@@ -66,7 +69,7 @@ def plan_task(params: LabelParams) -> RunContext:
 )
 def stage_task(ctx: RunContext, stage: str, shard: int, batch: int) -> dict:
     if _on_accelerator(ctx, stage):
-        with concurrency("gpu", occupy=1):
+        with concurrency("gpu", occupy=1):  # a slot of the "gpu" limit (no-op when none is defined)
             info = run_batch_stage(ctx, stage, shard, batch)
     else:
         info = run_batch_stage(ctx, stage, shard, batch)
@@ -104,24 +107,24 @@ def run_shard(ctx: RunContext, shard: int, n_batches: int, n_total: int, snap: d
     `snap` is one listing of the ledger, so finished units cost no task run at all.
     """
     log = get_run_logger()
-    if Unit("write", shard).rel() in snap["done"]:
-        for stage in BATCH_STAGES:
-            advance(stage, n_total)
+    if Unit(WRITE, shard).rel() in snap["done"]:
+        for name in BATCH_STAGES:
+            advance(name, n_total)
         return {"shard": shard, "skipped": True}
     failed = []
     bs = ctx.config.plan.batch_size
     n_images = {b: min(bs, max(0, n_total - b * bs)) for b in range(n_batches)}
     for b in range(n_batches):
-        for stage in BATCH_STAGES:
-            if Unit(stage, shard, b).rel() in snap["done"]:
-                advance(stage, n_images[b])
+        for name in BATCH_STAGES:
+            if Unit(name, shard, b).rel() in snap["done"]:
+                advance(name, n_images[b])
                 continue
             try:
-                info = stage_task(ctx, stage, shard, b)
-                advance(stage, info["items"], None if info.get("skipped") else info["seconds"])
+                info = stage_task(ctx, name, shard, b)
+                advance(name, info["items"], None if info.get("skipped") else info["seconds"])
             except Exception as e:  # recorded in the ledger by run_batch_stage; go on with the next batch
-                log.error("%s shard-%05d batch-%05d failed: %s: %s", stage, shard, b, type(e).__name__, e)
-                failed.append(Unit(stage, shard, b).rel())
+                log.error("%s shard-%05d batch-%05d failed: %s: %s", name, shard, b, type(e).__name__, e)
+                failed.append(Unit(name, shard, b).rel())
                 break
     if failed:
         raise RuntimeError(
@@ -134,13 +137,9 @@ def run_shard(ctx: RunContext, shard: int, n_batches: int, n_total: int, snap: d
 def label_shard(params: LabelParams, shard: int) -> dict:
     """Label one shard of a planned run (plans it first if needed): for spreading shards over workers."""
     ctx = plan_task(params)
-    manifest = read_json(ctx.layout.fs, ctx.layout.manifest)
-    by_id = {sh["shard"]: sh for sh in manifest["shards"]}
-    if shard not in by_id:
-        raise ValueError(f"run {ctx.run_key} has shards 0..{len(by_id) - 1}; there is no shard {shard}")
-    sh = by_id[shard]
-    with show_progress(sh["images"], BATCH_STAGES):
-        return run_shard(ctx, shard, sh["batches"], sh["images"], Ledger(ctx.layout).snapshot())
+    sh = plan_manifest(ctx).shard(shard)
+    with show_progress(sh.images, BATCH_STAGES):
+        return run_shard(ctx, shard, sh.batches, sh.images, Ledger(ctx.layout).snapshot())
 
 
 @flow(name="label-dataset", flow_run_name="label {params.dataset_name}", log_prints=True)
@@ -148,25 +147,25 @@ def label_dataset(params: LabelParams) -> dict:
     """Plan the dataset, label every shard, roll the statistics up. Safe to rerun after any crash."""
     t0 = time.perf_counter()
     ctx = plan_task(params)
-    manifest = read_json(ctx.layout.fs, ctx.layout.manifest)
+    plan = plan_manifest(ctx)
     failures = []
     snap = Ledger(ctx.layout).snapshot()  # one listing for the whole run
     if ctx.layout.fs.exists(ctx.layout.run_stats) and all(
-        Unit("write", sh["shard"]).rel() in snap["done"] for sh in manifest["shards"]
+        Unit(WRITE, sh.shard).rel() in snap["done"] for sh in plan.shards
     ):
         get_run_logger().info("run %s is complete; nothing to do (%s)", ctx.run_key, ctx.layout.base)
         summary = read_json(ctx.layout.fs, ctx.layout.run_stats)
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         return summary
-    with show_progress(sum(sh["images"] for sh in manifest["shards"]), BATCH_STAGES):
-        for sh in manifest["shards"]:
+    with show_progress(plan.images, BATCH_STAGES):
+        for sh in plan.shards:
             try:
-                run_shard(ctx, sh["shard"], sh["batches"], sh["images"], snap)
+                run_shard(ctx, sh.shard, sh.batches, sh.images, snap)
             except Exception as e:
                 failures.append(str(e))
     if failures:
         raise RuntimeError("; ".join(failures))
-    summary = rollup(ctx, manifest)
+    summary = rollup(ctx, plan)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     return summary
 
@@ -187,13 +186,13 @@ def run_in_process(params: LabelParams) -> dict:
         return label_dataset(params)
 
 
-def rollup(ctx: RunContext, manifest: dict) -> dict:
-    """Merge every shard's stats into `stats/run.json`."""
+def rollup(ctx: RunContext, plan: PlanManifest) -> dict:
+    """Merge every shard's stats into the run's `stats/<run_key>/run.json`."""
     layout = ctx.layout
-    shard_stats = [read_json(layout.fs, layout.shard_stats(sh["shard"])) for sh in manifest["shards"]]
+    shard_stats = [read_json(layout.fs, layout.shard_stats(sh.shard)) for sh in plan.shards]
     stages = {}
-    for stage in BATCH_STAGES:
-        stages[stage] = merge_stats([s["stages"][stage] for s in shard_stats])
+    for name in BATCH_STAGES:
+        stages[name] = merge_stats([s["stages"][name] for s in shard_stats], name)
     summary = {
         "run_key": ctx.run_key,
         "dataset": ctx.dataset,
@@ -202,7 +201,9 @@ def rollup(ctx: RunContext, manifest: dict) -> dict:
         "images": sum(s["images"] for s in shard_stats),
         "triplets": sum(s["triplets"] for s in shard_stats),
         "images_with_triplets": sum(s["images_with_triplets"] for s in shard_stats),
-        "plan": manifest["counts"],
+        "plan_key": ctx.plan_key,
+        "stage_keys": dict(ctx.stage_keys),
+        "plan": plan.counts,
         "stages": stages,
     }
     write_json(layout.fs, layout.run_stats, summary)

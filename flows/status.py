@@ -1,4 +1,4 @@
-"""Run status from the ledger: per shard and stage, how many batches are done, failed and pending."""
+"""Runs under an output root and their status from the ledger: per shard and stage, batches done, failed, pending."""
 
 from __future__ import annotations
 
@@ -7,48 +7,60 @@ import posixpath
 from fsspec.core import url_to_fs
 
 from storage.atomic import read_json
-from storage.layout import BATCH_STAGES, RunLayout, batch_name, shard_name
-from storage.ledger import Ledger
+from storage.layout import RunLayout
+from storage.ledger import Ledger, Unit
+from storage.manifest import PlanManifest, RunRecord
+from tasks.stages import STAGES, folders
 
 
 def find_runs(out: str) -> list[RunLayout]:
-    """Every run under an output root: `<out>/<dataset>/<run_key>/manifest.json`."""
+    """Every run under an output root: `<out>/<dataset>/<plan_key>/runs/<run_key>.json`, oldest first."""
     fs, base = url_to_fs(out)
-    runs = []
-    for path in sorted(fs.glob(posixpath.join(base, "*", "*", "manifest.json"))):
-        run_dir = posixpath.dirname(path)
-        dataset = posixpath.basename(posixpath.dirname(run_dir))
-        runs.append(RunLayout(out, dataset, posixpath.basename(run_dir)))
-    return runs
+    found = []
+    for path in fs.glob(posixpath.join(base, "*", "*", "runs", "*.json")):
+        record = RunRecord.from_dict(read_json(fs, path))
+        layout = RunLayout(out, record.dataset, record.run_key, record.plan_key, record.stage_keys, folders())
+        found.append((record.created_at, record.run_key, layout))
+    return [layout for _, _, layout in sorted(found)]
+
+
+def run_record(layout: RunLayout) -> RunRecord:
+    return RunRecord.from_dict(read_json(layout.fs, layout.manifest))
+
+
+def plan_of(layout: RunLayout) -> PlanManifest:
+    return PlanManifest.from_dict(read_json(layout.fs, layout.plan_manifest))
 
 
 def run_status(layout: RunLayout) -> dict:
     """Counts per shard and stage, plus totals, from one listing of the ledger."""
-    manifest = read_json(layout.fs, layout.manifest)
+    plan = plan_of(layout)
     snap = Ledger(layout).snapshot()
     shards = []
-    totals = {s: {"done": 0, "failed": 0, "pending": 0} for s in (*BATCH_STAGES, "write")}
-    for sh in manifest["shards"]:
-        s, nb = sh["shard"], sh["batches"]
-        row = {"shard": s, "images": sh["images"], "batches": nb, "stages": {}}
-        for stage in BATCH_STAGES:
+    totals = {s.name: {"done": 0, "failed": 0, "pending": 0} for s in STAGES}
+    for sh in plan.shards:
+        row = {"shard": sh.shard, "images": sh.images, "batches": sh.batches, "stages": {}}
+        for st in STAGES:
+            units = (
+                [Unit(st.name, sh.shard, b) for b in range(sh.batches)]
+                if st.per_batch
+                else [Unit(st.name, sh.shard)]
+            )
             c = {"done": 0, "failed": 0, "pending": 0}
-            for b in range(nb):
-                rel = posixpath.join(stage, shard_name(s), batch_name(b))
+            for u in units:
+                rel = u.rel()
                 c["done" if rel in snap["done"] else "failed" if rel in snap["failed"] else "pending"] += 1
-            row["stages"][stage] = c
-        rel = posixpath.join("write", shard_name(s), "shard")
-        w = {"done": int(rel in snap["done"]), "failed": int(rel in snap["failed"]), "pending": 0}
-        w["pending"] = 1 - w["done"] - w["failed"]
-        row["stages"]["write"] = w
-        for stage, c in row["stages"].items():
+            row["stages"][st.name] = c
             for k, v in c.items():
-                totals[stage][k] += v
+                totals[st.name][k] += v
         shards.append(row)
-    complete = all(r["stages"]["write"]["done"] for r in shards)
+    last = STAGES[-1].name
+    complete = all(r["stages"][last]["done"] == 1 for r in shards)
     out = {
         "dataset": layout.dataset,
         "run_key": layout.run_key,
+        "plan_key": layout.plan_key,
+        "stage_keys": dict(layout.stage_keys),
         "output": layout.base,
         "images": sum(r["images"] for r in shards),
         "shards": shards,

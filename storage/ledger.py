@@ -24,7 +24,10 @@ class Unit:
 
 
 class Ledger:
-    """Marker files under `<run>/_ledger/`. A unit is done iff its `.done.json` exists.
+    """Marker files under `<plan>/_ledger/<stage>/<stage key>/`. A unit is done iff its `.done.json` exists.
+
+    Units are named `stage/shard-00000/batch-00000` (Unit.rel); on storage each lives under its stage's key,
+    so runs that share a stage's key share its finished units.
 
     The output of a unit is written first (temporary name, close, rename); only then is its marker written,
     itself atomically. A crash between the two leaves no marker, so the unit is simply redone.
@@ -36,7 +39,9 @@ class Ledger:
         self.dir = layout.ledger_dir
 
     def _path(self, unit: Unit, kind: str) -> str:
-        return posixpath.join(self.dir, f"{unit.rel()}.{kind}.json")
+        b = "shard" if unit.batch is None else batch_name(unit.batch)
+        key = self.layout.key(unit.stage)
+        return posixpath.join(self.dir, unit.stage, key, shard_name(unit.shard), f"{b}.{kind}.json")
 
     def is_done(self, unit: Unit) -> bool:
         return self.fs.exists(self._path(unit, "done"))
@@ -73,18 +78,21 @@ class Ledger:
         return read_json(self.fs, self._path(unit, "done"))
 
     def snapshot(self) -> dict[str, set[str]]:
-        """{'done': {rel, ...}, 'failed': {rel, ...}} from one listing of the ledger folder."""
+        """{'done': {rel, ...}, 'failed': {rel, ...}} of this run's stage keys, from one listing of the ledger."""
         out: dict[str, set[str]] = {"done": set(), "failed": set()}
         if not self.fs.exists(self.dir):
             return out
         prefix = self.dir.rstrip("/") + "/"
         for p in self.fs.find(self.dir):
             rel = p[len(prefix) :] if p.startswith(prefix) else p
-            name = posixpath.basename(rel)
-            if name.startswith("."):
+            if posixpath.basename(rel).startswith("."):
                 continue  # a temporary file of an interrupted write
+            parts = rel.split("/")
+            if len(parts) != 4 or parts[1] != self.layout.key(parts[0]):
+                continue  # another run's key for this stage (or a stray file)
+            unit = f"{parts[0]}/{parts[2]}/{parts[3]}"
             for kind in ("done", "failed"):
-                if rel.endswith(f".{kind}.json"):
-                    out[kind].add(rel[: -len(f".{kind}.json")])
+                if unit.endswith(f".{kind}.json"):
+                    out[kind].add(unit[: -len(f".{kind}.json")])
         out["failed"] -= out["done"]
         return out

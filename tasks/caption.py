@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -27,13 +28,81 @@ def _norm(text: str) -> str:
     return " ".join(text.lower().split()).rstrip(" .")
 
 
-def build_captioners(cfg: CaptionConfig, captions_file: str | None) -> list[Captioner]:
-    """The captioners of the config, in its order (their captions are concatenated per image).
+#: Generation settings of the model captioners (device is not one: it does not change the output).
+_GEN = ("n_cap", "top_p", "top_k", "max_length", "min_length", "repetition_penalty", "num_beams", "prompt",
+        "batch_size", "dtype")  # fmt: skip
 
-    oracle reads captions_file; blip loads cfg.model and blip2 cfg.blip2_model (hub id or local directory,
-    safetensors, no remote code) at cfg.model_revision, with the config's generation settings.
-    """
-    names = cfg.captioner if isinstance(cfg.captioner, tuple) else (cfg.captioner,)
+
+@dataclass(frozen=True)
+class CaptionerEntry:
+    """A captioner as the caption stage knows it: which settings change its captions, how its revision is
+    named (part of the caption stage's key), and how it is built."""
+
+    name: str
+    settings: Callable[[CaptionConfig], dict]
+    revision: Callable[[CaptionConfig, str | None], str]
+    build: Callable[[CaptionConfig, str | None], Captioner]
+
+
+def _gen(cfg: CaptionConfig) -> dict:
+    return dict(
+        n_cap=cfg.n_cap, top_p=cfg.top_p, top_k=cfg.top_k, max_length=cfg.max_length, min_length=cfg.min_length,
+        repetition_penalty=cfg.repetition_penalty, num_beams=cfg.num_beams, prompt=cfg.prompt, dtype=cfg.dtype,
+        device=cfg.device,
+    )  # fmt: skip
+
+
+def _model_revision(model: str, revision: str) -> str:
+    from tasks.revisions import model_dir_revision
+
+    return model_dir_revision(model, revision)
+
+
+#: Every captioner, by name. A new captioner is one entry here (and its model class in models/captioners).
+CAPTIONERS: dict[str, CaptionerEntry] = {
+    # human captions: the file's checksum is the whole identity; no generation setting applies
+    "oracle": CaptionerEntry(
+        "oracle",
+        settings=lambda cfg: {},
+        revision=lambda cfg, captions_sha: f"oracle:{captions_sha}",
+        build=lambda cfg, captions_file: make_captioner("oracle", captions_file=captions_file),
+    ),
+    "blip": CaptionerEntry(
+        "blip",
+        settings=lambda cfg: {
+            **{k: getattr(cfg, k) for k in _GEN},
+            "image_size": cfg.image_size,
+            "beam_repetition_penalty": cfg.beam_repetition_penalty,
+        },  # fmt: skip
+        revision=lambda cfg, _: "blip:" + _model_revision(cfg.model, cfg.model_revision),
+        build=lambda cfg, _: make_captioner(
+            "blip",
+            model=cfg.model,
+            revision=cfg.model_revision,
+            image_size=cfg.image_size,
+            beam_repetition_penalty=cfg.beam_repetition_penalty,
+            **_gen(cfg),
+        ),  # fmt: skip
+    ),
+    # BLIP-2's ViT-g keeps the input size of its own processor config (224), not cfg.image_size
+    "blip2": CaptionerEntry(
+        "blip2",
+        settings=lambda cfg: {k: getattr(cfg, k) for k in _GEN},
+        revision=lambda cfg, _: "blip2:" + _model_revision(cfg.blip2_model, cfg.model_revision),
+        build=lambda cfg, _: make_captioner(
+            "blip2", model=cfg.blip2_model, revision=cfg.model_revision, **_gen(cfg)
+        ),
+    ),
+}
+
+
+def captioner_names(cfg: CaptionConfig) -> tuple[str, ...]:
+    return cfg.captioner if isinstance(cfg.captioner, tuple) else (cfg.captioner,)
+
+
+def captioner_entries(cfg: CaptionConfig) -> list[CaptionerEntry]:
+    """The config's captioners in order; an unknown or repeated name is an error naming it."""
+    names = captioner_names(cfg)
     if not names:
         raise ValueError("caption config names no captioner (captioner=())")
     dup = [n for n, c in Counter(names).items() if c > 1]
@@ -42,35 +111,19 @@ def build_captioners(cfg: CaptionConfig, captions_file: str | None) -> list[Capt
             f"captioner {dup[0]!r} is listed {Counter(names)[dup[0]]} times in {names}; with the same batch "
             "seed it would only repeat the same captions"
         )
-    gen = dict(
-        n_cap=cfg.n_cap,
-        top_p=cfg.top_p,
-        top_k=cfg.top_k,
-        max_length=cfg.max_length,
-        min_length=cfg.min_length,
-        repetition_penalty=cfg.repetition_penalty,
-        num_beams=cfg.num_beams,
-        prompt=cfg.prompt,
-        dtype=cfg.dtype,
-        device=cfg.device,
-    )
-    out: list[Captioner] = []
-    for name in names:
-        if name == "oracle":
-            out.append(make_captioner("oracle", captions_file=captions_file))
-        elif name == "blip":
-            out.append(
-                make_captioner(
-                    "blip", model=cfg.model, revision=cfg.model_revision, image_size=cfg.image_size,
-                    beam_repetition_penalty=cfg.beam_repetition_penalty, **gen,
-                )  # fmt: skip
-            )
-        elif name == "blip2":
-            # BLIP-2's ViT-g keeps the input size of its own processor config (224), not cfg.image_size.
-            out.append(make_captioner("blip2", model=cfg.blip2_model, revision=cfg.model_revision, **gen))
-        else:
-            out.append(make_captioner(name))  # raises with the reason
-    return out
+    unknown = [n for n in names if n not in CAPTIONERS]
+    if unknown:
+        raise ValueError(f"captioner {unknown[0]!r} is not one of {sorted(CAPTIONERS)}")
+    return [CAPTIONERS[n] for n in names]
+
+
+def build_captioners(cfg: CaptionConfig, captions_file: str | None) -> list[Captioner]:
+    """The captioners of the config, in its order (their captions are concatenated per image).
+
+    oracle reads captions_file; blip loads cfg.model and blip2 cfg.blip2_model (hub id or local directory,
+    safetensors, no remote code) at cfg.model_revision, with the config's generation settings.
+    """
+    return [e.build(cfg, captions_file) for e in captioner_entries(cfg)]
 
 
 def batch_seed(run_key: str, shard: int, batch: int) -> int:

@@ -1,4 +1,4 @@
-"""Planning a run: checksums -> run key -> shards -> manifest (written last). A planned run is not replanned."""
+"""Planning a run: checksums -> keys (plan and stage chain) -> shards -> plan manifest and run record."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import re
 import time
 
 from storage.atomic import read_json, write_json
-from storage.layout import RunLayout
+from storage.manifest import PlanManifest, RunRecord, ShardInfo
+from tasks.caption import captioner_names
 from tasks.config import PipelineConfig
-from tasks.pipeline import RunContext
+from tasks.context import RunContext
 from tasks.plan import file_checksum, plan_shards
-from tasks.revisions import revisions, run_key, versions
+from tasks.revisions import revisions, versions
+from tasks.stages import chain
 
 
 def cached_checksum(path: str, cache_root: str) -> tuple[str, int]:
@@ -40,13 +42,17 @@ def cached_checksum(path: str, cache_root: str) -> tuple[str, int]:
 
 def plan_run(
     annotations: str, images: str, out: str, captions: str | None, dataset: str, cfg: PipelineConfig
-) -> tuple[RunContext, dict]:
-    """Return the run's context and manifest, planning it first unless its manifest already exists."""
+) -> tuple[RunContext, PlanManifest]:
+    """The run's context and its plan: plans first unless the plan exists, records the run unless recorded.
+
+    The plan is keyed by the plan settings and the annotation file's checksum; the run by its chain of stage
+    keys (tasks/stages.py). Both records are written last and atomically, and neither is ever rewritten.
+    """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", dataset):
         raise ValueError(
             f"dataset name {dataset!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
         )
-    names = cfg.caption.captioner if isinstance(cfg.caption.captioner, tuple) else (cfg.caption.captioner,)
+    names = captioner_names(cfg.caption)
     if "oracle" in names and not captions:
         raise ValueError("captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON)")
     ann_sha, ann_bytes = cached_checksum(annotations, out)
@@ -55,31 +61,52 @@ def plan_run(
     if captions and "oracle" in names:
         cap_sha, _ = cached_checksum(captions, out)
         inputs["captions_sha256"] = cap_sha
-    revs = revisions(cfg, cap_sha)
-    key = run_key(cfg, inputs, revs)
-    layout = RunLayout(out, dataset, key)
-    ctx = RunContext(out, dataset, key, images, captions, cfg.model_dump_json())
-    if layout.fs.exists(layout.manifest):
-        return ctx, read_json(layout.fs, layout.manifest)
-    t0 = time.perf_counter()
-    outcome = plan_shards(annotations, layout, cfg.plan)
-    manifest = {
-        "run_key": key,
-        "dataset": dataset,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "inputs": {
-            "annotations": {"path": annotations, "sha256": ann_sha, "bytes": ann_bytes},
-            "captions": {"path": captions, "sha256": cap_sha} if captions else None,
-            "images_root": images,
-        },
-        "categories": outcome.categories,
-        "shards": outcome.shards,
-        "counts": dict(outcome.counts),
-        "quarantined": outcome.n_quarantined,
-        "config": cfg.model_dump(mode="json"),
-        "revisions": revs,
-        "versions": versions(),
-        "plan_seconds": round(time.perf_counter() - t0, 3),
-    }
-    write_json(layout.fs, layout.manifest, manifest)
-    return ctx, manifest
+    pkey, links = chain(cfg, inputs)
+    run_key = links[-1].key
+    keys = tuple((link.stage, link.key) for link in links)
+    ctx = RunContext(out, dataset, run_key, images, captions, cfg.model_dump_json(), pkey, keys)
+    layout = ctx.layout
+    if layout.fs.exists(layout.plan_manifest):
+        plan = PlanManifest.from_dict(read_json(layout.fs, layout.plan_manifest))
+    else:
+        t0 = time.perf_counter()
+        outcome = plan_shards(annotations, layout, cfg.plan)
+        plan = PlanManifest(
+            plan_key=pkey,
+            dataset=dataset,
+            created_at=_now(),
+            inputs={
+                "annotations": {"path": annotations, "sha256": ann_sha, "bytes": ann_bytes},
+                "images_root": images,
+            },
+            categories=outcome.categories,
+            shards=[ShardInfo.from_dict(sh) for sh in outcome.shards],
+            counts=dict(outcome.counts),
+            quarantined=outcome.n_quarantined,
+            plan=cfg.plan.model_dump(mode="json"),
+            versions=versions(),
+            plan_seconds=round(time.perf_counter() - t0, 3),
+        )
+        write_json(layout.fs, layout.plan_manifest, plan.to_dict())
+    if not layout.fs.exists(layout.manifest):
+        record = RunRecord(
+            run_key=run_key,
+            dataset=dataset,
+            plan_key=pkey,
+            created_at=_now(),
+            chain=links,
+            config=cfg.model_dump(mode="json"),
+            revisions=revisions(cfg, cap_sha),
+            versions=versions(),
+            inputs={
+                **plan.inputs,
+                "images_root": images,
+                "captions": {"path": captions, "sha256": cap_sha} if captions else None,
+            },
+        )
+        write_json(layout.fs, layout.manifest, record.to_dict())
+    return ctx, plan
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

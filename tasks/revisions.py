@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
-import json
 import os
 import platform
 
 from tasks.config import PipelineConfig
 
-#: Bump when a stage's semantics change, so old results are never mixed with new ones.
-PIPELINE_VERSION = "1"
 
-
-def _pkg(name: str) -> str:
+def package_version(name: str) -> str:
     try:
         return md.version(name)
     except md.PackageNotFoundError:
@@ -43,28 +39,14 @@ def model_dir_revision(path_or_id: str, revision: str = "main") -> str:
 
 
 def revisions(cfg: PipelineConfig, captions_sha256: str | None) -> dict:
-    """Model and parser revisions that change the output; part of the run key."""
-    names = cfg.caption.captioner if isinstance(cfg.caption.captioner, tuple) else (cfg.caption.captioner,)
-    caps = []
-    for name in names:
-        if name == "oracle":
-            caps.append(f"oracle:{captions_sha256}")
-        elif name == "blip":
-            caps.append("blip:" + model_dir_revision(cfg.caption.model, cfg.caption.model_revision))
-        elif name == "blip2":
-            caps.append("blip2:" + model_dir_revision(cfg.caption.blip2_model, cfg.caption.model_revision))
-    tag = cfg.tag
-    if tag.tagger == "rtagger":
-        tagger = "rtagger:" + (model_dir_revision(tag.checkpoint) if tag.checkpoint else "none")
-    elif tag.tagger == "clip":
-        tagger = "clip:" + model_dir_revision(tag.clip_model, tag.clip_revision)
-    else:
-        tagger = tag.tagger
+    """The model and parser revisions of the run's stages (they are part of the stage keys), for the record."""
+    from tasks.caption import captioner_entries
+    from tasks.stages import PIPELINE_VERSION, TAGGERS, stage
+
     return {
-        "captioners": caps,
-        "parser": f"SceneGraphParser=={_pkg('SceneGraphParser')};spacy=={_pkg('spacy')};"
-        f"{cfg.parse.spacy_model}=={_pkg(cfg.parse.spacy_model.replace('_', '-'))}",
-        "tagger": tagger,
+        "captioners": [e.revision(cfg.caption, captions_sha256) for e in captioner_entries(cfg.caption)],
+        "parser": stage("parse").revision(cfg, {}),
+        "tagger": TAGGERS[cfg.tag.tagger].revision(cfg),
         "pipeline": PIPELINE_VERSION,
     }
 
@@ -84,10 +66,4 @@ def versions() -> dict:
         "pyarrow",
         "numpy",
     ]
-    return {"python": platform.python_version(), **{p: _pkg(p) for p in pkgs}}
-
-
-def run_key(cfg: PipelineConfig, inputs: dict, revs: dict) -> str:
-    """Hash of everything that changes the output: config, input checksums, model revisions."""
-    blob = json.dumps({"config": cfg.output_affecting(), "inputs": inputs, "revisions": revs}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return {"python": platform.python_version(), **{p: package_version(p) for p in pkgs}}

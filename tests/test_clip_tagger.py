@@ -290,7 +290,11 @@ def test_tag_batch_clip_names_bad_inputs(scorer):
 
 
 def test_clip_model_revision_enters_the_run_key(clip_dir, tmp_path):
-    from tasks.revisions import revisions, run_key
+    from tasks.revisions import revisions
+    from tasks.stages import chain
+
+    def keys(c):
+        return {link.stage: link.key for link in chain(c, {"annotations_sha256": "x"})[1]}
 
     hub = PipelineConfig.model_validate({"tag": {"tagger": "clip"}})
     assert revisions(hub, None)["tagger"] == f"clip:{HUB_ID}@main"
@@ -301,16 +305,20 @@ def test_clip_model_revision_enters_the_run_key(clip_dir, tmp_path):
     cfg = PipelineConfig.model_validate({"tag": {"tagger": "clip", "clip_model": local}})
     before = revisions(cfg, None)
     assert before["tagger"].startswith("clip:local:")
+    k_before = keys(cfg)
     conf = json.loads(open(f"{local}/config.json").read())
     conf["projection_dim"] = 8
     with open(f"{local}/config.json", "w") as f:
         json.dump(conf, f)
     after = revisions(cfg, None)
     assert after["tagger"] != before["tagger"]
-    assert run_key(cfg, {}, before) != run_key(cfg, {}, after)
-    # the cut enters the key through the config
+    k_after = keys(cfg)
+    assert k_after["tag"] != k_before["tag"] and k_after["match"] == k_before["match"]
+    # the cut enters the threshold stage's key (and the run's), not the tagger's
     cut = cfg.model_copy(update={"threshold": ThresholdConfig(clip_eta=0.5)})
-    assert run_key(cfg, {}, before) != run_key(cut, {}, before)
+    k_cut = keys(cut)
+    assert k_cut["threshold"] != k_after["threshold"] and k_cut["tag"] == k_after["tag"]
+    assert k_cut["write"] != k_after["write"]
 
 
 @pytest.mark.flow

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.synth import write_dataset
-from storage.layout import BATCH_STAGES
+from tasks.stages import BATCH_STAGES
 
 pytestmark = [pytest.mark.flow, pytest.mark.slow]
 
@@ -63,8 +63,9 @@ def test_sigkill_mid_run_then_rerun_gives_identical_output(tmp_path):
 
     # its own process group, so the kill takes the run's ephemeral Prefect server down with it (as a
     # scheduler killing the job, or a machine losing power, would)
-    proc = subprocess.Popen(_cmd(ds, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _cmd(ds, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 300
     try:
         while len(_markers(out)) < n_units // 3:
@@ -85,7 +86,9 @@ def test_sigkill_mid_run_then_rerun_gives_identical_output(tmp_path):
             assert json.load(f)["attempts"] == 1, (
                 m
             )  # a killed unit left no record; nothing was recorded twice
-    for ref_file in sorted(glob.glob(os.path.join(ref, "crash", "*", "triplets", "*.parquet"))):
+    ref_files = sorted(glob.glob(os.path.join(ref, "crash", "*", "triplets", "*", "*.parquet")))
+    assert len(ref_files) == 2  # one per shard: the comparison below cannot pass on nothing
+    for ref_file in ref_files:
         mine = ref_file.replace(ref, out)
         assert open(mine, "rb").read() == open(ref_file, "rb").read(), mine
         t = pq.read_table(mine).to_pylist()

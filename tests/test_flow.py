@@ -13,8 +13,8 @@ from benchmarks.synth import write_dataset
 from flows.cli import EXAMPLES, main
 from flows.params import LabelParams
 from flows.status import find_runs, run_status
-from storage.layout import BATCH_STAGES
 from tasks.config import PipelineConfig, PlanConfig
+from tasks.stages import BATCH_STAGES
 
 pytestmark = [pytest.mark.flow]
 
@@ -28,7 +28,8 @@ def _done_markers(out: str) -> dict[str, dict]:
     found = {}
     for p in glob.glob(os.path.join(out, "*", "*", "_ledger", "**", "*.done.json"), recursive=True):
         with open(p) as f:
-            found[p.split("_ledger/")[1]] = json.load(f)
+            stage, _key, shard, batch = p.split("_ledger/")[1].split("/")  # one folder per stage key
+            found[f"{stage}/{shard}/{batch}"] = json.load(f)
     return found
 
 
@@ -150,3 +151,79 @@ def test_label_shard_runs_one_shard_and_label_dataset_finishes_the_rest(prefect_
         label_shard(params, 5)
     summary = label_dataset(params)
     assert run_status(run)["complete"] and summary["shards"] == 2
+
+
+def test_changed_eta_redoes_only_threshold_and_write_and_equals_a_fresh_run(
+    prefect_harness, tmp_path, monkeypatch
+):
+    """Keys chain per stage: eta changes the threshold stage's key and the run's, so captions, parses,
+    candidates and tags are reused in place; the triplets equal a fresh run's byte for byte."""
+    import tasks.pipeline as pipeline
+    from flows.label import label_dataset
+
+    ds = write_dataset(str(tmp_path / "ds"), 30, seed=4)
+    first = _params(tmp_path, ds["detections"], ds["captions"], str(tmp_path), batch_size=10)
+    label_dataset(first)
+    cfg = first.config.model_copy(
+        update={"threshold": first.config.threshold.model_copy(update={"eta": 0.5})}
+    )
+    second = first.model_copy(update={"config": cfg})
+    real = pipeline.compute
+    calls = []
+    monkeypatch.setattr(pipeline, "compute", lambda *a: (calls.append(a[1]), real(*a))[1])
+    summary = label_dataset(second)
+    assert calls == ["threshold"] * 3  # 3 batches; caption, parse, match, tag reused
+    runs = {r.run_key: r for r in find_runs(first.out)}
+    assert len(runs) == 2 and summary["run_key"] in runs
+    a, b = (runs[k] for k in sorted(runs, key=lambda k: k != summary["run_key"]))
+    assert a.key("tag") == b.key("tag") and a.key("threshold") != b.key("threshold")
+    assert a.stage_batch("tag", 0, 0) == b.stage_batch("tag", 0, 0)  # the same file, not a copy
+    monkeypatch.setattr(pipeline, "compute", real)
+    fresh = second.model_copy(update={"out": str(tmp_path / "fresh")})
+    label_dataset(fresh)
+    (f,) = find_runs(fresh.out)
+    assert f.run_key == a.run_key
+    assert open(a.triplets(0), "rb").read() == open(f.triplets(0), "rb").read()
+    rows = pq.read_table(a.triplets(0)).to_pylist()
+    assert rows and all(r["confidence"] >= 0.5 and r["run_key"] == a.run_key for r in rows)
+
+
+def test_blip_settings_do_not_touch_a_human_caption_run(prefect_harness, tmp_path, monkeypatch):
+    """With human captions only, sampling settings are not the caption stage's settings: same keys, nothing
+    redone."""
+    import tasks.pipeline as pipeline
+    from flows.label import label_dataset
+
+    ds = write_dataset(str(tmp_path / "ds"), 20, seed=6)
+    first = _params(tmp_path, ds["detections"], ds["captions"], str(tmp_path), batch_size=10)
+    label_dataset(first)
+    cap = first.config.caption.model_copy(update={"top_p": 0.5, "n_cap": 3, "model": "elsewhere/blip"})
+    second = first.model_copy(update={"config": first.config.model_copy(update={"caption": cap})})
+    calls = []
+    real = pipeline.compute
+    monkeypatch.setattr(pipeline, "compute", lambda *a: (calls.append(a[1]), real(*a))[1])
+    assert label_dataset(second)["run_key"] == label_dataset(first)["run_key"]
+    assert calls == [] and len(find_runs(first.out)) == 1
+
+
+def test_cli_runs_lists_and_key_prefix_picks(prefect_harness, tmp_path, capsys):
+    ds = write_dataset(str(tmp_path / "ds"), 12, seed=8)
+    out = str(tmp_path / "out")
+    base = ["run", "--annotations", ds["detections"], "--images", str(tmp_path), "--captions", ds["captions"],
+            "--out", out, "--dataset", "t"]  # fmt: skip
+    assert main(base) == 0
+    assert main([*base, "--eta", "0.6"]) == 0
+    capsys.readouterr()
+    assert main(["runs", "--out", out, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["eta"] for r in rows] == [0.2, 0.6] and all(r["complete"] for r in rows)
+    assert rows[0]["stage_keys"]["tag"] == rows[1]["stage_keys"]["tag"]
+    key = rows[1]["run_key"]
+    assert main(["stats", "--out", out, "--run-key", key[:6]]) == 0
+    stats = json.loads(capsys.readouterr().out)  # one JSON document
+    assert stats["run_key"] == key
+    assert main(["stats", "--out", out]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["run_key"] == key and f"showing run {key}" in captured.err
+    assert main(["status", "--out", out, "--run-key", "zzz"]) == 1
+    assert "no runs under" in capsys.readouterr().err

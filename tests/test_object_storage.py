@@ -6,20 +6,20 @@ import fsspec
 import pyarrow.parquet as pq
 
 from benchmarks.synth import write_dataset
-from storage.layout import BATCH_STAGES
 from storage.ledger import Ledger
 from tasks.config import PipelineConfig, PlanConfig
 from tasks.pipeline import finalize_shard, run_batch_stage
 from tasks.plan_run import plan_run
+from tasks.stages import BATCH_STAGES
 
 
 def _run(ds, out):
     cfg = PipelineConfig(dataset="m", plan=PlanConfig(batch_size=10))
-    ctx, manifest = plan_run(ds["detections"], "/nonexistent", out, ds["captions"], "m", cfg)
-    for b in range(manifest["shards"][0]["batches"]):
+    ctx, plan = plan_run(ds["detections"], "/nonexistent", out, ds["captions"], "m", cfg)
+    for b in range(plan.shards[0].batches):
         for stage in BATCH_STAGES:
             run_batch_stage(ctx, stage, 0, b)
-    finalize_shard(ctx, 0, manifest["shards"][0]["batches"])
+    finalize_shard(ctx, 0, plan.shards[0].batches)
     return ctx
 
 

@@ -120,11 +120,23 @@ def test_box_entirely_outside_is_quarantined_even_when_clipping(tmp_path):
 @pytest.mark.parametrize(
     "image, reason, detail",
     [
-        ({"id": 5, "file_name": "a.jpg", "width": 10}, "missing_size", "image 5 has width 10 and height None"),
+        (
+            {"id": 5, "file_name": "a.jpg", "width": 10},
+            "missing_size",
+            "image 5 has width 10 and height None",
+        ),
         ({"id": 5, "file_name": "/etc/passwd", "width": 10, "height": 10}, "unsafe_file_name", "is absolute"),
-        ({"id": 5, "file_name": "../x.jpg", "width": 10, "height": 10}, "unsafe_file_name", "escapes the image root"),
+        (
+            {"id": 5, "file_name": "../x.jpg", "width": 10, "height": 10},
+            "unsafe_file_name",
+            "escapes the image root",
+        ),
         ({"id": 5, "file_name": "a/../../x.jpg", "width": 10, "height": 10}, "unsafe_file_name", "escapes"),
-        ({"id": "5", "file_name": "a.jpg", "width": 10, "height": 10}, "malformed_image", "has id '5', not an integer"),
+        (
+            {"id": "5", "file_name": "a.jpg", "width": 10, "height": 10},
+            "malformed_image",
+            "has id '5', not an integer",
+        ),
         ([1, 2], "malformed_image", "is list, not an object"),
     ],
 )
@@ -151,8 +163,16 @@ def test_duplicate_image_id_keeps_first_and_quarantines_the_rest(tmp_path):
     [
         (_ann(3, 1, c=99), "unknown_category", "has category_id 99, not in 'categories'"),
         (_ann(3, 42), "unknown_image_id", "refers to image 42"),
-        ({"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]}, "malformed_bbox", "bbox of annotation 3 is [1, 2, 3]"),
-        ({"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, "a", 4]}, "malformed_bbox", "4 finite numbers"),
+        (
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]},
+            "malformed_bbox",
+            "bbox of annotation 3 is [1, 2, 3]",
+        ),
+        (
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, "a", 4]},
+            "malformed_bbox",
+            "4 finite numbers",
+        ),
         ({"id": 3, "image_id": 1, "bbox": [1, 2, 3, 4]}, "malformed_annotation", "has category_id None"),
     ],
 )
@@ -195,16 +215,33 @@ def test_run_key_changes_with_config_and_input_and_planning_is_idempotent(tmp_pa
     cfg = PipelineConfig()
     ctx1, m1 = plan_run(det, str(tmp_path), out, str(caps), "ds", cfg)
     ctx2, m2 = plan_run(det, str(tmp_path), out, str(caps), "ds", cfg)
-    assert ctx1.run_key == ctx2.run_key and m1 == m2
-    ctx3, _ = plan_run(det, str(tmp_path), out, str(caps), "ds", cfg.model_copy(update={"threshold": cfg.threshold.model_copy(update={"eta": 0.5})}))
-    assert ctx3.run_key != ctx1.run_key
+    assert ctx1.run_key == ctx2.run_key and m1 == m2 and ctx1.stage_keys == ctx2.stage_keys
+    ctx3, _ = plan_run(
+        det,
+        str(tmp_path),
+        out,
+        str(caps),
+        "ds",
+        cfg.model_copy(update={"threshold": cfg.threshold.model_copy(update={"eta": 0.5})}),
+    )
+    assert ctx3.run_key != ctx1.run_key and ctx3.plan_key == ctx1.plan_key
+    # eta changes the threshold stage's key and the run's; the stages before it keep theirs
+    k1, k3 = dict(ctx1.stage_keys), dict(ctx3.stage_keys)
+    assert [s for s in k1 if k1[s] != k3[s]] == ["threshold", "write"]
     det2 = _write(tmp_path, [_img(1)], [_ann(2, 1)], name="det2.json")
     ctx4, _ = plan_run(det2, str(tmp_path), out, str(caps), "ds", cfg)
-    assert ctx4.run_key != ctx1.run_key
-    # device and tagger batch size do not change the output, so they do not change the key
-    ctx5, _ = plan_run(det, str(tmp_path), out, str(caps), "ds", cfg.model_copy(update={"tag": cfg.tag.model_copy(update={"batch_size": 9})}))
-    assert ctx5.run_key == ctx1.run_key
-    assert m1["versions"]["torch"] and m1["categories"] == CATS
+    assert ctx4.run_key != ctx1.run_key and ctx4.plan_key != ctx1.plan_key
+    # devices do not change the output, so they do not change any key
+    ctx5, _ = plan_run(
+        det,
+        str(tmp_path),
+        out,
+        str(caps),
+        "ds",
+        cfg.model_copy(update={"tag": cfg.tag.model_copy(update={"device": "cuda:1"})}),
+    )
+    assert ctx5.stage_keys == ctx1.stage_keys
+    assert m1.versions["torch"] and m1.categories == CATS
     with pytest.raises(ValueError, match="needs a captions file"):
         plan_run(det, str(tmp_path), out, None, "ds", cfg)
     with pytest.raises(ValueError, match="dataset name '../x'"):

@@ -24,7 +24,10 @@ PG_BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 pytestmark = [
     pytest.mark.postgres,
     pytest.mark.slow,
-    pytest.mark.skipif(not PG_BIN, reason="[postgres] PostgreSQL server binaries are not installed (apt-get install postgresql)"),
+    pytest.mark.skipif(
+        not PG_BIN,
+        reason="[postgres] PostgreSQL server binaries are not installed (apt-get install postgresql)",
+    ),
 ]
 
 
@@ -54,8 +57,19 @@ def postgres():
         shutil.chown(sock, "postgres")
     port = _free_port()
     _as_postgres([f"{bin_dir}/initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"])
-    _as_postgres([f"{bin_dir}/pg_ctl", "-D", str(data), "-w", "-l", str(base / "pg.log"), "-o",
-                  f"-p {port} -k {sock} -c listen_addresses=127.0.0.1", "start"])
+    _as_postgres(
+        [
+            f"{bin_dir}/pg_ctl",
+            "-D",
+            str(data),
+            "-w",
+            "-l",
+            str(base / "pg.log"),
+            "-o",
+            f"-p {port} -k {sock} -c listen_addresses=127.0.0.1",
+            "start",
+        ]
+    )
     try:
         _as_postgres([f"{bin_dir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "prefect"])
         yield f"postgresql+asyncpg://postgres@127.0.0.1:{port}/prefect"
@@ -92,8 +106,12 @@ def test_deployment_runs_on_a_prefect_server_backed_by_postgres(postgres, tmp_pa
     )
     server_log = tmp_path / "server.log"
     with open(server_log, "w") as slog:
-        server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                  env=env, stdout=slog, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=slog,
+            stderr=subprocess.STDOUT,
+        )
     worker = None
     try:
         _wait_http(f"http://127.0.0.1:{port}/api/health", 180, server, server_log)
@@ -102,29 +120,45 @@ def test_deployment_runs_on_a_prefect_server_backed_by_postgres(postgres, tmp_pa
         env["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
 
         def cli(*args):
-            return subprocess.run([prefect, *args], env=env, cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
+            return subprocess.run(
+                [prefect, *args], env=env, cwd=REPO, check=True, capture_output=True, text=True, timeout=300
+            )
 
         cli("work-pool", "create", "reltag-local", "--type", "process")
         cli("--no-prompt", "deploy", "--all")
         out = tmp_path / "out"
-        params = {"params": {"annotations": str(REPO / "examples" / "sample_detections.json"),
-                             "images": str(REPO / "examples" / "images"),
-                             "captions": str(REPO / "examples" / "sample_captions.json"),
-                             "out": str(out), "dataset": "sample"}}
+        params = {
+            "params": {
+                "annotations": str(REPO / "examples" / "sample_detections.json"),
+                "images": str(REPO / "examples" / "images"),
+                "captions": str(REPO / "examples" / "sample_captions.json"),
+                "out": str(out),
+                "dataset": "sample",
+            }
+        }
         run = cli("deployment", "run", "label-dataset/label-dataset", "--params", json.dumps(params))
         assert "label-dataset/label-dataset" in run.stdout
         worker_log = tmp_path / "worker.log"
         with open(worker_log, "w") as wlog:
-            worker = subprocess.Popen([prefect, "worker", "start", "--pool", "reltag-local", "--run-once"],
-                                      env=env, cwd=REPO, stdout=wlog, stderr=subprocess.STDOUT)
+            worker = subprocess.Popen(
+                [prefect, "worker", "start", "--pool", "reltag-local", "--run-once"],
+                env=env,
+                cwd=REPO,
+                stdout=wlog,
+                stderr=subprocess.STDOUT,
+            )
         worker.wait(timeout=600)
-        triplets = glob.glob(str(out / "sample" / "*" / "triplets" / "shard-00000.parquet"))
+        triplets = glob.glob(str(out / "sample" / "*" / "triplets" / "*" / "shard-00000.parquet"))
         assert triplets, f"no triplets written; worker log:\n{worker_log.read_text()[-4000:]}"
         import pyarrow.parquet as pq
 
         assert pq.read_table(triplets[0]).num_rows > 0
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/flow_runs/filter", data=b"{}",
-                                     headers={"Content-Type": "application/json"}, method="POST")
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/flow_runs/filter",
+            data=b"{}",
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             runs = json.loads(r.read())
         assert [(fr["name"], fr["state_type"]) for fr in runs] == [("label sample", "COMPLETED")]
