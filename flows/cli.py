@@ -80,6 +80,10 @@ def _add_run_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
     p.add_argument(
         "--config", help="pipeline config, YAML or JSON (sections plan/caption/parse/match/tag/threshold)"
     )
+    p.add_argument(
+        "--stage-threads", type=int, default=None,
+        help="threads for stage units (default: one per stage, consecutive batches overlap; 1: one unit at a time)",
+    )  # fmt: skip
     g = p.add_argument_group("config overrides")
     for flag, (section, field, typ) in OVERRIDES.items():
         g.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=f"{section or 'top'}.{field}")
@@ -109,10 +113,10 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _run(params) -> int:
+def _run(params, stage_threads: int | None = None) -> int:
     from flows.label import run_in_process
 
-    summary = run_in_process(params)
+    summary = run_in_process(params, stage_threads)
     print(
         f"done: {summary['triplets']} triplets on {summary['images_with_triplets']}/{summary['images']} images "
         f"in {summary['shards']} shard(s), run key {summary['run_key']}"
@@ -122,7 +126,7 @@ def _run(params) -> int:
 
 
 def cmd_run(args) -> int:
-    return _run(_params(args))
+    return _run(_params(args), args.stage_threads)
 
 
 def cmd_demo(args) -> int:
@@ -145,7 +149,8 @@ def cmd_demo(args) -> int:
     return _run(
         LabelParams(
             annotations=args.annotations, images=args.images, out=args.out, captions=args.captions, config=cfg
-        )
+        ),
+        args.stage_threads,
     )
 
 

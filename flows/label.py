@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
-from prefect import flow, get_run_logger, task
+from prefect import allow_failure, flow, get_run_logger, task
 from prefect.concurrency.sync import concurrency
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.params import LabelParams
 from flows.progress import advance, show_progress
@@ -102,38 +104,72 @@ def write_shard_task(ctx: RunContext, shard: int, n_batches: int) -> dict:
 def run_shard(ctx: RunContext, shard: int, n_batches: int, n_total: int, snap: dict[str, set[str]]) -> dict:
     """Every stage over every batch of one shard (as Prefect tasks), then the shard's triplet file.
 
-    A batch that fails does not stop the others; the shard's triplet file is only written when every batch
-    is done, and a RuntimeError lists the failed units when any is not. Rerunning redoes only those.
-    `snap` is one listing of the ledger, so finished units cost no task run at all.
+    Stages of consecutive batches overlap: a unit waits for its input (the previous stage, same batch) and
+    for the same stage's previous batch (so each stage runs one batch at a time, in order, and holds at most
+    one batch in flight), nothing else; with the flow's thread pool, batch b+1 captions (on the GPU) while
+    batch b is parsed, matched and thresholded (on the CPU). A unit that fails does not stop the others: the
+    same stage goes on with the next batch (its wait ignores failure), the failed batch's later stages do not
+    run. The shard's triplet file is written only when every unit is done; a RuntimeError lists the failed
+    units otherwise, and a rerun redoes only what is not done. `snap` is one listing of the ledger, so
+    finished units cost no task run at all.
     """
     log = get_run_logger()
     if Unit(WRITE, shard).rel() in snap["done"]:
         for name in BATCH_STAGES:
             advance(name, n_total)
         return {"shard": shard, "skipped": True}
-    failed = []
     bs = ctx.config.plan.batch_size
     n_images = {b: min(bs, max(0, n_total - b * bs)) for b in range(n_batches)}
+    futures: dict[tuple[str, int], object] = {}
     for b in range(n_batches):
-        for name in BATCH_STAGES:
+        for i, name in enumerate(BATCH_STAGES):
             if Unit(name, shard, b).rel() in snap["done"]:
                 advance(name, n_images[b])
                 continue
+            deps = []
+            if i and (BATCH_STAGES[i - 1], b) in futures:
+                deps.append(futures[(BATCH_STAGES[i - 1], b)])  # its input; a failure there stops this unit
+            if (name, b - 1) in futures:
+                deps.append(allow_failure(futures[(name, b - 1)]))  # in order, one batch at a time
+            fut = stage_task.submit(ctx, name, shard, b, wait_for=deps)
+            fut.add_done_callback(functools.partial(_on_done, name))
+            futures[(name, b)] = fut
+    failed = []
+    for (name, b), fut in futures.items():
+        fut.wait()
+        if fut.state.is_failed():  # recorded in the ledger by run_batch_stage; the others went on
             try:
-                info = stage_task(ctx, name, shard, b)
-                advance(name, info["items"], None if info.get("skipped") else info["seconds"])
-            except Exception as e:  # recorded in the ledger by run_batch_stage; go on with the next batch
+                fut.result()
+            except Exception as e:
                 log.error("%s shard-%05d batch-%05d failed: %s: %s", name, shard, b, type(e).__name__, e)
-                failed.append(Unit(name, shard, b).rel())
-                break
+            failed.append(Unit(name, shard, b).rel())
     if failed:
         raise RuntimeError(
             f"shard-{shard:05d}: {len(failed)} unit(s) failed: {', '.join(failed)}; rerun to redo them"
         )
+    not_run = [Unit(n, shard, b).rel() for (n, b), f in futures.items() if not f.state.is_completed()]
+    if not_run:  # cannot happen without a failure above; never write a shard with a unit missing
+        raise RuntimeError(f"shard-{shard:05d}: units did not run: {', '.join(not_run)}; rerun to redo them")
     return write_shard_task(ctx, shard, n_batches)
 
 
-@flow(name="label-shard", flow_run_name="label {params.dataset_name} shard-{shard:05d}", log_prints=True)
+def _on_done(name: str, fut) -> None:
+    """Progress bars: a finished unit advances its stage by its images."""
+    if fut.state.is_completed():
+        info = fut.result()
+        advance(name, info["items"], None if info.get("skipped") else info["seconds"])
+
+
+#: one thread per batch stage: the stages of consecutive batches run side by side (see run_shard)
+STAGE_THREADS = len(BATCH_STAGES)
+
+
+@flow(
+    name="label-shard",
+    flow_run_name="label {params.dataset_name} shard-{shard:05d}",
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=STAGE_THREADS),
+)
 def label_shard(params: LabelParams, shard: int) -> dict:
     """Label one shard of a planned run (plans it first if needed): for spreading shards over workers."""
     ctx = plan_task(params)
@@ -142,7 +178,12 @@ def label_shard(params: LabelParams, shard: int) -> dict:
         return run_shard(ctx, shard, sh.batches, sh.images, Ledger(ctx.layout).snapshot())
 
 
-@flow(name="label-dataset", flow_run_name="label {params.dataset_name}", log_prints=True)
+@flow(
+    name="label-dataset",
+    flow_run_name="label {params.dataset_name}",
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=STAGE_THREADS),
+)
 def label_dataset(params: LabelParams) -> dict:
     """Plan the dataset, label every shard, roll the statistics up. Safe to rerun after any crash."""
     t0 = time.perf_counter()
@@ -170,8 +211,11 @@ def label_dataset(params: LabelParams) -> dict:
     return summary
 
 
-def run_in_process(params: LabelParams) -> dict:
+def run_in_process(params: LabelParams, stage_threads: int | None = None) -> dict:
     """Run `label-dataset` in this process, as `reltag run` does.
+
+    stage_threads: threads for stage units (default one per batch stage, so the stages of consecutive batches
+    overlap; 1 runs every unit in sequence).
 
     Without a configured Prefect API (PREFECT_API_URL unset) Prefect starts a temporary server that lives
     and dies with this process; flow-run heartbeats (which let a real server mark a crashed run) then serve
@@ -180,10 +224,15 @@ def run_in_process(params: LabelParams) -> dict:
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
+    flow_fn = label_dataset
+    if stage_threads is not None:
+        if stage_threads < 1:
+            raise ValueError(f"stage_threads must be >= 1, got {stage_threads}")
+        flow_fn = label_dataset.with_options(task_runner=ThreadPoolTaskRunner(max_workers=stage_threads))
     if PREFECT_API_URL.value():
-        return label_dataset(params)
+        return flow_fn(params)
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        return label_dataset(params)
+        return flow_fn(params)
 
 
 def rollup(ctx: RunContext, plan: PlanManifest) -> dict:

@@ -227,3 +227,48 @@ def test_cli_runs_lists_and_key_prefix_picks(prefect_harness, tmp_path, capsys):
     assert json.loads(captured.out)["run_key"] == key and f"showing run {key}" in captured.err
     assert main(["status", "--out", out, "--run-key", "zzz"]) == 1
     assert "no runs under" in capsys.readouterr().err
+
+
+def test_stages_of_consecutive_batches_run_side_by_side(prefect_harness, tmp_path, monkeypatch):
+    """A unit waits for its input and for its stage's previous batch, nothing else: caption of batch b+1 runs
+    while batch b is parsed; within a batch the stages keep their order, within a stage the batches keep
+    theirs; the triplets equal those of a one-unit-at-a-time run."""
+    import threading
+    import time as _time
+
+    import tasks.pipeline as pipeline
+    from flows.label import run_in_process
+
+    ds = write_dataset(str(tmp_path / "ds"), 40, seed=9)
+    params = _params(tmp_path, ds["detections"], ds["captions"], str(tmp_path), batch_size=10)
+    real = pipeline.compute
+    spans, lock = [], threading.Lock()
+
+    def timed(ctx, stage, shard, batch):
+        t0 = _time.perf_counter()
+        if stage in ("caption", "parse"):
+            _time.sleep(0.3)  # long enough that an overlap, if allowed, must show
+        out = real(ctx, stage, shard, batch)
+        with lock:
+            spans.append((stage, batch, t0, _time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(pipeline, "compute", timed)
+    run_in_process(params)
+    span = {(s, b): (t0, t1) for s, b, t0, t1 in spans}
+    assert len(span) == 4 * len(BATCH_STAGES)
+    order = list(BATCH_STAGES)
+    for (s, b), (t0, _t1) in span.items():
+        i = order.index(s)
+        if i:
+            assert t0 >= span[(order[i - 1], b)][1]  # its input was written first
+        if b:
+            assert t0 >= span[(s, b - 1)][1]  # one batch of a stage at a time, in order
+    overlaps = [b for b in range(3) if span[("caption", b + 1)][0] < span[("parse", b)][1]]
+    assert overlaps, "no caption of batch b+1 ran while batch b was parsed"
+    monkeypatch.setattr(pipeline, "compute", real)
+    seq = params.model_copy(update={"out": str(tmp_path / "seq")})
+    run_in_process(seq, stage_threads=1)
+    (a,) = find_runs(params.out)
+    (b,) = find_runs(seq.out)
+    assert open(a.triplets(0), "rb").read() == open(b.triplets(0), "rb").read()
