@@ -8,6 +8,8 @@ ledger record is never run again; a unit without one is (re)done from its inputs
 from __future__ import annotations
 
 import functools
+import posixpath
+import threading
 import time
 from collections import Counter
 
@@ -15,6 +17,7 @@ import pyarrow.parquet as pq
 
 from storage import schemas
 from storage.atomic import write_json, write_table
+from storage.lease import Leases
 from storage.ledger import Ledger, Unit
 from storage.records import Quarantined, Reject, Triplet
 from tasks.config import PipelineConfig
@@ -40,49 +43,106 @@ def compute(ctx: RunContext, name: str, shard: int, batch: int) -> StageOutput:
     return st.compute(ctx, shard, batch)
 
 
+#: Seconds a unit's lease lives without renewal; the holder renews it every third of that while it works.
+LEASE_TTL = 600.0
+#: Seconds between looks at a unit another worker holds.
+LEASE_POLL = 1.0
+_LEASES: dict[tuple[str, str], Leases] = {}
+_LEASES_LOCK = threading.Lock()
+
+
+def leases(layout) -> Leases:
+    """This process's lease holder for a plan folder (one holder per process: its threads share it)."""
+    key = (layout.root, layout.path("_leases"))
+    with _LEASES_LOCK:
+        if key not in _LEASES:
+            _LEASES[key] = Leases(layout.fs, layout.path("_leases"), ttl=LEASE_TTL)
+        return _LEASES[key]
+
+
+def lease_name(layout, unit: Unit) -> str:
+    """`<stage>/<stage key>/shard-XXXXX/batch-XXXXX`: a unit's lease, shared by every run with that key."""
+    return posixpath.join(unit.stage, layout.key(unit.stage), *unit.rel().split("/")[1:])
+
+
+def claim_or_wait(layout, ledger: Ledger, unit: Unit) -> dict | None:
+    """None when this worker now holds the unit's lease and must do it; the ledger record when the unit is
+    done (by another worker, which this one waited for while it held the lease). A lease whose holder died
+    (on this host: at once; elsewhere: when it expires) is taken over."""
+    held = leases(layout)
+    name = lease_name(layout, unit)
+    waited = 0.0
+    while True:
+        if ledger.is_done(unit):
+            return {**ledger.read(unit), "skipped": True, "waited_s": round(waited, 3)}
+        if held.claim(name):
+            if ledger.is_done(unit):  # finished between the look and the claim
+                held.release(name)
+                continue
+            return None
+        time.sleep(LEASE_POLL)
+        waited += LEASE_POLL
+
+
+def _record(ledger: Ledger, unit: Unit, info: dict) -> dict:
+    """Record a finished unit once. If another worker recorded it meanwhile (it took over a lease this
+    worker held too long), its record stands: both wrote the same deterministic output."""
+    if ledger.is_done(unit):
+        return {**ledger.read(unit), "skipped": True, "duplicate_work": True}
+    ledger.record_done(unit, info)
+    return info
+
+
 def run_batch_stage(ctx: RunContext, name: str, shard: int, batch: int) -> dict:
-    """Do one unit unless the ledger says it is done; returns the ledger record."""
+    """Do one unit unless the ledger says it is done; returns the ledger record.
+
+    The unit is claimed with a lease first (storage/lease.py), so any number of processes can share a run
+    without doing a unit twice: a unit another worker holds is waited for, not redone.
+    """
     layout = ctx.layout
     ledger = Ledger(layout)
     unit = Unit(name, shard, batch)
     if ledger.is_done(unit):
         return {**ledger.read(unit), "skipped": True}
+    done = claim_or_wait(layout, ledger, unit)
+    if done is not None:
+        return done
     st = stage(name)
     t0 = time.perf_counter()
-    try:
-        out = compute(ctx, name, shard, batch)
-        fs = layout.fs
-        n, nbytes = write_table(
-            fs,
-            layout.stage_batch(name, shard, batch),
-            schemas.to_table(out.rows, st.record),
-            schemas.SCHEMAS[st.record],
-        )
-        stats = out.stats
-        if out.quarantined:
-            write_table(
+    with leases(layout).keep_alive(lease_name(layout, unit)):
+        try:
+            out = compute(ctx, name, shard, batch)
+            fs = layout.fs
+            n, nbytes = write_table(
                 fs,
-                layout.quarantine(name, shard, batch),
-                schemas.to_table(out.quarantined, Quarantined),
-                schemas.QUARANTINE,
+                layout.stage_batch(name, shard, batch),
+                schemas.to_table(out.rows, st.record),
+                schemas.SCHEMAS[st.record],
             )
-            stats = {**stats, "quarantined": len(out.quarantined)}
-        if st.rejects:
-            write_table(
-                fs, layout.rejects(shard, batch), schemas.to_table(out.rejects, Reject), schemas.REJECTS
-            )
-    except Exception as e:
-        ledger.record_failed(unit, f"{type(e).__name__}: {e}")
-        raise
-    info = {
-        "rows": n,
-        "bytes": nbytes,
-        "seconds": round(time.perf_counter() - t0, 4),
-        "items": len(batch_images(ctx, shard, batch)),
-        "stats": stats,
-    }
-    ledger.record_done(unit, info)
-    return info
+            stats = out.stats
+            if out.quarantined:
+                write_table(
+                    fs,
+                    layout.quarantine(name, shard, batch),
+                    schemas.to_table(out.quarantined, Quarantined),
+                    schemas.QUARANTINE,
+                )
+                stats = {**stats, "quarantined": len(out.quarantined)}
+            if st.rejects:
+                write_table(
+                    fs, layout.rejects(shard, batch), schemas.to_table(out.rejects, Reject), schemas.REJECTS
+                )
+        except Exception as e:
+            ledger.record_failed(unit, f"{type(e).__name__}: {e}")
+            raise
+        info = {
+            "rows": n,
+            "bytes": nbytes,
+            "seconds": round(time.perf_counter() - t0, 4),
+            "items": len(batch_images(ctx, shard, batch)),
+            "stats": stats,
+        }
+        return _record(ledger, unit, info)
 
 
 def merge_stats(parts: list[dict], name: str | None = None) -> dict:
@@ -116,9 +176,17 @@ def finalize_shard(ctx: RunContext, shard: int, n_batches: int) -> dict:
     """Concatenate the shard's accepted batches into `triplets/shard-XXXXX.parquet` and write its stats."""
     layout = ctx.layout
     ledger = Ledger(layout)
-    unit = Unit("write", shard)
+    unit = Unit(STAGES[-1].name, shard)
     if ledger.is_done(unit):
         return {**ledger.read(unit), "skipped": True}
+    done = claim_or_wait(layout, ledger, unit)
+    if done is not None:
+        return done
+    with leases(layout).keep_alive(lease_name(layout, unit)):
+        return _finalize(ctx, layout, ledger, unit, shard, n_batches)
+
+
+def _finalize(ctx: RunContext, layout, ledger: Ledger, unit: Unit, shard: int, n_batches: int) -> dict:
     import pyarrow as pa
 
     tables = []
@@ -156,5 +224,4 @@ def finalize_shard(ctx: RunContext, shard: int, n_batches: int) -> dict:
     }
     write_json(layout.fs, layout.shard_stats(shard), stats)
     info = {"rows": n, "bytes": nbytes, "stats": {"triplets": n}}
-    ledger.record_done(unit, info)
-    return info
+    return _record(ledger, unit, info)

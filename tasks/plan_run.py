@@ -10,6 +10,7 @@ from storage.manifest import PlanManifest, RunRecord, ShardInfo
 from tasks.caption import captioner_names
 from tasks.config import PipelineConfig
 from tasks.context import RunContext
+from tasks.pipeline import LEASE_POLL, leases
 from tasks.plan import file_checksum, plan_shards
 from tasks.revisions import revisions, versions
 from tasks.stages import chain
@@ -66,28 +67,30 @@ def plan_run(
     keys = tuple((link.stage, link.key) for link in links)
     ctx = RunContext(out, dataset, run_key, images, captions, cfg.model_dump_json(), pkey, keys)
     layout = ctx.layout
-    if layout.fs.exists(layout.plan_manifest):
-        plan = PlanManifest.from_dict(read_json(layout.fs, layout.plan_manifest))
-    else:
-        t0 = time.perf_counter()
-        outcome = plan_shards(annotations, layout, cfg.plan)
-        plan = PlanManifest(
-            plan_key=pkey,
-            dataset=dataset,
-            created_at=_now(),
-            inputs={
-                "annotations": {"path": annotations, "sha256": ann_sha, "bytes": ann_bytes},
-                "images_root": images,
-            },
-            categories=outcome.categories,
-            shards=[ShardInfo.from_dict(sh) for sh in outcome.shards],
-            counts=dict(outcome.counts),
-            quarantined=outcome.n_quarantined,
-            plan=cfg.plan.model_dump(mode="json"),
-            versions=versions(),
-            plan_seconds=round(time.perf_counter() - t0, 3),
-        )
-        write_json(layout.fs, layout.plan_manifest, plan.to_dict())
+    plan = _planned_or_claim(layout)
+    if plan is None:  # this process holds the plan's lease: plan, then release it
+        try:
+            t0 = time.perf_counter()
+            outcome = plan_shards(annotations, layout, cfg.plan)
+            plan = PlanManifest(
+                plan_key=pkey,
+                dataset=dataset,
+                created_at=_now(),
+                inputs={
+                    "annotations": {"path": annotations, "sha256": ann_sha, "bytes": ann_bytes},
+                    "images_root": images,
+                },
+                categories=outcome.categories,
+                shards=[ShardInfo.from_dict(sh) for sh in outcome.shards],
+                counts=dict(outcome.counts),
+                quarantined=outcome.n_quarantined,
+                plan=cfg.plan.model_dump(mode="json"),
+                versions=versions(),
+                plan_seconds=round(time.perf_counter() - t0, 3),
+            )
+            write_json(layout.fs, layout.plan_manifest, plan.to_dict())
+        finally:
+            leases(layout).release(PLAN_LEASE)
     if not layout.fs.exists(layout.manifest):
         record = RunRecord(
             run_key=run_key,
@@ -106,6 +109,24 @@ def plan_run(
         )
         write_json(layout.fs, layout.manifest, record.to_dict())
     return ctx, plan
+
+
+PLAN_LEASE = "plan"
+
+
+def _planned_or_claim(layout) -> PlanManifest | None:
+    """The plan if it exists; None once this process holds the plan's lease (it must plan). A plan that
+    another process is writing is waited for, so two runs started together plan once."""
+    held = leases(layout)
+    while True:
+        if layout.fs.exists(layout.plan_manifest):
+            return PlanManifest.from_dict(read_json(layout.fs, layout.plan_manifest))
+        if held.claim(PLAN_LEASE):
+            if layout.fs.exists(layout.plan_manifest):
+                held.release(PLAN_LEASE)
+                continue
+            return None
+        time.sleep(LEASE_POLL)
 
 
 def _now() -> str:
