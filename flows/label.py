@@ -224,6 +224,13 @@ def run_in_process(params: LabelParams, stage_threads: int | None = None) -> dic
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
+    from flows.status import finished_summary
+
+    t0 = time.perf_counter()
+    done = finished_summary(params)
+    if done is not None:  # decided from the ledger: no Prefect server is started for nothing to do
+        done["seconds"] = round(time.perf_counter() - t0, 3)
+        return done
     flow_fn = label_dataset
     if stage_threads is not None:
         if stage_threads < 1:

@@ -12,6 +12,8 @@ from storage.ledger import Ledger, Unit
 from storage.manifest import PlanManifest, RunRecord
 from tasks.stages import STAGES, folders
 
+WRITE = STAGES[-1].name
+
 
 def find_runs(out: str) -> list[RunLayout]:
     """Every run under an output root: `<out>/<dataset>/<plan_key>/runs/<run_key>.json`, oldest first."""
@@ -71,3 +73,21 @@ def run_status(layout: RunLayout) -> dict:
     if complete and layout.fs.exists(layout.run_stats):
         out["triplets"] = read_json(layout.fs, layout.run_stats).get("triplets")
     return out
+
+
+def finished_summary(params) -> dict | None:
+    """The run's summary if it is complete (its statistics written and every shard's write unit recorded),
+    else None. Reads checksums (cached), the plan and one ledger listing; starts nothing."""
+    from tasks.plan_run import run_context
+
+    ctx, _, _ = run_context(
+        params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config
+    )
+    layout = ctx.layout
+    if not (layout.fs.exists(layout.run_stats) and layout.fs.exists(layout.plan_manifest)):
+        return None
+    plan = PlanManifest.from_dict(read_json(layout.fs, layout.plan_manifest))
+    snap = Ledger(layout).snapshot()
+    if not all(Unit(WRITE, sh.shard).rel() in snap["done"] for sh in plan.shards):
+        return None
+    return read_json(layout.fs, layout.run_stats)

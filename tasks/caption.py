@@ -8,8 +8,6 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-
 from models.captioners.base import Captioner
 from models.captioners.factory import make_captioner
 from storage.records import Caption, ImageRecord, Quarantined
@@ -147,6 +145,8 @@ def batch_seed(run_key: str, shard: int, batch: int) -> int:
 
 def _run_captioner(cap: Captioner, images, pixels, seed: int, micro: int, state: dict) -> list[list[str]]:
     """Captions of one captioner in micro-batches; a CUDA OOM halves the micro-batch and retries it."""
+    import torch  # here, not at import: `reltag run` on a finished run decides without loading torch
+
     out: list[list[str]] = []
     i = 0
     while i < len(images):

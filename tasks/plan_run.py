@@ -6,7 +6,7 @@ import re
 import time
 
 from storage.atomic import read_json, write_json
-from storage.manifest import PlanManifest, RunRecord, ShardInfo
+from storage.manifest import ChainLink, PlanManifest, RunRecord, ShardInfo
 from tasks.caption import captioner_names
 from tasks.config import PipelineConfig
 from tasks.context import RunContext
@@ -41,6 +41,30 @@ def cached_checksum(path: str, cache_root: str) -> tuple[str, int]:
     return sha, n
 
 
+def run_context(
+    annotations: str, images: str, out: str, captions: str | None, dataset: str, cfg: PipelineConfig
+) -> tuple[RunContext, dict, list[ChainLink]]:
+    """The run's context (its keys, from the input checksums and the config) without planning anything,
+    the input checksums, and the chain of stage keys."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", dataset):
+        raise ValueError(
+            f"dataset name {dataset!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
+        )
+    names = captioner_names(cfg.caption)
+    if "oracle" in names and not captions:
+        raise ValueError("captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON)")
+    ann_sha, _ = cached_checksum(annotations, out)
+    inputs = {"annotations_sha256": ann_sha}
+    cap_sha = None
+    if captions and "oracle" in names:
+        cap_sha, _ = cached_checksum(captions, out)
+        inputs["captions_sha256"] = cap_sha
+    pkey, links = chain(cfg, inputs)
+    keys = tuple((link.stage, link.key) for link in links)
+    ctx = RunContext(out, dataset, links[-1].key, images, captions, cfg.model_dump_json(), pkey, keys)
+    return ctx, inputs, links
+
+
 def plan_run(
     annotations: str, images: str, out: str, captions: str | None, dataset: str, cfg: PipelineConfig
 ) -> tuple[RunContext, PlanManifest]:
@@ -49,23 +73,10 @@ def plan_run(
     The plan is keyed by the plan settings and the annotation file's checksum; the run by its chain of stage
     keys (tasks/stages.py). Both records are written last and atomically, and neither is ever rewritten.
     """
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", dataset):
-        raise ValueError(
-            f"dataset name {dataset!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
-        )
-    names = captioner_names(cfg.caption)
-    if "oracle" in names and not captions:
-        raise ValueError("captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON)")
+    ctx, inputs, links = run_context(annotations, images, out, captions, dataset, cfg)
+    pkey, run_key = ctx.plan_key, ctx.run_key
     ann_sha, ann_bytes = cached_checksum(annotations, out)
-    inputs = {"annotations_sha256": ann_sha}
-    cap_sha = None
-    if captions and "oracle" in names:
-        cap_sha, _ = cached_checksum(captions, out)
-        inputs["captions_sha256"] = cap_sha
-    pkey, links = chain(cfg, inputs)
-    run_key = links[-1].key
-    keys = tuple((link.stage, link.key) for link in links)
-    ctx = RunContext(out, dataset, run_key, images, captions, cfg.model_dump_json(), pkey, keys)
+    cap_sha = inputs.get("captions_sha256")
     layout = ctx.layout
     plan = _planned_or_claim(layout)
     if plan is None:  # this process holds the plan's lease: plan, then release it

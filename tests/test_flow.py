@@ -272,3 +272,22 @@ def test_stages_of_consecutive_batches_run_side_by_side(prefect_harness, tmp_pat
     (a,) = find_runs(params.out)
     (b,) = find_runs(seq.out)
     assert open(a.triplets(0), "rb").read() == open(b.triplets(0), "rb").read()
+
+
+def test_rerun_of_a_finished_run_starts_no_prefect(prefect_harness, tmp_path):
+    """`reltag run` on a finished run answers from the ledger before Prefect (or torch) is imported: run in a
+    process where importing either fails."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "demo")
+    assert main(["demo", "--out", out]) == 0
+    code = (
+        "import sys; sys.modules['prefect'] = None; sys.modules['torch'] = None; "
+        "from flows.cli import main; sys.exit(main(['demo', '--out', sys.argv[1]]))"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code, out], capture_output=True, text=True, timeout=120, env=env,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "done: 14 triplets" in r.stdout
