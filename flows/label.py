@@ -211,6 +211,62 @@ def label_dataset(params: LabelParams) -> dict:
     return summary
 
 
+@flow(
+    name="label-dataset-fanout",
+    flow_run_name="label {params.dataset_name} over workers",
+    log_prints=True,
+)
+def label_dataset_fanout(
+    params: LabelParams, shard_deployment: str = "label-shard/label-shard", poll_seconds: float = 5.0
+) -> dict:
+    """Plan, then start one `label-shard` flow run per shard through its deployment, so that every worker of
+    the pool takes shards; wait for all, roll the statistics up. Shards already written start nothing.
+
+    Workers share units through leases (a shard's flow run can also meet units of another run of the same
+    keys); a rerun of this flow after any failure starts only the shards that are not finished.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.context import get_run_context
+    from prefect.deployments import run_deployment
+
+    t0 = time.perf_counter()
+    ctx = plan_task(params)
+    plan = plan_manifest(ctx)
+    snap = Ledger(ctx.layout).snapshot()
+    todo = [sh for sh in plan.shards if Unit(WRITE, sh.shard).rel() not in snap["done"]]
+    log = get_run_logger()
+    parent = get_run_context().flow_run.id
+    started = {}
+    for sh in todo:
+        fr = run_deployment(
+            shard_deployment,
+            parameters={"params": params.model_dump(mode="json"), "shard": sh.shard},
+            timeout=0,  # start it and go on: the shards run side by side on the pool's workers
+            idempotency_key=f"{parent}-shard-{sh.shard:05d}",
+        )
+        started[sh.shard] = fr.id
+        log.info("shard-%05d: flow run %s started through %s", sh.shard, fr.id, shard_deployment)
+    failed = []
+    with get_client(sync_client=True) as client:
+        pending = dict(started)
+        while pending:
+            for shard, fr_id in list(pending.items()):
+                fr = client.read_flow_run(fr_id)
+                if fr.state is not None and fr.state.is_final():
+                    del pending[shard]
+                    if not fr.state.is_completed():
+                        failed.append(f"shard-{shard:05d} ({fr.name}: {fr.state.name})")
+            if pending:
+                time.sleep(poll_seconds)
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} shard flow run(s) did not complete: {', '.join(failed)}; rerun to redo them"
+        )
+    summary = rollup(ctx, plan)
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    return summary
+
+
 def run_in_process(params: LabelParams, stage_threads: int | None = None) -> dict:
     """Run `label-dataset` in this process, as `reltag run` does.
 

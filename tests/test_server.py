@@ -113,6 +113,7 @@ def test_deployment_runs_on_a_prefect_server_backed_by_postgres(postgres, tmp_pa
             stderr=subprocess.STDOUT,
         )
     worker = None
+    fan_workers: list[subprocess.Popen] = []
     try:
         _wait_http(f"http://127.0.0.1:{port}/api/health", 180, server, server_log)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:  # the UI is served too
@@ -162,8 +163,51 @@ def test_deployment_runs_on_a_prefect_server_backed_by_postgres(postgres, tmp_pa
         with urllib.request.urlopen(req, timeout=10) as r:
             runs = json.loads(r.read())
         assert [(fr["name"], fr["state_type"]) for fr in runs] == [("label sample", "COMPLETED")]
+
+        # many workers: the fan-out flow starts one label-shard flow run per shard; two workers take them
+        fan = tmp_path / "fan"
+        fparams = {
+            "params": {
+                **params["params"],
+                "out": str(fan),
+                "config": {"plan": {"shard_size": 2, "batch_size": 1}},
+            }
+        }  # 5 images: 3 shards
+        run = cli(
+            "deployment", "run", "label-dataset-fanout/label-dataset-fanout", "--params", json.dumps(fparams)
+        )
+        for i in (1, 2):
+            log = open(tmp_path / f"fan-worker-{i}.log", "w")
+            fan_workers.append(subprocess.Popen(
+                [prefect, "worker", "start", "--pool", "reltag-local", "--limit", "2", "--name", f"fan-{i}"],
+                env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            ))  # fmt: skip
+        deadline = time.time() + 600
+        while True:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                runs = json.loads(r.read())
+            parent = [fr for fr in runs if fr["name"] == "label sample over workers"]
+            if parent and parent[0]["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            assert time.time() < deadline, "fan-out did not finish: " + "".join(
+                (tmp_path / f"fan-worker-{i}.log").read_text()[-2000:] for i in (1, 2)
+            )
+            time.sleep(2)
+        logs = "".join((tmp_path / f"fan-worker-{i}.log").read_text() for i in (1, 2))
+        assert parent[0]["state_type"] == "COMPLETED", logs[-4000:]
+        shard_runs = sorted(fr["name"] for fr in runs if fr["name"].startswith("label sample shard-"))
+        assert shard_runs == [f"label sample shard-0000{i}" for i in range(3)]
+        assert all(fr["state_type"] == "COMPLETED" for fr in runs), [
+            (fr["name"], fr["state_type"]) for fr in runs
+        ]
+        assert logs.count("submitting flow run") == 4  # the parent and the three shards, over the two workers
+        files = sorted(glob.glob(str(fan / "sample" / "*" / "triplets" / "*" / "shard-*.parquet")))
+        assert (
+            len(files) == 3
+            and sum(pq.read_table(f).num_rows for f in files) == pq.read_table(triplets[0]).num_rows
+        )
     finally:
-        for p in (worker, server):
+        for p in (*fan_workers, worker, server):
             if p is not None and p.poll() is None:
                 p.terminate()
                 try:
