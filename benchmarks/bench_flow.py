@@ -27,9 +27,9 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="reltag-bench-pref
 
 def plain_loop(params) -> float:
     """Every unit of the run, in order, without Prefect."""
-    from tasks.stages import BATCH_STAGES
     from tasks.pipeline import finalize_shard, run_batch_stage
     from tasks.plan_run import plan_run
+    from tasks.stages import BATCH_STAGES
 
     t = time.perf_counter()
     ctx, plan = plan_run(

@@ -380,8 +380,8 @@ def gemm_gflops(rows: int = 832, repeats: int = 30) -> dict:
     832 rows = a 64-caption nlp.pipe batch of ~13 tokens; the same product thinc runs per layer.
     """
     import numpy as np
-    from threadpoolctl import threadpool_limits
     from thinc.api import NumpyOps
+    from threadpoolctl import threadpool_limits
 
     rng = np.random.default_rng(0)
     x = rng.random((rows, 576), dtype=np.float32)

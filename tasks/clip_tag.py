@@ -10,7 +10,7 @@ from PIL import Image
 from models.clip_tagger import ClipQuery, ClipRelationScorer
 from storage.records import Candidate, ImageRecord, TaggedRelation
 from tasks.config import TagConfig
-from tasks.tag import CLIP, rank_within_pairs
+from tasks.tag import CLIP, rank_within_pairs, tagged
 
 _SCORERS: dict[tuple, ClipRelationScorer] = {}
 _LOCK = threading.Lock()
@@ -87,27 +87,7 @@ def tag_batch_clip(
     rows = []
     for image_id, ps in zip(order, scores):
         for c, p in zip(per_image[image_id], ps):
-            rows.append(
-                TaggedRelation(
-                    c.image_id,
-                    c.subject_ann_id,
-                    c.object_ann_id,
-                    c.subject_category_id,
-                    c.object_category_id,
-                    c.subject_label,
-                    c.object_label,
-                    c.relation,
-                    c.relation_lemma,
-                    c.caption_ids,
-                    c.n_captions,
-                    1.0,
-                    1.0,
-                    p,
-                    p,
-                    0,
-                    CLIP,
-                )
-            )
+            rows.append(tagged(c, 1.0, 1.0, p, CLIP))  # ground-truth boxes: p_subject = p_object = 1
     rank_within_pairs(rows)
     return rows, {
         "tag_rows": len(rows),

@@ -19,7 +19,7 @@ from models.rlipv2.vocab import class_keys, key_for_category
 from storage.records import Candidate, ImageRecord, TaggedRelation
 from tasks.config import TagConfig
 from tasks.match import group_candidates, reference_slot_groups
-from tasks.tag import rank_within_pairs
+from tasks.tag import rank_within_pairs, tagged
 
 RTAGGER = "rtagger"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -217,17 +217,7 @@ def tag_batch_rtagger(
 
 
 def _row(image_id, s, o, text, matched, lemmas, ps, po, pr) -> TaggedRelation:
-    """One output row; confidence = p_subject * p_object * p_relation (paper Sec. 4.2.2)."""
-    c = matched.get(text)
-    if (
-        c is None
-    ):  # texts="all": the text came from another pair of the image; labels from this pair's candidate
-        ref = next(iter(matched.values()))
-        return TaggedRelation(
-            image_id, s, o, ref.subject_category_id, ref.object_category_id, ref.subject_label, ref.object_label,
-            text, lemmas[text], [], 0, ps, po, pr, ps * po * pr, 0, RTAGGER,
-        )  # fmt: skip
-    return TaggedRelation(
-        image_id, s, o, c.subject_category_id, c.object_category_id, c.subject_label, c.object_label,
-        c.relation, c.relation_lemma, list(c.caption_ids), c.n_captions, ps, po, pr, ps * po * pr, 0, RTAGGER,
-    )  # fmt: skip
+    """One output row. A text matched to this pair keeps its caption provenance; a text of another pair of the
+    image (texts "all", or a reference forward's merged text) takes this pair's labels and no captions."""
+    c = matched.get(text) or next(iter(matched.values()))
+    return tagged(c, ps, po, pr, RTAGGER, relation=text, relation_lemma=lemmas[text])

@@ -11,6 +11,27 @@ GREEDY = "greedy_overlap"
 CLIP = "clip"
 
 
+def tagged(
+    c: Candidate,
+    p_subject: float,
+    p_object: float,
+    p_relation: float,
+    tagger: str,
+    relation: str | None = None,
+    relation_lemma: str | None = None,
+) -> TaggedRelation:
+    """A candidate with its three confidence factors; confidence = their product (paper Sec. 4.2.2), rank 0
+    until rank_within_pairs. `relation` (and its lemma) replace the candidate's for a text of another pair
+    (R-Tagger texts "all"), which then carries no caption provenance."""
+    other = relation is not None and relation != c.relation
+    return TaggedRelation(
+        c.image_id, c.subject_ann_id, c.object_ann_id, c.subject_category_id, c.object_category_id,
+        c.subject_label, c.object_label, relation if other else c.relation,
+        relation_lemma if other else c.relation_lemma, [] if other else list(c.caption_ids),
+        0 if other else c.n_captions, p_subject, p_object, p_relation, p_subject * p_object * p_relation, 0, tagger,
+    )  # fmt: skip
+
+
 def boxes_overlap(a: Box, b: Box) -> bool:
     """True when the two boxes share an area > 0: the overlap prior (paper Tables 5 and 13).
 
@@ -55,27 +76,7 @@ def tag_greedy(images: list[ImageRecord], candidates: list[Candidate]) -> tuple[
                 f"candidate of image {c.image_id} refers to box {e.args[0][1]}, which the image does not have"
             ) from e
         p_rel = 1.0 if boxes_overlap(sb, ob) else 0.0
-        rows.append(
-            TaggedRelation(
-                c.image_id,
-                c.subject_ann_id,
-                c.object_ann_id,
-                c.subject_category_id,
-                c.object_category_id,
-                c.subject_label,
-                c.object_label,
-                c.relation,
-                c.relation_lemma,
-                c.caption_ids,
-                c.n_captions,
-                1.0,
-                1.0,
-                p_rel,
-                p_rel,
-                0,
-                GREEDY,
-            )
-        )
+        rows.append(tagged(c, 1.0, 1.0, p_rel, GREEDY))
     rank_within_pairs(rows)
     pairs = {(r.image_id, r.subject_ann_id, r.object_ann_id) for r in rows}
     overlapping = {(r.image_id, r.subject_ann_id, r.object_ann_id) for r in rows if r.p_relation > 0}
