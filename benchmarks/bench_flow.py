@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # first start migrates
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="reltag-bench-prefect-"))
 
 
