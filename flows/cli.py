@@ -412,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     ) as e:  # bad input or config: one line, no traceback
         print(f"reltag {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `reltag stats ... | head`: the reader left; nothing to report
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
