@@ -353,6 +353,9 @@ def decode_throughput(
         num_workers=workers,
         collate_fn=_as_list,
         prefetch_factor=4 if workers else None,
+        # spawned, not forked: a fork of a process with live threads (a CUDA context, Prefect's clients, a
+        # test session's) can die at start; the start-up is not timed (the first batch is skipped)
+        multiprocessing_context="spawn" if workers else None,
     )
     it = iter(loader)
     first = next(it)
