@@ -400,6 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def one_line(e: Exception) -> str:
+    """An error as one line: pydantic's validation errors as `field: message (got value)`, joined by '; '."""
+    from pydantic import ValidationError
+
+    if isinstance(e, ValidationError):
+        parts = []
+        for err in e.errors():
+            field = ".".join(str(x) for x in err["loc"]) or e.title
+            got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+            parts.append(f"{field}: {err['msg']}{got}")
+        return "; ".join(parts)
+    return " ".join(str(e).split("\n")[0:1]) if "\n" in str(e) else str(e)
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
@@ -410,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         NotADirectoryError,
     ) as e:  # bad input or config: one line, no traceback
-        print(f"reltag {args.cmd}: error: {e}", file=sys.stderr)
+        print(f"reltag {args.cmd}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `reltag stats ... | head`: the reader left; nothing to report
         sys.stderr.close()

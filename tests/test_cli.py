@@ -97,3 +97,13 @@ def test_rtagger_without_checkpoint_is_refused_before_any_work(tmp_path, capsys)
         ["plan", "--annotations", "x.json", "--images", ".", "--out", str(tmp_path), "--tagger", "rtagger"]
     )
     assert rc == 2 and "tag.checkpoint is not set" in capsys.readouterr().err
+
+
+def test_bad_flag_values_are_one_line_naming_the_field(tmp_path, capsys):
+    base = ["run", "--annotations", "x.json", "--images", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main([*base, "--eta", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err == "reltag run: error: threshold.eta: Input should be less than or equal to 1 (got 2.0)\n"
+    assert main([*base, "--vocabulary", "COCO"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["reltag run: error: match.vocabulary: Input should be 'o365' or 'coco' (got 'COCO')"]
