@@ -107,3 +107,15 @@ def test_bad_flag_values_are_one_line_naming_the_field(tmp_path, capsys):
     assert main([*base, "--vocabulary", "COCO"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["reltag run: error: match.vocabulary: Input should be 'o365' or 'coco' (got 'COCO')"]
+
+
+def test_missing_annotations_file_fails_at_once_without_retries(tmp_path, capsys):
+    """Decided before Prefect starts (the run's keys need the file's checksum): no retries, no traceback."""
+    import time
+
+    t = time.perf_counter()
+    rc = main(["run", "--annotations", str(tmp_path / "nope.json"), "--images", str(tmp_path),
+               "--out", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 2 and time.perf_counter() - t < 10  # the old path retried for 2 + 5 + 15 s
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("reltag run: error: ") and "nope.json" in err[0]
