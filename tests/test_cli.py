@@ -113,9 +113,11 @@ def test_missing_annotations_file_fails_at_once_without_retries(tmp_path, capsys
     """Decided before Prefect starts (the run's keys need the file's checksum): no retries, no traceback."""
     import time
 
+    caps = tmp_path / "caps.json"
+    caps.write_text(json.dumps({"annotations": []}))
     t = time.perf_counter()
     rc = main(["run", "--annotations", str(tmp_path / "nope.json"), "--images", str(tmp_path),
-               "--out", str(tmp_path / "o")])  # fmt: skip
+               "--captions", str(caps), "--out", str(tmp_path / "o")])  # fmt: skip
     assert rc == 2 and time.perf_counter() - t < 10  # the old path retried for 2 + 5 + 15 s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("reltag run: error: ") and "nope.json" in err[0]
