@@ -15,7 +15,7 @@ from flows.status import find_runs, run_status
 from models.rlipv2.tokenizer import build_word_tokenizer
 from storage import schemas
 from storage.records import Quarantined
-from tests.test_caption_blip import build_tiny_blip
+from tests.tiny_models import build_tiny_blip
 
 pytestmark = [pytest.mark.flow, pytest.mark.slow]
 

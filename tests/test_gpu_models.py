@@ -21,7 +21,7 @@ pytest.importorskip(
 pytest.importorskip("tokenizers", reason="tokenizers is not installed (the tagger's word-level tokenizer)")
 pytest.importorskip("PIL", reason="pillow is not installed")
 
-from PIL import Image, ImageDraw  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import kernels  # noqa: E402
 from models.captioners.blip import BlipCaptioner  # noqa: E402
@@ -29,15 +29,9 @@ from models.rlipv2.model import RLIPv2ParSeD  # noqa: E402
 from models.rlipv2.tagger import tag_image  # noqa: E402
 from models.rlipv2.tokenizer import build_word_tokenizer  # noqa: E402
 from models.rlipv2.train import tiny_config  # noqa: E402
-from storage.records import ImageRecord  # noqa: E402
+from tests.tiny_models import build_tiny_blip, draw_images  # noqa: E402
 
 pytestmark = pytest.mark.gpu
-
-SIZE = 64  # tiny ViT input: (64/16)^2 + 1 = 17 image tokens
-WORDS = (
-    "a picture of dog cat man woman riding sitting on in the with holding ball table car street grass "
-    "red blue small big two horse bike tree sky water boat people standing next to"
-).split()
 
 # ||cuda - cpu fp32|| / ||cpu fp32|| of the BLIP decoder's logits (teacher-forced, whole sequence).
 # fp32: cuDNN's convolutions (the ViT's patch embedding) run in TF32 by default (~3e-4); bf16 / fp16: every
@@ -56,49 +50,6 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- captioner
-
-
-def build_tiny_blip(path: str, seed: int = 0) -> str:
-    """A BLIP with a 2-layer ViT and a 2-layer BERT decoder, random weights, saved as safetensors."""
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessorPil,
-        BlipProcessor,
-    )
-
-    torch.manual_seed(seed)
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *WORDS, "."])}
-    tok = BertTokenizer(vocab=vocab, do_lower_case=True, bos_token="[DEC]")
-    cfg = BlipConfig(
-        vision_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=SIZE,
-            patch_size=16,
-        ),
-        text_config=dict(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            encoder_hidden_size=32, max_position_embeddings=64, bos_token_id=vocab["[DEC]"],
-            sep_token_id=vocab["[SEP]"], eos_token_id=vocab["[SEP]"], pad_token_id=0, initializer_range=0.2,
-        ),
-    )  # fmt: skip
-    BlipForConditionalGeneration(cfg).eval().save_pretrained(path)
-    BlipProcessor(BlipImageProcessorPil(size={"height": SIZE, "width": SIZE}), tok).save_pretrained(path)
-    return path
-
-
-def draw_images(root: str, n: int, size=(80, 60)) -> list[ImageRecord]:
-    """n distinct drawings saved as JPEG under root; their ImageRecords."""
-    recs = []
-    for i in range(n):
-        im = Image.new("RGB", size, (20 * i % 255, 120, 255 - 30 * i % 255))
-        d = ImageDraw.Draw(im)
-        d.rectangle([5 + 3 * i, 5, 40 + 4 * i, 30 + 2 * i], fill=(255, 255 - 40 * i % 255, 0))
-        d.ellipse([30, 20 + i, 70, 55], fill=(0, 40 * i % 255, 200))
-        name = f"img_{i:03d}.jpg"
-        im.save(os.path.join(root, name), quality=95)
-        recs.append(ImageRecord(1000 + i, name, size[0], size[1], 0))
-    return recs
 
 
 @pytest.fixture(scope="module")
