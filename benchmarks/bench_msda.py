@@ -457,21 +457,10 @@ def cuda_main(opts) -> None:
         "gathered_bytes (every bilinear corner from memory, no cache reuse), floor_ms = compulsory_bytes / "
         "measured copy bandwidth; per implementation its compulsory GB/s and that as a fraction of the copy "
         "bandwidth",
-        "shapes": {
-            "levels_hw": LEVELS,
-            "S": s,
-            "heads": HEADS,
-            "channels": CHANNELS,
-            "points": POINTS,
-            "encoder": {"N": 1, "Lq": s},
-            "decoder": {"N": 16, "Lq": 200},
-        },
+        "shapes": shapes_record(s),
         "repeats": repeats,
         "inner_calls": inner,
-        "load_average_1_5_15": {
-            "before": [round(x, 2) for x in load_before],
-            "after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "load_average_1_5_15": load_record(load_before),
         "machine": machine_info("cuda"),
     }
     os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
@@ -487,6 +476,17 @@ def cuda_main(opts) -> None:
         f"bf16 encoder fwd {enc['median_ms']:.3f} ms = {enc['compulsory_gb_per_s']:.0f} GB/s compulsory, "
         f"{100 * enc['fraction_of_copy_bandwidth']:.1f}% of the measured {bandwidth['gb_per_s']:.0f} GB/s copy"
     )
+
+
+def shapes_record(s: int) -> dict:
+    """The benchmarked shapes, as every result file records them."""
+    return {"levels_hw": LEVELS, "S": s, "heads": HEADS, "channels": CHANNELS, "points": POINTS,
+            "encoder": {"N": 1, "Lq": s}, "decoder": {"N": 16, "Lq": 200}}  # fmt: skip
+
+
+def load_record(before) -> dict:
+    """The 1/5/15-minute load averages before the run and now."""
+    return {"before": [round(x, 2) for x in before], "after": [round(x, 2) for x in os.getloadavg()]}
 
 
 def main() -> None:
@@ -578,21 +578,10 @@ def main() -> None:
             "torch, inputs and the call)"
         ),
         "parity": checks,
-        "shapes": {
-            "levels_hw": LEVELS,
-            "S": s,
-            "heads": HEADS,
-            "channels": CHANNELS,
-            "points": POINTS,
-            "encoder": {"N": 1, "Lq": s},
-            "decoder": {"N": 16, "Lq": 200},
-        },
+        "shapes": shapes_record(s),
         "repeats": repeats,
         "threads": threads,
-        "load_average_1_5_15": {
-            "before": [round(x, 2) for x in load_before],
-            "after": [round(x, 2) for x in os.getloadavg()],
-        },
+        "load_average_1_5_15": load_record(load_before),
         "machine": machine_info(opts.device),
     }
     os.makedirs(os.path.dirname(opts.out), exist_ok=True)
