@@ -120,7 +120,7 @@ def _run(params, stage_threads: int | None = None) -> int:
     if summary is None:
         from flows.label import run_in_process
 
-        summary = run_in_process(params, stage_threads)
+        summary = run_in_process(params, stage_threads, check_finished=False)  # checked just above
     print(
         f"done: {summary['triplets']} triplets on {summary['images_with_triplets']}/{summary['images']} images "
         f"in {summary['shards']} shard(s), run key {summary['run_key']}"

@@ -259,11 +259,14 @@ def label_dataset_fanout(
     return summary
 
 
-def run_in_process(params: LabelParams, stage_threads: int | None = None) -> dict:
+def run_in_process(
+    params: LabelParams, stage_threads: int | None = None, check_finished: bool = True
+) -> dict:
     """Run `label-dataset` in this process, as `reltag run` does.
 
     stage_threads: threads for stage units (default one per batch stage, so the stages of consecutive batches
-    overlap; 1 runs every unit in sequence).
+    overlap; 1 runs every unit in sequence). check_finished: answer a finished run from the ledger first
+    (the CLI has already asked).
 
     Without a configured Prefect API (PREFECT_API_URL unset) Prefect starts a temporary server that lives
     and dies with this process; flow-run heartbeats (which let a real server mark a crashed run) then serve
@@ -275,7 +278,7 @@ def run_in_process(params: LabelParams, stage_threads: int | None = None) -> dic
     from flows.status import finished_summary
 
     t0 = time.perf_counter()
-    done = finished_summary(params)
+    done = finished_summary(params) if check_finished else None
     if done is not None:  # decided from the ledger: no Prefect server is started for nothing to do
         done["seconds"] = round(time.perf_counter() - t0, 3)
         return done

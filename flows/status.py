@@ -80,9 +80,9 @@ def finished_summary(params) -> dict | None:
     else None. Reads checksums (cached), the plan and one ledger listing; starts nothing."""
     from tasks.plan_run import run_context
 
-    ctx, _, _ = run_context(
+    ctx = run_context(
         params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config
-    )
+    ).ctx
     layout = ctx.layout
     if not (layout.fs.exists(layout.run_stats) and layout.fs.exists(layout.plan_manifest)):
         return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import NamedTuple
 
 from storage.atomic import read_json, write_json
 from storage.manifest import ChainLink, PlanManifest, RunRecord, ShardInfo
@@ -41,11 +42,21 @@ def cached_checksum(path: str, cache_root: str) -> tuple[str, int]:
     return sha, n
 
 
+class RunInputs(NamedTuple):
+    """A run's context, its chain of stage keys and the input checksums they were computed from (each input
+    file is read or looked up once)."""
+
+    ctx: RunContext
+    links: list[ChainLink]
+    annotations_sha256: str
+    annotations_bytes: int
+    captions_sha256: str | None
+
+
 def run_context(
     annotations: str, images: str, out: str, captions: str | None, dataset: str, cfg: PipelineConfig
-) -> tuple[RunContext, dict, list[ChainLink]]:
-    """The run's context (its keys, from the input checksums and the config) without planning anything,
-    the input checksums, and the chain of stage keys."""
+) -> RunInputs:
+    """The run's context (its keys, from the input checksums and the config) without planning anything."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", dataset):
         raise ValueError(
             f"dataset name {dataset!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
@@ -53,7 +64,7 @@ def run_context(
     names = captioner_names(cfg.caption)
     if "oracle" in names and not captions:
         raise ValueError("captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON)")
-    ann_sha, _ = cached_checksum(annotations, out)
+    ann_sha, ann_bytes = cached_checksum(annotations, out)
     inputs = {"annotations_sha256": ann_sha}
     cap_sha = None
     if captions and "oracle" in names:
@@ -62,7 +73,7 @@ def run_context(
     pkey, links = chain(cfg, inputs)
     keys = tuple((link.stage, link.key) for link in links)
     ctx = RunContext(out, dataset, links[-1].key, images, captions, cfg.model_dump_json(), pkey, keys)
-    return ctx, inputs, links
+    return RunInputs(ctx, links, ann_sha, ann_bytes, cap_sha)
 
 
 def plan_run(
@@ -73,10 +84,8 @@ def plan_run(
     The plan is keyed by the plan settings and the annotation file's checksum; the run by its chain of stage
     keys (tasks/stages.py). Both records are written last and atomically, and neither is ever rewritten.
     """
-    ctx, inputs, links = run_context(annotations, images, out, captions, dataset, cfg)
+    ctx, links, ann_sha, ann_bytes, cap_sha = run_context(annotations, images, out, captions, dataset, cfg)
     pkey, run_key = ctx.plan_key, ctx.run_key
-    ann_sha, ann_bytes = cached_checksum(annotations, out)
-    cap_sha = inputs.get("captions_sha256")
     layout = ctx.layout
     plan = _planned_or_claim(layout)
     if plan is None:  # this process holds the plan's lease: plan, then release it
