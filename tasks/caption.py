@@ -13,6 +13,7 @@ from models.captioners.factory import make_captioner
 from storage.records import Caption, ImageRecord, Quarantined
 from tasks.config import CaptionConfig
 from tasks.images import load_image
+from tasks.revisions import model_dir_revision
 
 
 @dataclass(slots=True)
@@ -50,12 +51,6 @@ def _gen(cfg: CaptionConfig) -> dict:
     )  # fmt: skip
 
 
-def _model_revision(model: str, revision: str) -> str:
-    from tasks.revisions import model_dir_revision
-
-    return model_dir_revision(model, revision)
-
-
 #: Every captioner, by name. A new captioner is one entry here (and its model class in models/captioners).
 CAPTIONERS: dict[str, CaptionerEntry] = {
     # human captions: the file's checksum is the whole identity; no generation setting applies
@@ -72,7 +67,7 @@ CAPTIONERS: dict[str, CaptionerEntry] = {
             "image_size": cfg.image_size,
             "beam_repetition_penalty": cfg.beam_repetition_penalty,
         },  # fmt: skip
-        revision=lambda cfg, _: "blip:" + _model_revision(cfg.model, cfg.model_revision),
+        revision=lambda cfg, _: "blip:" + model_dir_revision(cfg.model, cfg.model_revision),
         build=lambda cfg, _: make_captioner(
             "blip",
             model=cfg.model,
@@ -86,7 +81,7 @@ CAPTIONERS: dict[str, CaptionerEntry] = {
     "blip2": CaptionerEntry(
         "blip2",
         settings=lambda cfg: {k: getattr(cfg, k) for k in _GEN},
-        revision=lambda cfg, _: "blip2:" + _model_revision(cfg.blip2_model, cfg.model_revision),
+        revision=lambda cfg, _: "blip2:" + model_dir_revision(cfg.blip2_model, cfg.model_revision),
         build=lambda cfg, _: make_captioner(
             "blip2", model=cfg.blip2_model, revision=cfg.model_revision, **_gen(cfg)
         ),

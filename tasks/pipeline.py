@@ -102,9 +102,7 @@ def run_batch_stage(ctx: RunContext, name: str, shard: int, batch: int) -> dict:
     layout = ctx.layout
     ledger = Ledger(layout)
     unit = Unit(name, shard, batch)
-    if ledger.is_done(unit):
-        return {**ledger.read(unit), "skipped": True}
-    done = claim_or_wait(layout, ledger, unit)
+    done = claim_or_wait(layout, ledger, unit)  # the ledger record if the unit is done (by anyone)
     if done is not None:
         return done
     st = stage(name)
@@ -177,9 +175,7 @@ def finalize_shard(ctx: RunContext, shard: int, n_batches: int) -> dict:
     layout = ctx.layout
     ledger = Ledger(layout)
     unit = Unit(STAGES[-1].name, shard)
-    if ledger.is_done(unit):
-        return {**ledger.read(unit), "skipped": True}
-    done = claim_or_wait(layout, ledger, unit)
+    done = claim_or_wait(layout, ledger, unit)  # the ledger record if the shard is written (by anyone)
     if done is not None:
         return done
     with leases(layout).keep_alive(lease_name(layout, unit)):

@@ -31,6 +31,7 @@ from storage.records import (
 )
 from tasks.config import PipelineConfig
 from tasks.context import RunContext, batch_images, load_pixels, plan_manifest, read_stage, vocabulary
+from tasks.revisions import model_dir_revision
 
 #: Bump when a stage's semantics change, so old results are never mixed with new ones.
 PIPELINE_VERSION = "2"
@@ -116,12 +117,6 @@ def _tag_clip(ctx, images, candidates) -> StageOutput:
     )
 
 
-def _local_or_hub(path: str, revision: str = "main") -> str:
-    from tasks.revisions import model_dir_revision
-
-    return model_dir_revision(path, revision)
-
-
 #: Every tagger, by name.
 TAGGERS: dict[str, TaggerEntry] = {
     "greedy_overlap": TaggerEntry(
@@ -136,14 +131,14 @@ TAGGERS: dict[str, TaggerEntry] = {
             "dtype": cfg.tag.dtype,
         },  # fmt: skip
         revision=lambda cfg: (
-            "rtagger:" + (_local_or_hub(cfg.tag.checkpoint) if cfg.tag.checkpoint else "none")
+            "rtagger:" + (model_dir_revision(cfg.tag.checkpoint) if cfg.tag.checkpoint else "none")
         ),
         run=_tag_rtagger,
     ),
     "clip": TaggerEntry(
         "clip",
         settings=lambda cfg: {"dtype": cfg.tag.dtype},
-        revision=lambda cfg: "clip:" + _local_or_hub(cfg.tag.clip_model, cfg.tag.clip_revision),
+        revision=lambda cfg: "clip:" + model_dir_revision(cfg.tag.clip_model, cfg.tag.clip_revision),
         run=_tag_clip,
     ),
 }

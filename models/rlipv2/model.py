@@ -309,13 +309,12 @@ class RLIPv2ParSeD(nn.Module):
         g = img_index.shape[0]
         d = self.cfg.d_model
         tr = self.transformer
-        text_last = state.text[-1][img_index]  # [G, T, d]
         if sub_boxes is not None:
             q = sub_boxes.shape[1]
             if pair_valid is None:
                 pair_valid = torch.ones(g, q, dtype=torch.bool, device=img_index.device)
             # query content: the detached fused text of the box's class (last fusion round, resized)
-            ent = text_last[:, : state.n_entity].detach()
+            ent = state.text[-1][img_index, : state.n_entity].detach()  # [G, Te, d]
             c_sub = torch.gather(ent, 1, sub_labels[..., None].expand(-1, -1, d))
             c_obj = torch.gather(ent, 1, obj_labels[..., None].expand(-1, -1, d))
             p_sub = tr.coord_proj(inverse_sigmoid(sub_boxes))
