@@ -10,16 +10,15 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.params import LabelParams
 from flows.progress import advance, show_progress
+from flows.status import WRITE, is_finished, unwritten_shards
 from storage.atomic import read_json, sweep_stale_temporaries, write_json
 from storage.ledger import Ledger, Unit
 from storage.manifest import PlanManifest
 from tasks.context import plan_manifest
 from tasks.pipeline import RunContext, finalize_shard, merge_stats, run_batch_stage
 from tasks.plan_run import plan_run
-from tasks.stages import BATCH_STAGES, STAGES
+from tasks.stages import BATCH_STAGES
 from tasks.stages import stage as get_stage
-
-WRITE = STAGES[-1].name  # the shard-level stage that writes the product
 
 
 def _io_error_only(task, task_run, state) -> bool:
@@ -183,9 +182,7 @@ def label_dataset(params: LabelParams) -> dict:
     plan = plan_manifest(ctx)
     failures = []
     snap = Ledger(ctx.layout).snapshot()  # one listing for the whole run
-    if ctx.layout.fs.exists(ctx.layout.run_stats) and all(
-        Unit(WRITE, sh.shard).rel() in snap["done"] for sh in plan.shards
-    ):
+    if is_finished(ctx.layout, plan, snap):
         get_run_logger().info("run %s is complete; nothing to do (%s)", ctx.run_key, ctx.layout.base)
         summary = read_json(ctx.layout.fs, ctx.layout.run_stats)
         summary["seconds"] = round(time.perf_counter() - t0, 3)
@@ -225,7 +222,7 @@ def label_dataset_fanout(
     ctx = plan_task(params)
     plan = plan_manifest(ctx)
     snap = Ledger(ctx.layout).snapshot()
-    todo = [sh for sh in plan.shards if Unit(WRITE, sh.shard).rel() not in snap["done"]]
+    todo = unwritten_shards(plan, snap)
     log = get_run_logger()
     parent = get_run_context().flow_run.id
     started = {}

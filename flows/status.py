@@ -12,7 +12,17 @@ from storage.ledger import Ledger, Unit
 from storage.manifest import PlanManifest, RunRecord
 from tasks.stages import STAGES, folders
 
-WRITE = STAGES[-1].name
+WRITE = STAGES[-1].name  # the shard-level stage that writes the product
+
+
+def unwritten_shards(plan: PlanManifest, snap: dict[str, set[str]]) -> list:
+    """The plan's shards whose triplet file is not recorded as written, from one ledger listing."""
+    return [sh for sh in plan.shards if Unit(WRITE, sh.shard).rel() not in snap["done"]]
+
+
+def is_finished(layout: RunLayout, plan: PlanManifest, snap: dict[str, set[str]]) -> bool:
+    """Every shard written and the run's statistics rolled up."""
+    return not unwritten_shards(plan, snap) and layout.fs.exists(layout.run_stats)
 
 
 def find_runs(out: str) -> list[RunLayout]:
@@ -86,8 +96,6 @@ def finished_summary(params) -> dict | None:
     layout = ctx.layout
     if not (layout.fs.exists(layout.run_stats) and layout.fs.exists(layout.plan_manifest)):
         return None
-    plan = PlanManifest.from_dict(read_json(layout.fs, layout.plan_manifest))
-    snap = Ledger(layout).snapshot()
-    if not all(Unit(WRITE, sh.shard).rel() in snap["done"] for sh in plan.shards):
+    if not is_finished(layout, plan_of(layout), Ledger(layout).snapshot()):
         return None
     return read_json(layout.fs, layout.run_stats)
