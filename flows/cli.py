@@ -401,7 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def one_line(e: Exception) -> str:
-    """An error as one line: pydantic's validation errors as `field: message (got value)`, joined by '; '."""
+    """pydantic's validation errors as one line, `field: message (got value)` joined by '; '; others as they are
+    (reltag's own errors are one line already)."""
     from pydantic import ValidationError
 
     if isinstance(e, ValidationError):
@@ -411,7 +412,7 @@ def one_line(e: Exception) -> str:
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
             parts.append(f"{field}: {err['msg']}{got}")
         return "; ".join(parts)
-    return " ".join(str(e).split("\n")[0:1]) if "\n" in str(e) else str(e)
+    return str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
