@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from prefect import allow_failure, flow, get_run_logger, task
+from prefect import flow, get_run_logger, task
 from prefect.concurrency.sync import concurrency
 from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -17,6 +17,7 @@ from storage.manifest import PlanManifest
 from tasks.context import plan_manifest
 from tasks.pipeline import RunContext, finalize_shard, merge_stats, run_batch_stage
 from tasks.plan_run import plan_run
+from tasks.schedule import DONE, FAILED, BatchBoard, run_stage
 from tasks.stages import BATCH_STAGES
 from tasks.stages import stage as get_stage
 
@@ -60,34 +61,43 @@ def plan_task(params: LabelParams) -> RunContext:
     return ctx
 
 
-@task(
-    name="stage",
-    task_run_name="{stage} shard-{shard:05d} batch-{batch:05d}",
-    cache_policy=None,
-    persist_result=False,
-    **_retry,
-)
-def stage_task(ctx: RunContext, stage: str, shard: int, batch: int) -> dict:
-    if _on_accelerator(ctx, stage):
-        with concurrency("gpu", occupy=1):  # a slot of the "gpu" limit (no-op when none is defined)
-            info = run_batch_stage(ctx, stage, shard, batch)
-    else:
-        info = run_batch_stage(ctx, stage, shard, batch)
-    # progress from the worker thread (a future's done-callback that reads its state costs ~150 ms a unit)
-    advance(stage, info["items"], None if info.get("skipped") else info["seconds"])
-    if not info.get("skipped"):
+def _unit_logged(ctx: RunContext, stage: str, shard: int):
+    """Per unit done: progress bar and one log line (from the worker's thread, not a future's callback,
+    which would cost ~150 ms a unit reading its state)."""
+    log = get_run_logger()
+
+    def on_unit(batch: int, info: dict) -> None:
+        advance(stage, info["items"], None if info.get("skipped") else info["seconds"])
+        if info.get("skipped"):
+            return
         secs = max(info["seconds"], 1e-9)
-        get_run_logger().info(
+        log.info(
             "%s shard-%05d batch-%05d: %d images -> %d rows in %.2f s (%.1f images/s)",
-            stage,
-            shard,
-            batch,
-            info["items"],
-            info["rows"],
-            info["seconds"],
-            info["items"] / secs,
-        )
-    return info
+            stage, shard, batch, info["items"], info["rows"], info["seconds"], info["items"] / secs,
+        )  # fmt: skip
+
+    return on_unit
+
+
+@task(name="stage", task_run_name="{stage} shard-{shard:05d}", cache_policy=None, persist_result=False)
+def stage_task(ctx: RunContext, stage: str, shard: int, board: BatchBoard) -> dict:
+    """One stage over every batch of a shard, in order, each batch once its input is written (tasks.schedule).
+    Fails, after going through every batch, when a unit failed; I/O errors are retried per unit in place."""
+    log = get_run_logger()
+
+    def run_unit(batch: int) -> dict:
+        if _on_accelerator(ctx, stage):
+            with concurrency("gpu", occupy=1):  # a slot of the "gpu" limit (no-op when none is defined)
+                return run_batch_stage(ctx, stage, shard, batch)
+        return run_batch_stage(ctx, stage, shard, batch)
+
+    res = run_stage(board, stage, run_unit, _unit_logged(ctx, stage, shard))
+    for b, err in res.failed:
+        log.error("%s shard-%05d batch-%05d failed: %s", stage, shard, b, err)
+    if res.failed:
+        units = ", ".join(Unit(stage, shard, b).rel() for b, _ in res.failed)
+        raise RuntimeError(f"{len(res.failed)} unit(s) failed: {units}")
+    return {"stage": stage, "done": res.done, "not_run": res.not_run, "io_retries": res.io_retries}
 
 
 @task(
@@ -102,53 +112,48 @@ def write_shard_task(ctx: RunContext, shard: int, n_batches: int) -> dict:
 
 
 def run_shard(ctx: RunContext, shard: int, n_batches: int, n_total: int, snap: dict[str, set[str]]) -> dict:
-    """Every stage over every batch of one shard (as Prefect tasks), then the shard's triplet file.
+    """Every stage over every batch of one shard, then the shard's triplet file.
 
-    Stages of consecutive batches overlap: a unit waits for its input (the previous stage, same batch) and
-    for the same stage's previous batch (so each stage runs one batch at a time, in order, and holds at most
-    one batch in flight), nothing else; with the flow's thread pool, batch b+1 captions (on the GPU) while
-    batch b is parsed, matched and thresholded (on the CPU). A unit that fails does not stop the others: the
-    same stage goes on with the next batch (its wait ignores failure), the failed batch's later stages do not
-    run. The shard's triplet file is written only when every unit is done; a RuntimeError lists the failed
-    units otherwise, and a rerun redoes only what is not done. `snap` is one listing of the ledger, so
-    finished units cost no task run at all.
+    One task run per stage (tasks.schedule): each takes the batches in order and starts batch b as soon as
+    the stage above has written it, so with the flow's thread pool batch b+1 captions (on the GPU) while
+    batch b is parsed, matched and thresholded (on the CPU). A unit that fails does not stop the others: its
+    stage goes on with the next batch, the failed batch's later stages do not run. The shard's triplet file is
+    written only when every unit is done; a RuntimeError lists the failed units otherwise, and a rerun redoes
+    only what is not done. `snap` is one listing of the ledger, so finished units cost nothing at all.
     """
-    log = get_run_logger()
     if Unit(WRITE, shard).rel() in snap["done"]:
         for name in BATCH_STAGES:
             advance(name, n_total)
         return {"shard": shard, "skipped": True}
     bs = ctx.config.plan.batch_size
-    n_images = {b: min(bs, max(0, n_total - b * bs)) for b in range(n_batches)}
-    futures: dict[tuple[str, int], object] = {}
-    for b in range(n_batches):
-        for i, name in enumerate(BATCH_STAGES):
-            if Unit(name, shard, b).rel() in snap["done"]:
-                advance(name, n_images[b])
-                continue
-            deps = []
-            if i and (BATCH_STAGES[i - 1], b) in futures:
-                deps.append(futures[(BATCH_STAGES[i - 1], b)])  # its input; a failure there stops this unit
-            if (name, b - 1) in futures:
-                deps.append(allow_failure(futures[(name, b - 1)]))  # in order, one batch at a time
-            futures[(name, b)] = stage_task.submit(ctx, name, shard, b, wait_for=deps)
-    failed = []
-    for (name, b), fut in futures.items():
+    done = {(n, b) for n in BATCH_STAGES for b in range(n_batches) if Unit(n, shard, b).rel() in snap["done"]}
+    for name, b in sorted(done):
+        advance(name, min(bs, max(0, n_total - b * bs)))
+    board = BatchBoard(BATCH_STAGES, n_batches, done)
+    # submitted in stage order: a worker waits only on the ones before it, so any pool size finishes
+    futures = [stage_task.submit(ctx, name, shard, board) for name in BATCH_STAGES if _has_work(board, name)]
+    for fut in futures:
         fut.wait()
-        if fut.state.is_failed():  # recorded in the ledger by run_batch_stage; the others went on
-            try:
-                fut.result()
-            except Exception as e:
-                log.error("%s shard-%05d batch-%05d failed: %s: %s", name, shard, b, type(e).__name__, e)
-            failed.append(Unit(name, shard, b).rel())
+    failed = [Unit(n, shard, b).rel() for n, b in board.units(FAILED)]
     if failed:
         raise RuntimeError(
             f"shard-{shard:05d}: {len(failed)} unit(s) failed: {', '.join(failed)}; rerun to redo them"
         )
-    not_run = [Unit(n, shard, b).rel() for (n, b), f in futures.items() if not f.state.is_completed()]
-    if not_run:  # cannot happen without a failure above; never write a shard with a unit missing
-        raise RuntimeError(f"shard-{shard:05d}: units did not run: {', '.join(not_run)}; rerun to redo them")
+    not_done = [
+        Unit(n, shard, b).rel() for n in BATCH_STAGES for b in range(n_batches) if board.state(n, b) != DONE
+    ]
+    if (
+        not_done
+    ):  # a worker stopped early (its error is in its task run); never write a shard with a unit missing
+        errors = [str(f.state.message or f.state.name) for f in futures if not f.state.is_completed()]
+        raise RuntimeError(
+            f"shard-{shard:05d}: units did not run: {', '.join(not_done)} ({'; '.join(errors)}); rerun to redo them"
+        )
     return write_shard_task(ctx, shard, n_batches)
+
+
+def _has_work(board: BatchBoard, stage: str) -> bool:
+    return any(board.state(stage, b) != DONE for b in range(board.n_batches))
 
 
 #: one thread per batch stage: the stages of consecutive batches run side by side (see run_shard)
