@@ -399,6 +399,19 @@ def test_dataloader_workers_split_a_rank_and_decode_the_images(tmp_path):
     assert sorted(i.image for i in ds) == [400 + 40, 410 + 40, 420 + 40, 430 + 40, 440 + 40]
 
 
+def test_shuffle_buffer_is_a_seeded_permutation_per_epoch(tmp_path):
+    plan = many_images_run(tmp_path)
+    file_order = [i.image_id for i in RelationDataset([plan])]
+    ds = RelationDataset([plan], shuffle_buffer=4, seed=3)
+    e0 = [i.image_id for i in ds]
+    assert [i.image_id for i in ds] == e0  # the same epoch: the same order
+    ds.set_epoch(1)
+    e1 = [i.image_id for i in ds]
+    assert sorted(e0) == sorted(e1) == sorted(file_order)
+    assert len({tuple(file_order), tuple(e0), tuple(e1)}) == 3
+    assert [i.image_id for i in RelationDataset([plan], shuffle_buffer=4, seed=3)] == e0  # a rerun: the same
+
+
 # ------------------------------------------------------------------------------------------------ finished, settings
 
 

@@ -165,6 +165,23 @@ def fuse_frequencies(per_source: list[tuple[dict[str, int], dict[str, int]]]) ->
     }
 
 
+def _shuffled(items, size: int, key: tuple) -> Iterable:
+    """A streaming shuffle: keep `size` items, yield a random one of them as each new one arrives."""
+    import random
+
+    rng = random.Random(json.dumps(key))  # a string seed: the same order in every process and Python run
+    buf = []
+    for x in items:
+        if len(buf) < size:
+            buf.append(x)
+            continue
+        i = rng.randrange(size)
+        buf[i], x = x, buf[i]
+        yield x
+    rng.shuffle(buf)
+    yield from buf
+
+
 class RelationDataset(torch.utils.data.IterableDataset):
     """Pre-training images from finished reltag runs and VG files, by the reference loader's rules.
 
@@ -186,6 +203,9 @@ class RelationDataset(torch.utils.data.IterableDataset):
         rank, world_size: this process's share (DistributedDataParallel).
         decode: open each image (RGB) in the DataLoader worker into `item.image`; `transform(image, item)`, when
             given, replaces it by its result (e.g. a tensor).
+        shuffle_buffer, seed: with a buffer of K > 0 items, each worker yields its images in a random order drawn
+            from (seed, epoch, rank, worker) (a streaming shuffle: an image moves at most ~K places on average);
+            `set_epoch(e)` changes the order per epoch, the same on every rerun. 0: file order.
     """
 
     def __init__(
@@ -200,6 +220,8 @@ class RelationDataset(torch.utils.data.IterableDataset):
         *,
         decode: bool = False,
         transform: Callable[[Any, VGImage], Any] | None = None,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
     ):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
@@ -211,6 +233,13 @@ class RelationDataset(torch.utils.data.IterableDataset):
         n = len(self.reader)
         self.start, self.stop = rank * n // world_size, (rank + 1) * n // world_size
         self._freq: dict | None = None
+        if shuffle_buffer < 0:
+            raise ValueError(f"shuffle_buffer {shuffle_buffer} must be >= 0")
+        self.shuffle_buffer, self.seed, self.epoch = shuffle_buffer, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose shuffled order the next iteration yields (as DistributedSampler.set_epoch)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         """Images of this rank."""
@@ -222,15 +251,15 @@ class RelationDataset(torch.utils.data.IterableDataset):
         return len(self.reader)
 
     def __iter__(self):
-        start, stop = self.start, self.stop
+        start, stop, worker = self.start, self.stop, 0
         info = torch.utils.data.get_worker_info()
         if info is not None:
-            n = stop - start
-            start, stop = (
-                start + info.id * n // info.num_workers,
-                start + (info.id + 1) * n // info.num_workers,
-            )
-        for rec in self.reader.iter_range(start, stop):
+            n, worker = stop - start, info.id
+            start, stop = start + worker * n // info.num_workers, start + (worker + 1) * n // info.num_workers
+        recs = self.reader.iter_range(start, stop)
+        if self.shuffle_buffer:
+            recs = _shuffled(recs, self.shuffle_buffer, (self.seed, self.epoch, self.rank, worker))
+        for rec in recs:
             item = reference_item(rec, self.max_relations)
             if self.decode:
                 item.image = self._load(item)
