@@ -197,10 +197,10 @@ class RunSource:
             out.append(
                 f"{len(unwritten)} of {len(self.plan.shards)} shards have no '{write}' record {unwritten[:10]}"
             )
-        if snap["failed"]:
-            out.append(f"failed units {sorted(snap['failed'])[:5]}")
         if not self.fs.exists(layout.run_stats):
             out.append(f"the run statistics {layout.run_stats} are not written")
+        if out and snap["failed"]:  # (the same test as flows/status.is_finished; failures only explain it)
+            out.append(f"{len(snap['failed'])} failed units {sorted(snap['failed'])[:5]}")
         return out
 
     def check_finished(self) -> None:
@@ -239,7 +239,7 @@ class RunSource:
         if n:
             raise ValueError(
                 f"{self} kept rows with rule {run_rule!r} >= {run_eta}; reading at rule {rule!r} >= {eta} needs {n} "
-                f"rows it rejected. Rerun its threshold stage with `reltag run ... --rule {rule} --eta {eta}` (only "
+                f"row(s) it rejected. Rerun its threshold stage with `reltag run ... --rule {rule} --eta {eta}` (only "
                 "threshold and write are redone) and read that run"
             )
 

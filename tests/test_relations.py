@@ -447,14 +447,14 @@ def test_reading_at_a_looser_eta_or_rule_than_the_run_needs_its_rejects(tmp_path
     # p_relation 0.4 >= 0.2: reading relation_only at 0.2 would want that rejected row
     with pytest.raises(
         ValueError,
-        match=r"kept rows with rule 'paper' >= 0.2; reading at rule 'relation_only' >= 0.2 needs 1 rows it rejected",
+        match=r"kept rows with rule 'paper' >= 0.2; reading at rule 'relation_only' >= 0.2 needs 1 row\(s\) it rejected",
     ):
         RelationDataset([plan], rule="relation_only")
     assert len(RelationDataset([plan], rule="relation_only", eta=0.5)) == 1  # 0.4 < 0.5: none is wanted
     assert (
         len(RelationDataset([plan], rule="paper", eta=0.3)) == 1
     )  # stricter than the run: no look at rejects
-    with pytest.raises(ValueError, match="needs 1 rows"):
+    with pytest.raises(ValueError, match=r"needs 1 row\(s\)"):
         RelationDataset([plan], rule="paper", eta=0.1)  # product 0.1 >= 0.1
 
 

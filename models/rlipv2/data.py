@@ -204,7 +204,7 @@ class RelationDataset(torch.utils.data.IterableDataset):
         decode: open each image (RGB) in the DataLoader worker into `item.image`; `transform(image, item)`, when
             given, replaces it by its result (e.g. a tensor).
         shuffle_buffer, seed: with a buffer of K > 0 items, each worker yields its images in a random order drawn
-            from (seed, epoch, rank, worker) (a streaming shuffle: an image moves at most ~K places on average);
+            from (seed, epoch, rank, worker) (a streaming shuffle through a window of K images);
             `set_epoch(e)` changes the order per epoch, the same on every rerun. 0: file order.
     """
 
