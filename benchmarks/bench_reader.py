@@ -9,7 +9,8 @@ boxes and its kept rows; the counts of images and rows are asserted equal.
   loads the whole dataset does);
 - reader: `storage.relations.RelationReader` (row group by row group, column projection, statistics);
 - dataset: `models.rlipv2.data.RelationDataset` (the reader plus the per-image reference steps: cap, clamp, texts,
-  multi-hot pairs), single process.
+  multi-hot pairs), single process;
+- export: `tasks.export.export_vg_json` (the reader, every image written to the JSON as it comes, atomic rename).
 Each runs in a fresh subprocess; peak RSS is that process's VmHWM, and `rss_after_imports_mb` its VmRSS before
 reading (torch's import dominates the dataset's). Two sizes show how memory grows with the dataset.
 """
@@ -58,6 +59,21 @@ for item in RelationDataset([sys.argv[1]], eta=0.2, rule="relation_only", max_re
     images += 1
     rows += len(item.relationships)
 print(time.perf_counter() - t, rss("VmHWM:"), after, images, rows)
+"""
+)
+
+EXPORT = (
+    PRELUDE
+    + r"""
+import json
+from tasks.export import export_vg_json
+after = rss("VmRSS:")
+t = time.perf_counter()
+c = export_vg_json(sys.argv[1], sys.argv[1] + ".export.json", eta=0.2, rule="relation_only")
+dt, hwm = time.perf_counter() - t, rss("VmHWM:")
+with open(sys.argv[1] + ".export.json") as f:  # read back after the measurement: the file is valid JSON
+    assert len(json.load(f)) == c["images"]
+print(dt, hwm, after, c["images"], c["relationships"])
 """
 )
 
@@ -185,7 +201,12 @@ def main() -> None:
         for rows in sizes:
             plan = write_run(os.path.join(tmp, f"r{rows}"), rows // 10)
             r = {"rows": rows, "images": rows // 10}
-            for name, code in (("baseline", BASELINE), ("reader", READER), ("dataset", DATASET)):
+            for name, code in (
+                ("baseline", BASELINE),
+                ("reader", READER),
+                ("dataset", DATASET),
+                ("export", EXPORT),
+            ):
                 m = _run(code, plan)
                 m["rows_per_s"] = round(rows / m["seconds"])
                 r[name] = {k: round(v, 2) if isinstance(v, float) else v for k, v in m.items()}
@@ -210,6 +231,7 @@ def main() -> None:
         "baseline": {"name": "pandas read_parquet of every file, filter, groupby", **big["baseline"]},
         "candidate": {"name": "storage.relations.RelationReader (streaming row groups)", **big["reader"]},
         "dataset": {"name": "models.rlipv2.data.RelationDataset, one process", **big["dataset"]},
+        "export": {"name": "tasks.export.export_vg_json (streamed JSON, atomic)", **big["export"]},
         "rss_growth_mb": {
             "reader": growth("reader"),
             "dataset": growth("dataset"),
@@ -226,8 +248,9 @@ def main() -> None:
         f"reader: {big['rows']:,} rows ({big['images']:,} images): {big['reader']['rows_per_s']:,} rows/s, "
         f"reading memory {work('reader')} MB (peak {big['reader']['peak_rss_mb']} MB) vs pandas read-all "
         f"{big['baseline']['rows_per_s']:,} rows/s, {work('baseline')} MB (peak {big['baseline']['peak_rss_mb']} MB); "
-        f"dataset items {big['dataset']['rows_per_s']:,} rows/s; RSS growth {small['rows']:,}->{big['rows']:,} rows: "
-        f"reader {growth('reader'):+} MB, baseline {growth('baseline'):+} MB"
+        f"dataset items {big['dataset']['rows_per_s']:,} rows/s; vg-json export {big['export']['rows_per_s']:,} rows/s; "
+        f"RSS growth {small['rows']:,}->{big['rows']:,} rows: reader {growth('reader'):+} MB, export "
+        f"{growth('export'):+} MB, baseline {growth('baseline'):+} MB"
     )
 
 

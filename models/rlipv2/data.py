@@ -279,7 +279,10 @@ class RelationDataset(torch.utils.data.IterableDataset):
         """Relation-text and class-name frequencies over the whole dataset (all ranks), for the reference's
         frequency-based negative text sampling: {relationship_names, object_names, relationship_freq,
         object_freq}, most frequent first. Relations: every kept row (before the per-image cap of
-        `max_relations`); objects: every box of every kept image. Computed once (one streaming pass) and kept;
+        `max_relations`); objects: every box of every kept image (the reference also counts the boxes of images
+        that thresholding left empty; those are not in an exported file, so reading the export gives these same
+        counts). Ties keep their first-seen order, per source then fused in source order, as the reference's
+        `fuse_multi_keep_names_freq`. Computed once (one streaming pass) and kept;
         with `cache`, read from / written to that JSON file (keyed by the sources and settings)."""
         if self._freq is not None:
             return self._freq
