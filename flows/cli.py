@@ -332,13 +332,15 @@ def cmd_export(args) -> int:
     from storage.relations import RunSource
     from tasks.export import export_parquet, export_vg_json
 
+    if args.image_paths and args.format != "vg-json":
+        raise ValueError("--image-paths goes with --format vg-json")
     run = _one_run(args)
     if run is None:
         return 1
     plan_dir = run.fs.unstrip_protocol(run.base) if "://" in args.out else run.base
     source = RunSource(plan_dir, run.run_key)
     if args.format == "vg-json":
-        c = export_vg_json(source, args.dest, args.eta, args.rule)
+        c = export_vg_json(source, args.dest, args.eta, args.rule, args.image_paths)
         what = f"{c['images']} images, {c['objects']} objects, {c['relationships']} relationships"
     else:
         c = export_parquet(source, args.dest, args.eta, args.rule)
@@ -434,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rule", choices=["relation_only", "paper"], default="relation_only",
                    help="confidence: p_relation (the reference code, default) or the paper's product")  # fmt: skip
+    p.add_argument("--image-paths", help="vg-json: also write {image_id: file name} (the reference's "
+                   "image_id_to_filepath.json for Objects365) to this file")  # fmt: skip
     p.add_argument("dest", help="file to write (local path or fsspec URI)")
     p.set_defaults(func=cmd_export)
     return ap

@@ -89,6 +89,9 @@ class ImageRelations:
     vocabulary: str | None
     boxes: list[RelBox] = field(default_factory=list)
     relations: list[RelRow] = field(default_factory=list)
+    relative_name: str = (
+        ""  # the file name as planned (relative to the run's images root) or as in the VG file
+    )
 
 
 def check_overlap(b1, b2) -> bool:
@@ -572,7 +575,7 @@ class RelationReader:
         ]
         return ImageRelations(
             str(src), image_id, posixpath.join(src.images_root, rec["file_name"]), rec["width"], rec["height"],
-            src.dataset, split, src.vocabulary, boxes,
+            src.dataset, split, src.vocabulary, boxes, [], rec["file_name"],
         )  # fmt: skip
 
     def _read_vg(self, src: VGSource, wanted: np.ndarray) -> Iterator[ImageRelations]:
@@ -619,6 +622,7 @@ class RelationReader:
             yield ImageRelations(
                 str(src), int(im["image_id"]), src.fs.unstrip_protocol(file_name) if "://" in src.uri else file_name,
                 int(im["width"]), int(im["height"]), "vg", str(im.get("data_split", "")), None, boxes, rows,
+                str(im["file_name"]),
             )  # fmt: skip
 
 

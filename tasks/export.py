@@ -6,6 +6,7 @@ Both stream (one image, or one row group, at a time) and write atomically (tempo
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 
 from fsspec.core import url_to_fs
 
@@ -44,24 +45,43 @@ def vg_json_image(rec, first_relationship_id: int) -> dict:
     }
 
 
-def export_vg_json(source, dest: str, eta: float = 0.2, rule: str = "relation_only") -> dict:
+def export_vg_json(
+    source, dest: str, eta: float = 0.2, rule: str = "relation_only", image_paths: str | None = None
+) -> dict:
     """Write the images with at least one relation passing `rule >= eta` as one JSON list, image by image.
 
     Relations are all the kept rows of an image in file order (the reference's loader itself keeps the first 100);
-    relationship ids run over the file from 0. Returns counts: images, objects, relationships, bytes.
+    relationship ids run over the file from 0. `image_paths`: also write {"<image_id>": file name relative to the
+    images root} for the exported images, the `image_id_to_filepath.json` the reference's loader reads for
+    Objects365 (COCO images it finds as <data_split>/<image_id:012d>.jpg). Returns counts: images, objects,
+    relationships, bytes.
     """
     reader = RelationReader([source], eta, rule, overlap_filter=False)
     fs, path = url_to_fs(dest)
     counts = {"images": 0, "objects": 0, "relationships": 0}
-    with atomic_open(fs, path, "wb") as f:
+    with ExitStack() as stack:
+        f = stack.enter_context(atomic_open(fs, path, "wb"))
+        g = None
+        if image_paths is not None:
+            pfs, ppath = url_to_fs(image_paths)
+            g = stack.enter_context(atomic_open(pfs, ppath, "wb"))
+            g.write(b"{")
         f.write(b"[")
         for rec in reader:
             blob = json.dumps(vg_json_image(rec, counts["relationships"]), ensure_ascii=False).encode()
-            f.write((b"\n" if counts["images"] == 0 else b",\n") + blob)
+            sep = b"\n" if counts["images"] == 0 else b",\n"
+            f.write(sep + blob)
+            if g is not None:
+                g.write(
+                    sep
+                    + json.dumps({str(rec.image_id): rec.relative_name}, ensure_ascii=False)[1:-1].encode()
+                )
             counts["images"] += 1
             counts["objects"] += len(rec.boxes)
             counts["relationships"] += len(rec.relations)
         f.write(b"\n]\n")
+        if g is not None:
+            g.write(b"\n}\n")
     return {**counts, "bytes": fs.size(path)}
 
 

@@ -135,8 +135,11 @@ def test_export_round_trip_with_the_cap_duplicates_and_clamping(tmp_path):
     dest = str(tmp_path / "out" / "rel.json")
     from tasks.export import export_vg_json
 
-    counts = export_vg_json(src, dest, 0.2, "relation_only")
+    paths = str(tmp_path / "out" / "image_id_to_filepath.json")
+    counts = export_vg_json(src, dest, 0.2, "relation_only", image_paths=paths)
     assert counts["images"] == 1 and counts["relationships"] == 110 and counts["objects"] == 12
+    with open(paths) as f:
+        assert json.load(f) == {"1": "im1.jpg"}  # image 2 has nothing left at eta: not exported
     ds = RelationDataset([src])
     loaded = plain_reference_load(dest, 0.2, {1: (100, 50), 2: (100, 50)})
     assert loaded == from_dataset(ds)
@@ -200,7 +203,7 @@ def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "vg_json_image", boom)
     dest = tmp_path / "out" / "rel.json"
     with pytest.raises(OSError, match="disk full"):
-        ex.export_vg_json(plan, str(dest))
+        ex.export_vg_json(plan, str(dest), image_paths=str(tmp_path / "out" / "paths.json"))
     assert os.listdir(tmp_path / "out") == []
 
 
@@ -217,3 +220,8 @@ def test_export_refuses_an_unfinished_run_with_one_line(tmp_path, capsys):
     assert "\n" not in err and not dest.exists()
     assert main(["export", "--out", str(tmp_path / "none"), str(dest)]) == 1
     assert "no runs under" in capsys.readouterr().err
+    assert (
+        main(["export", "--out", str(tmp_path), "--format", "parquet", "--image-paths", "p.json", str(dest)])
+        == 2
+    )
+    assert "--image-paths goes with --format vg-json" in capsys.readouterr().err

@@ -377,6 +377,18 @@ def test_ranks_cover_every_image_exactly_once(tmp_path, world_size):
         RelationDataset([plan], rank=4, world_size=4)
 
 
+def test_ranks_and_dataloader_workers_together_read_every_image_once(tmp_path):
+    import torch
+
+    plan = many_images_run(tmp_path)
+    expected = [i.image_id for i in RelationDataset([plan])]
+    seen = []
+    for rank in range(3):
+        ds = RelationDataset([plan], rank=rank, world_size=3)
+        seen += [i.image_id for i in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)]
+    assert sorted(seen) == sorted(expected) and len(seen) == len(set(seen)) == 15
+
+
 def test_dataloader_workers_split_a_rank_and_decode_the_images(tmp_path):
     import torch
     from PIL import Image
