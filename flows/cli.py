@@ -1,4 +1,4 @@
-"""The `reltag` command line: plan, run, status, stats, show, demo."""
+"""The `reltag` command line: plan, run, status, stats, show, demo, export."""
 
 from __future__ import annotations
 
@@ -327,6 +327,28 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Write a finished run's relations at an eta and rule: the reference's VG-style JSON or flat Parquet."""
+    from storage.relations import RunSource
+    from tasks.export import export_parquet, export_vg_json
+
+    if args.image_paths and args.format != "vg-json":
+        raise ValueError("--image-paths goes with --format vg-json")
+    run = _one_run(args)
+    if run is None:
+        return 1
+    plan_dir = run.fs.unstrip_protocol(run.base) if "://" in args.out else run.base
+    source = RunSource(plan_dir, run.run_key)
+    if args.format == "vg-json":
+        c = export_vg_json(source, args.dest, args.eta, args.rule, args.image_paths)
+        what = f"{c['images']} images, {c['objects']} objects, {c['relationships']} relationships"
+    else:
+        c = export_parquet(source, args.dest, args.eta, args.rule)
+        what = f"{c['rows']} rows"
+    print(f"wrote {args.dest}: {what} of run {run.run_key} at {args.rule} >= {args.eta} ({c['bytes']} bytes)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="reltag",
@@ -397,6 +419,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", type=int, default=6, help="how many random images with triplets (default 6)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_show)
+    p = sub.add_parser(
+        "export",
+        help="write a finished run's relations at an eta and rule: the reference's JSON or flat Parquet",
+        description="vg-json: the list of images RLIPv2's training code reads (image_id, dataset, data_split, "
+        "objects with every box of the image, relationships with their confidence); parquet: the triplet rows "
+        "that pass, loadable by HF datasets and DuckDB. Streams; the file appears complete or not at all.",
+    )
+    p.add_argument("--out", required=True, help="output root of the run")
+    p.add_argument(
+        "--run", dest="run_key", help="a run key or its first characters (default: the newest run)"
+    )
+    p.add_argument("--format", choices=["vg-json", "parquet"], default="vg-json")
+    p.add_argument(
+        "--eta", type=float, default=0.2, help="keep relations whose confidence >= eta (default 0.2)"
+    )
+    p.add_argument("--rule", choices=["relation_only", "paper"], default="relation_only",
+                   help="confidence: p_relation (the reference code, default) or the paper's product")  # fmt: skip
+    p.add_argument("--image-paths", help="vg-json: also write {image_id: file name} (the reference's "
+                   "image_id_to_filepath.json for Objects365) to this file")  # fmt: skip
+    p.add_argument("dest", help="file to write (local path or fsspec URI)")
+    p.set_defaults(func=cmd_export)
     return ap
 
 
