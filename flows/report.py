@@ -1,0 +1,118 @@
+"""`reltag report`: read a finished run (record, statistics, triplets, image records), build its audit page or the
+comparison of two runs (tasks/report.py), write it atomically under <plan folder>/report/ and print the path."""
+
+from __future__ import annotations
+
+import sys
+
+from flows.status import plan_of, run_record
+from storage.atomic import atomic_open, read_json
+from storage.layout import RunLayout
+from storage.records import ImageRecord, Triplet
+
+
+def read_triplets(run: RunLayout) -> list[Triplet]:
+    """Every triplet of a finished run, shard by shard."""
+    import pyarrow.parquet as pq
+
+    from storage import schemas
+
+    out: list[Triplet] = []
+    for sh in plan_of(run).shards:
+        path = run.triplets(sh.shard)
+        if not run.fs.exists(path):
+            raise ValueError(f"run {run.run_key}: triplet file {path} of shard {sh.shard} is missing")
+        with run.fs.open(path, "rb") as f:
+            out.extend(schemas.from_table(pq.read_table(f, schema=schemas.TRIPLETS), Triplet))
+    return out
+
+
+def check_finished(run: RunLayout) -> None:
+    if not run.fs.exists(run.run_stats):
+        raise ValueError(
+            f"run {run.run_key} under {run.root} is not finished: no {run.run_stats} (reltag status shows what is left)"
+        )
+
+
+def load_run(run: RunLayout):
+    """The RunData of a finished run: its record, run.json, triplets and the image records the gallery needs."""
+    from tasks.plan import shard_records
+    from tasks.report import RunData
+
+    check_finished(run)
+    triplets = read_triplets(run)
+    wanted = {t.image_id for t in triplets}
+    shards = sorted({sh.shard for sh in plan_of(run).shards})
+    images: dict[int, ImageRecord] = {}
+    for shard in shards:
+        for rec in shard_records(run, shard):
+            if rec.image_id in wanted:
+                images[rec.image_id] = rec
+    return RunData(run_record(run), read_json(run.fs, run.run_stats), triplets, images, run.base)
+
+
+def _loader(images_root: str):
+    from tasks.images import load_image
+
+    def load(rec: ImageRecord):
+        img, q = load_image(images_root, rec, stage="report")
+        return (img, "") if q is None else (None, q.detail)
+
+    return load
+
+
+def write_page(run: RunLayout, name: str, text: str) -> str:
+    """Write one page to <plan folder>/report/<name> atomically; returns its path."""
+    path = run.path("report", name)
+    with atomic_open(run.fs, path, "wb") as f:
+        f.write(text.encode("utf-8"))
+    return path
+
+
+def build_report(run: RunLayout, top: int = 6, per_group: int = 3) -> str:
+    """Write the run's audit page; returns its path."""
+    from tasks.report import report_html
+
+    data = load_run(run)
+    page = report_html(data, _loader(data.record.inputs.get("images_root", "")), top, per_group)
+    return write_page(run, f"{run.run_key}.html", page)
+
+
+def build_compare(a: RunLayout, b: RunLayout, examples: int = 50) -> tuple[str, dict]:
+    """Write the comparison page of two finished runs (under run A's plan folder); returns (path, counts)."""
+    from tasks.report import compare_html, diff_triplets
+
+    for r in (a, b):
+        check_finished(r)
+    diff = diff_triplets(read_triplets(a), read_triplets(b), a.run_key, b.run_key)
+    page = compare_html(run_record(a), run_record(b), diff, examples)
+    return write_page(a, f"compare-{a.run_key}-{b.run_key}.html", page), diff.counts()
+
+
+def report_command(args, one_run) -> int:
+    """`reltag report`: one_run(args) resolves --out and --run-key to a run (flows/cli.py's rule)."""
+    import argparse
+
+    if args.compare:
+        runs = []
+        for key in args.compare:
+            run = one_run(argparse.Namespace(**{**vars(args), "run_key": key}))
+            if run is None:
+                return 1
+            runs.append(run)
+        if runs[0].run_key == runs[1].run_key:
+            print(f"reltag report: --compare names run {runs[0].run_key} twice", file=sys.stderr)
+            return 2
+        path, counts = build_compare(runs[0], runs[1], args.examples)
+        print(
+            f"run {runs[1].run_key} against {runs[0].run_key}: "
+            + ", ".join(f"{v} {k}" for k, v in counts.items())
+        )
+        print(f"wrote {path}")
+        return 0
+    run = one_run(args)
+    if run is None:
+        return 1
+    path = build_report(run, args.top, args.per_group)
+    print(f"wrote {path}")
+    return 0
