@@ -498,7 +498,7 @@ def compare_html(a: RunRecord, b: RunRecord, diff: TripletDiff, examples: int = 
          ["triplets", f"{c['dropped'] + c['rescored'] + c['unchanged']:,}", f"{c['added'] + c['rescored'] + c['unchanged']:,}"]],
     )  # fmt: skip
     settings = (
-        _table(["setting", "run A", "run B"], [[_e(k), _e(va), _e(vb)] for k, va, vb in differs])
+        _table(["setting", "run A", "run B"], [[_e(k), _e(va), _e(vb)] for k, va, vb in differs], "settings")
         if differs
         else "<p>The two runs have the same settings.</p>"
     )

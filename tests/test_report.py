@@ -20,7 +20,7 @@ from flows.cli import EXAMPLES, main
 from flows.status import find_runs, plan_of
 from storage.atomic import read_json
 from storage.records import Triplet
-from tasks.report import NOT_AVAILABLE, STATS_KEYS, diff_triplets, gallery_picks, triplet_key
+from tasks.report import NOT_AVAILABLE, STATS_KEYS, diff_triplets, gallery_picks
 from tests.cdp import Browser, find_chromium
 
 SYNONYMS = (
@@ -377,23 +377,28 @@ def test_report_in_headless_chromium(stats_root, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def clip_root(prefect_harness, tmp_path_factory):
-    """Real runs of the sample, the same plan, captions and match: greedy tagger; a tiny random CLIP tagger with
-    its cut (clip_eta, the eta the threshold stage holds CLIP rows to) at 0.2 and at 0.5."""
+def cut_root(demo_root, tmp_path_factory):
+    """Real runs of the sample sharing plan, captions, parses and candidates: the greedy tagger (scores 0 or 1) at
+    eta 0.2 and 0.0; a tiny random CLIP tagger (scores spread over 0..1; softmax of 100 x cosine, mostly near 0
+    or 1) at clip_eta 0.0 and 0.5, the cut the threshold stage holds CLIP rows to in place of eta. Keyed by
+    (tagger, the cut its rows were held to)."""
     from tests.test_clip_tagger import build_tiny_clip
 
-    d = tmp_path_factory.mktemp("clip")
+    d = tmp_path_factory.mktemp("cuts")
     clip_dir = build_tiny_clip(str(d))
     root = d / "out"
+    shutil.copytree(demo_root, root)  # the demo's run is the greedy run at eta 0.2 (the same key)
     base = ["--annotations", str(EXAMPLES / "sample_detections.json"), "--images", str(EXAMPLES / "images"),
             "--captions", str(EXAMPLES / "sample_captions.json"), "--out", str(root), "--dataset", "sample"]  # fmt: skip
-    assert main(["run", *base]) == 0
-    for eta in ("0.2", "0.5"):
+    assert main(["run", *base, "--eta", "0.0"]) == 0
+    for eta in ("0.0", "0.5"):
         assert main(["run", *base, "--tagger", "clip", "--clip-model", clip_dir, "--clip-eta", eta]) == 0
     runs = {}
     for r in find_runs(str(root)):
-        rec = read_json(r.fs, r.manifest)
-        runs[(rec["config"]["tag"]["tagger"], rec["config"]["threshold"]["clip_eta"])] = r
+        cfg = read_json(r.fs, r.manifest)["config"]
+        tagger = cfg["tag"]["tagger"]
+        runs[(tagger, cfg["threshold"]["clip_eta" if tagger == "clip" else "eta"])] = r
+    assert len(runs) == 4
     return root, runs
 
 
@@ -406,14 +411,16 @@ def _keyed(run) -> dict:
 
 @pytest.mark.flow
 @pytest.mark.slow
-def test_compare_two_etas(clip_root):
-    root, runs = clip_root
-    low, high = runs[("clip", 0.2)], runs[("clip", 0.5)]
+@pytest.mark.parametrize("tagger, low_cut, high_cut", [("greedy_overlap", 0.0, 0.2), ("clip", 0.0, 0.5)])
+def test_compare_two_cuts(cut_root, tagger, low_cut, high_cut):
+    root, runs = cut_root
+    low, high = runs[(tagger, low_cut)], runs[(tagger, high_cut)]
     tl, th = _keyed(low), _keyed(high)
-    assert set(th) <= set(tl)  # a strict cut keeps a subset
-    dropped = sorted(k for k, t in tl.items() if t["confidence"] < 0.5)
-    assert dropped and len(dropped) < len(tl), "the tiny CLIP's scores should fall on both sides of 0.5"
+    assert set(th) <= set(tl)  # a stricter cut keeps a subset
+    dropped = sorted(k for k, t in tl.items() if t["confidence"] < high_cut)
+    assert dropped and len(dropped) < len(tl), f"the scores should fall on both sides of {high_cut}"
     assert sorted(set(tl) - set(th)) == dropped
+    assert all(th[k]["confidence"] == tl[k]["confidence"] for k in th)
     rc, out = _report(root, "--compare", low.run_key, high.run_key[:8])
     assert rc == 0
     assert f"0 added, {len(dropped)} dropped, 0 rescored, {len(th)} unchanged" in out
@@ -427,27 +434,31 @@ def test_compare_two_etas(clip_root):
     ]  # fmt: skip
     counts = {r[0]: int(r[1]) for r in page.table("counts")}
     assert counts == {"added": 0, "dropped": len(dropped), "rescored": 0, "unchanged": len(th)}
-    text = path.read_text()
-    assert "threshold.clip_eta" in text  # the one setting that differs is named
+    # the one setting that differs is named, with both values
+    setting = "threshold.clip_eta" if tagger == "clip" else "threshold.eta"
+    assert [setting, str(low_cut), str(high_cut)] in page.table("settings")
 
 
 @pytest.mark.flow
 @pytest.mark.slow
-def test_compare_greedy_with_clip(clip_root):
-    root, runs = clip_root
-    greedy, clip = runs[("greedy_overlap", 0.8)], runs[("clip", 0.2)]
+def test_compare_greedy_with_clip(cut_root):
+    root, runs = cut_root
+    greedy, clip = runs[("greedy_overlap", 0.2)], runs[("clip", 0.0)]
     tg, tc = _keyed(greedy), _keyed(clip)
     added = sorted(set(tc) - set(tg))
     dropped = sorted(set(tg) - set(tc))
     both = set(tg) & set(tc)
     rescored = sorted(k for k in both if tg[k]["confidence"] != tc[k]["confidence"])
-    assert rescored  # greedy scores 1.0, a random CLIP less
+    assert added and rescored  # clip_eta 0 keeps the pair greedy drops; greedy scores 1.0, a random CLIP less
     rc, out = _report(root, "--compare", greedy.run_key, clip.run_key)
     assert rc == 0
     assert (f"{len(added)} added, {len(dropped)} dropped, {len(rescored)} rescored, "
             f"{len(both) - len(rescored)} unchanged") in out  # fmt: skip
     page = Page(_written(out).read_text())
-    assert [(int(r[0]), r[2], float(r[4]), float(r[5])) for r in page.table("rescored")] == [
-        (k[0], k[3], round(tg[k]["confidence"], 4), round(tc[k]["confidence"], 4)) for k in rescored
+    assert [(int(r[0]), r[2], r[4], r[5]) for r in page.table("rescored")] == [
+        (k[0], k[3], f"{tg[k]['confidence']:.4f}", f"{tc[k]['confidence']:.4f}") for k in rescored
     ]
-    assert triplet_key(Triplet(**{**tc[rescored[0]]})) == rescored[0]
+    assert [(int(r[0]), r[2], r[4], r[5]) for r in page.table("added")] == [
+        (k[0], k[3], "", f"{tc[k]['confidence']:.4f}") for k in added
+    ]
+    assert ["tag.tagger", "greedy_overlap", "clip"] in page.table("settings")
