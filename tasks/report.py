@@ -95,7 +95,7 @@ def _table(head: list[str], rows: list[list], cls: str = "") -> str:
 
 def _hbar(labels: list[str], values: list[int], title: str, colour: str = "#4878a8"):
     """Horizontal bars, first label on top, each bar with its value."""
-    fig = _figure(7.5, 0.32 * max(len(labels), 3) + 0.9)
+    fig = _figure(5.9, 0.3 * max(len(labels), 3) + 0.9)
     ax = fig.add_subplot()
     y = list(range(len(labels)))[::-1]
     ax.barh(y, values, color=colour)
@@ -127,9 +127,8 @@ def _funnel(stats: dict) -> str:
         rows.append(
             [_e(f["stage"]), _e(f.get("label", "")), f'<span class="num">{int(f["count"]):,}</span>', dropped]
         )
-    return _img(_png_uri(fig), "funnel") + _table(
-        ["stage", "what", "count", "dropped (reason: count)"], rows, "funnel"
-    )
+    table = _table(["stage", "what", "count", "dropped (reason: count)"], rows, "funnel")
+    return f'<div class="row">{_img(_png_uri(fig), "funnel")}{table}</div>'
 
 
 def _histograms(stats: dict) -> str:
@@ -169,12 +168,13 @@ def _histograms(stats: dict) -> str:
                 "class-pair histogram",
             )  # fmt: skip
         )
+    parts = [f'<div class="row">{"".join(parts)}</div>']
     tpi = stats.get("triplets_per_image")
     if tpi is None:
         parts.append(_na("triplets per image"))
     else:
         ks = sorted(tpi, key=int)
-        fig = _figure(7.5, 2.6)
+        fig = _figure(5.9, 2.4)
         ax = fig.add_subplot()
         ax.bar([int(k) for k in ks], [tpi[k] for k in ks], color="#a86848")
         ax.set_xlabel("triplets in the image")
@@ -354,7 +354,7 @@ h1{font-size:22px;margin:20px 0 4px}h2{font-size:18px;border-bottom:1px solid #c
 h3{font-size:15px}h4{font-size:13px;margin:14px 0 6px}
 table{border-collapse:collapse;font-size:12px;margin:8px 0}th,td{border:1px solid #ddd;padding:3px 6px;vertical-align:top;text-align:left}
 th{background:#f2f2f2}.num{font-variant-numeric:tabular-nums}td:has(.num){text-align:right}
-img.plot{max-width:100%;display:block;margin:8px 0}.gallery{display:flex;flex-wrap:wrap;gap:12px}
+img.plot{max-width:100%;display:block;margin:8px 0}.row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.gallery{display:flex;flex-wrap:wrap;gap:12px}
 figure{margin:0;border:1px solid #ddd;padding:4px;background:#fafafa}figure img{display:block;max-width:420px}
 figcaption{font-size:11px;color:#555;margin-top:4px}.na{color:#a33;font-style:italic}.small{font-size:11px;color:#666}
 nav a{margin-right:12px;font-size:13px}code{font-size:11px}pre{font-size:11px;background:#f6f6f6;padding:8px;overflow:auto}

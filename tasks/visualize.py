@@ -193,10 +193,20 @@ def draw_triplets(
         draw_label(
             d, (sx + (ox - sx) * f - w / 2, sy + (oy - sy) * f - line_h / 2), num, font, _text_on(c), c
         )
-    for b in record.boxes:  # class labels last: never covered by a line
+    placed: list[tuple[float, float, float, float]] = []
+    for (
+        b
+    ) in record.boxes:  # class labels last: never covered by a line; moved down past labels already placed
         if b.ann_id in in_triplet or len(record.boxes) <= 8:
             x0, y0, _, _ = rect((b.x, b.y, b.w, b.h))
-            draw_label(d, (x0 + 1, y0 + 1), b.label, font)
+            w, h = font.getlength(b.label) + 4, ascent + descent + 4
+            x, y = x0 + 1, y0 + 1
+            for _ in range(len(placed)):
+                hit = [p for p in placed if x < p[2] and p[0] < x + w and y < p[3] and p[1] < y + h]
+                if not hit:
+                    break
+                y = max(p[3] for p in hit) + 1
+            placed.append(draw_label(d, (x, y), b.label, font))
     for k, s in enumerate(legend):
         y = img.height + 4 + line_h * k
         d.rectangle([4, y + 2, 16, y + line_h - 4], fill=_colour(k))

@@ -235,7 +235,8 @@ def stats_root(demo_root, tmp_path):
     shutil.copytree(demo_root, root)
     (run,) = find_runs(str(root))
     st = read_json(run.fs, run.run_stats)
-    st.update(derive_stats(run))
+    for k, v in derive_stats(run).items():
+        st.setdefault(k, v)  # a run.json that holds a key already keeps reltag's own value
     Path(run.run_stats).write_text(json.dumps(st))
     return root
 
@@ -301,7 +302,9 @@ def test_report_says_what_a_run_without_the_statistics_keys_lacks(demo_root, tmp
     shutil.copytree(demo_root, root)
     (run,) = find_runs(str(root))
     st = read_json(run.fs, run.run_stats)
-    assert not set(STATS_KEYS) & set(st), "run.json holds the new keys now: this test's premise changed"
+    Path(run.run_stats).write_text(
+        json.dumps({k: v for k, v in st.items() if k not in STATS_KEYS})
+    )  # an older run
     rc, out = _report(root)
     assert rc == 0
     text = _written(out).read_text()
@@ -364,11 +367,7 @@ def test_report_in_headless_chromium(stats_root, tmp_path):
     # RELTAG_REPORT_SCREENSHOT=examples/report_screenshot.png: keep the gallery view for the README
     keep = os.environ.get("RELTAG_REPORT_SCREENSHOT")
     if keep:
-        img = (
-            Image.open(io.BytesIO(gallery_shot))
-            .convert("RGB")
-            .quantize(colors=128, method=Image.Quantize.MEDIANCUT)
-        )
+        img = Image.open(io.BytesIO(gallery_shot)).convert("RGB").quantize(colors=256)
         img.save(keep, optimize=True)
         assert Path(keep).stat().st_size < 300_000
 
