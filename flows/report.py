@@ -5,26 +5,29 @@ from __future__ import annotations
 
 import sys
 
+import pyarrow as pa
+
 from flows.status import plan_of, run_record
 from storage.atomic import atomic_open, read_json
 from storage.layout import RunLayout
-from storage.records import ImageRecord, Triplet
+from storage.records import ImageRecord
 
 
-def read_triplets(run: RunLayout) -> list[Triplet]:
-    """Every triplet of a finished run, shard by shard."""
+def read_triplets(run: RunLayout, columns: list[str] | None = None) -> pa.Table:
+    """Every triplet of a finished run, shard by shard, as one Arrow table (TRIPLETS schema, or `columns` of it)."""
     import pyarrow.parquet as pq
 
     from storage import schemas
 
-    out: list[Triplet] = []
+    schema = schemas.TRIPLETS if columns is None else pa.schema([schemas.TRIPLETS.field(c) for c in columns])
+    tables = []
     for sh in plan_of(run).shards:
         path = run.triplets(sh.shard)
         if not run.fs.exists(path):
             raise ValueError(f"run {run.run_key}: triplet file {path} of shard {sh.shard} is missing")
         with run.fs.open(path, "rb") as f:
-            out.extend(schemas.from_table(pq.read_table(f, schema=schemas.TRIPLETS), Triplet))
-    return out
+            tables.append(pq.read_table(f, schema=schemas.TRIPLETS, columns=columns).cast(schema))
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 def check_finished(run: RunLayout) -> None:
@@ -34,18 +37,19 @@ def check_finished(run: RunLayout) -> None:
         )
 
 
-def load_run(run: RunLayout):
-    """The RunData of a finished run: its record, run.json, triplets and the image records the gallery needs."""
+def load_run(run: RunLayout, top: int = 6, per_group: int = 3):
+    """The RunData of a finished run: its record, run.json, triplets and the records of the gallery's images."""
     from tasks.plan import shard_records
-    from tasks.report import RunData
+    from tasks.report import RunData, gallery_image_ids, gallery_picks
 
     check_finished(run)
     triplets = read_triplets(run)
-    wanted = {t.image_id for t in triplets}
-    shards = sorted({sh.shard for sh in plan_of(run).shards})
+    wanted = gallery_image_ids(gallery_picks(triplets, top, per_group))
     images: dict[int, ImageRecord] = {}
-    for shard in shards:
-        for rec in shard_records(run, shard):
+    for sh in plan_of(run).shards:
+        if len(images) == len(wanted):
+            break
+        for rec in shard_records(run, sh.shard):
             if rec.image_id in wanted:
                 images[rec.image_id] = rec
     return RunData(run_record(run), read_json(run.fs, run.run_stats), triplets, images, run.base)
@@ -73,20 +77,21 @@ def build_report(run: RunLayout, top: int = 6, per_group: int = 3) -> str:
     """Write the run's audit page; returns its path."""
     from tasks.report import report_html
 
-    data = load_run(run)
+    data = load_run(run, top, per_group)
     page = report_html(data, _loader(data.record.inputs.get("images_root", "")), top, per_group)
     return write_page(run, f"{run.run_key}.html", page)
 
 
 def build_compare(a: RunLayout, b: RunLayout, examples: int = 50) -> tuple[str, dict]:
     """Write the comparison page of two finished runs (under run A's plan folder); returns (path, counts)."""
-    from tasks.report import compare_html, diff_triplets
+    from tasks.report import DIFF_COLUMNS, compare_html, diff_triplets
 
     for r in (a, b):
         check_finished(r)
-    diff = diff_triplets(read_triplets(a), read_triplets(b), a.run_key, b.run_key)
+    cols = list(DIFF_COLUMNS)
+    diff = diff_triplets(read_triplets(a, cols), read_triplets(b, cols), a.run_key, b.run_key, examples)
     page = compare_html(run_record(a), run_record(b), diff, examples)
-    return write_page(a, f"compare-{a.run_key}-{b.run_key}.html", page), diff.counts()
+    return write_page(a, f"compare-{a.run_key}-{b.run_key}.html", page), diff.counts
 
 
 def report_command(args, one_run) -> int:

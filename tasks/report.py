@@ -11,6 +11,8 @@ from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 from storage.manifest import RunRecord
@@ -35,13 +37,13 @@ NOT_AVAILABLE = "not available for this run"
 class RunData:
     """What a report needs of one finished run.
 
-    record: runs/<run_key>.json; stats: stats/<run_key>/run.json; triplets: every triplet of the run;
-    images: the planned image records of the images that have triplets (gallery), by image id.
+    record: runs/<run_key>.json; stats: stats/<run_key>/run.json; triplets: every triplet of the run (an Arrow
+    table of storage.schemas.TRIPLETS); images: the planned records of (at least) the gallery's images, by id.
     """
 
     record: RunRecord
     stats: dict
-    triplets: list[Triplet]
+    triplets: pa.Table
     images: dict[int, ImageRecord] = field(default_factory=dict)
     output: str = ""
 
@@ -280,37 +282,48 @@ def _lineage(data: RunData) -> str:
     )  # fmt: skip
 
 
-def gallery_picks(triplets: list[Triplet], top: int = 6, per_group: int = 3) -> dict[str, list]:
-    """Deterministic gallery samples.
+def gallery_picks(table: pa.Table, top: int = 6, per_group: int = 3) -> dict[str, list]:
+    """Deterministic gallery samples, from a table of triplets (storage.schemas.TRIPLETS columns).
 
     Returns {"relation": [(lemma, count, [image ids])], "class_pair": [((subject, object), count, [image ids])]}:
-    the `top` most frequent relation lemmas and subject/object class pairs among the triplets (ties by name),
-    each with the first `per_group` image ids (ascending) that hold such a triplet.
+    the `top` most frequent relation lemmas and subject/object class pairs (ties by name), each with the first
+    `per_group` image ids (ascending) that hold such a triplet. Arrow group-by and filters: no Python object per
+    triplet, so a run of millions of triplets fits.
     """
-    out = {}
-    for name, key in (
-        ("relation", lambda t: t.relation_lemma),
-        ("class_pair", lambda t: (t.subject_label, t.object_label)),
-    ):
-        counts: Counter = Counter()
-        images: dict = defaultdict(set)
-        for t in triplets:
-            counts[key(t)] += 1
-            images[key(t)].add(t.image_id)
-        ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
-        out[name] = [(k, n, sorted(images[k])[:per_group]) for k, n in ranked]
+    out: dict[str, list] = {}
+    for name, cols in (("relation", ["relation_lemma"]), ("class_pair", ["subject_label", "object_label"])):
+        out[name] = []
+        if table.num_rows == 0:
+            continue
+        counts = table.group_by(cols).aggregate([([], "count_all")]).to_pylist()
+        for r in sorted(counts, key=lambda r: (-r["count_all"], *(r[c] for c in cols)))[:top]:
+            mask = pc.equal(table[cols[0]], r[cols[0]])
+            for c in cols[1:]:
+                mask = pc.and_(mask, pc.equal(table[c], r[c]))
+            ids = sorted(pc.unique(table.filter(mask)["image_id"]).to_pylist())[:per_group]
+            key = r[cols[0]] if len(cols) == 1 else tuple(r[c] for c in cols)
+            out[name].append((key, r["count_all"], ids))
     return out
+
+
+def gallery_image_ids(picks: dict[str, list]) -> set[int]:
+    """Every image id the gallery shows."""
+    return {i for groups in picks.values() for _, _, ids in groups for i in ids}
 
 
 def _gallery(data: RunData, load: Callable[[ImageRecord], tuple[Image.Image | None, str]], top: int,
              per_group: int) -> str:  # fmt: skip
+    from storage import schemas
     from tasks.visualize import draw_triplets
 
-    if not data.triplets:
+    if data.triplets.num_rows == 0:
         return "<p>This run has no triplets to show.</p>"
     picks = gallery_picks(data.triplets, top, per_group)
+    shown = data.triplets.filter(
+        pc.is_in(data.triplets["image_id"], pa.array(sorted(gallery_image_ids(picks))))
+    )
     by_image: dict[int, list[Triplet]] = defaultdict(list)
-    for t in data.triplets:
+    for t in schemas.from_table(shown, Triplet):
         by_image[t.image_id].append(t)
     photos: dict[int, tuple[Image.Image | None, str]] = {}
     parts = []
@@ -388,8 +401,8 @@ def report_html(
     rec, st = data.record, data.stats
     cfg = rec.config
     summary = (
-        f"<p><b>{st.get('triplets', len(data.triplets)):,}</b> triplets on "
-        f"<b>{st.get('images_with_triplets', len({t.image_id for t in data.triplets})):,}</b> of "
+        f"<p><b>{st.get('triplets', data.triplets.num_rows):,}</b> triplets on "
+        f"<b>{st.get('images_with_triplets', len(pc.unique(data.triplets['image_id']))):,}</b> of "
         f"{st.get('images', '?')} images; captioner {_e(cfg.get('caption', {}).get('captioner'))}, "
         f"tagger {_e(cfg.get('tag', {}).get('tagger'))}, eta {_e(cfg.get('threshold', {}).get('eta'))} "
         f"(rule {_e(cfg.get('threshold', {}).get('rule'))}). Output: <code>{_e(data.output)}</code></p>"
@@ -411,54 +424,79 @@ def report_html(
 # ---------------------------------------------------------------------------------------------------- compare
 
 
-def triplet_key(t: Triplet) -> tuple[int, int, int, str]:
-    """A triplet's identity within a run: (image, subject box, object box, relation text). The match stage keys
-    its candidates the same way (tasks/match.py), so a run never holds two triplets with one key; the lemma is
-    not enough ("sitting on" and "sits on" share the lemma "sit on" and are separate candidates)."""
-    return (t.image_id, t.subject_ann_id, t.object_ann_id, t.relation)
+#: A triplet's identity within a run: (image, subject box, object box, relation text). The match stage keys its
+#: candidates the same way (tasks/match.py), so a run never holds two triplets with one key; the lemma is not
+#: enough ("sitting on" and "sits on" share the lemma "sit on" and are separate candidates).
+KEY = ("image_id", "subject_ann_id", "object_ann_id", "relation")
+KINDS = ("added", "dropped", "rescored", "unchanged")
+DIFF_COLUMNS = [*KEY, "subject_label", "object_label", "relation_lemma", "confidence"]
 
 
 @dataclass
 class TripletDiff:
-    """Triplets of run B against run A, by triplet_key: added (only in B), dropped (only in A), rescored (in both,
-    confidence differs), unchanged. Each entry is (key, triplet of A or None, triplet of B or None), key order."""
+    """Triplets of run B against run A, by KEY: added (only in B), dropped (only in A), rescored (in both,
+    confidence differs), unchanged.
 
-    added: list = field(default_factory=list)
-    dropped: list = field(default_factory=list)
-    rescored: list = field(default_factory=list)
-    unchanged: list = field(default_factory=list)
+    counts: per kind, how many; by_relation: per relation lemma, Counter of added / dropped / rescored;
+    rows: per kind, the first rows in key order (dicts: the KEY fields, subject_label, object_label,
+    relation_lemma, confidence_a, confidence_b; None where the run lacks the triplet).
+    """
 
-    def counts(self) -> dict[str, int]:
-        return {k: len(getattr(self, k)) for k in ("added", "dropped", "rescored", "unchanged")}
-
-
-def _index(triplets: list[Triplet], run_key: str) -> dict:
-    out = {}
-    for t in triplets:
-        k = triplet_key(t)
-        if k in out:
-            raise ValueError(
-                f"run {run_key} holds two triplets with key {k} (image, subject, object, relation)"
-            )
-        out[k] = t
-    return out
+    counts: dict[str, int]
+    by_relation: dict[str, Counter]
+    rows: dict[str, list[dict]]
 
 
-def diff_triplets(a: list[Triplet], b: list[Triplet], run_a: str = "A", run_b: str = "B") -> TripletDiff:
-    """Compare two runs' triplets (see TripletDiff); a confidence counts as changed when it differs at all."""
-    ia, ib = _index(a, run_a), _index(b, run_b)
-    d = TripletDiff()
-    for k in sorted(ia.keys() | ib.keys()):
-        ta, tb = ia.get(k), ib.get(k)
-        if ta is None:
-            d.added.append((k, None, tb))
-        elif tb is None:
-            d.dropped.append((k, ta, None))
-        elif ta.confidence != tb.confidence:
-            d.rescored.append((k, ta, tb))
-        else:
-            d.unchanged.append((k, ta, tb))
-    return d
+def _keyed(table: pa.Table, run_key: str) -> pa.Table:
+    t = table.select(DIFF_COLUMNS)
+    n = t.group_by(list(KEY)).aggregate([([], "count_all")])
+    dup = n.filter(pc.greater(n["count_all"], 1))
+    if dup.num_rows:
+        d = dup.slice(0, 1).to_pylist()[0]
+        raise ValueError(
+            f"run {run_key} holds {d['count_all']} triplets with key {tuple(d[c] for c in KEY)} "
+            "(image, subject, object, relation); a run holds each at most once"
+        )
+    return t
+
+
+def diff_triplets(
+    a: pa.Table, b: pa.Table, run_a: str = "A", run_b: str = "B", examples: int | None = None
+) -> TripletDiff:
+    """Compare two runs' triplet tables (storage.schemas.TRIPLETS columns) with one Arrow full outer join on KEY;
+    a confidence counts as changed when it differs at all. `examples` caps the rows kept per kind (None: all)."""
+    j = _keyed(a, run_a).join(
+        _keyed(b, run_b), keys=list(KEY), join_type="full outer", left_suffix="_a", right_suffix="_b"
+    )
+    ca, cb = j["confidence_a"], j["confidence_b"]
+    both = pc.and_(pc.is_valid(ca), pc.is_valid(cb))
+    masks = {
+        "added": pc.is_null(ca),
+        "dropped": pc.is_null(cb),
+        "rescored": pc.and_(both, pc.not_equal(ca, cb)),
+        "unchanged": pc.and_(both, pc.equal(ca, cb)),
+    }
+    counts, by_relation, rows = {}, defaultdict(Counter), {}
+    for kind, mask in masks.items():
+        sub = j.filter(mask)
+        counts[kind] = sub.num_rows
+        sub = (
+            sub.append_column("label_s", pc.coalesce(sub["subject_label_b"], sub["subject_label_a"]))
+            .append_column("label_o", pc.coalesce(sub["object_label_b"], sub["object_label_a"]))
+            .append_column("lemma", pc.coalesce(sub["relation_lemma_b"], sub["relation_lemma_a"]))
+        )
+        if kind != "unchanged":
+            for r in sub.group_by(["lemma"]).aggregate([([], "count_all")]).to_pylist():
+                by_relation[r["lemma"]][kind] = r["count_all"]
+        sub = sub.sort_by([(c, "ascending") for c in KEY])
+        if examples is not None:
+            sub = sub.slice(0, examples)
+        rows[kind] = [
+            {**{c: r[c] for c in KEY}, "subject_label": r["label_s"], "object_label": r["label_o"],
+             "relation_lemma": r["lemma"], "confidence_a": r["confidence_a"], "confidence_b": r["confidence_b"]}
+            for r in sub.to_pylist()
+        ]  # fmt: skip
+    return TripletDiff(counts, dict(by_relation), rows)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -487,7 +525,7 @@ def shared_stages(a: RunRecord, b: RunRecord) -> list[str]:
 
 def compare_html(a: RunRecord, b: RunRecord, diff: TripletDiff, examples: int = 50) -> str:
     """A page saying which triplets run B adds, drops and rescores against run A, with examples."""
-    c = diff.counts()
+    c = diff.counts
     differs = config_differences(a, b)
     shared = shared_stages(a, b)
     head = _table(
@@ -508,18 +546,14 @@ def compare_html(a: RunRecord, b: RunRecord, diff: TripletDiff, examples: int = 
         [[f'<span class="{k}">{k}</span>', f'<span class="num">{v:,}</span>'] for k, v in c.items()],
         "counts",
     )
-    per_rel: dict[str, Counter] = defaultdict(Counter)
-    for kind in ("added", "dropped", "rescored"):
-        for _, ta, tb in getattr(diff, kind):
-            per_rel[(tb or ta).relation_lemma][kind] += 1
     rel_rows = [
         [_e(r), *(f'<span class="num">{cnt[k]:,}</span>' for k in ("added", "dropped", "rescored"))]
-        for r, cnt in sorted(per_rel.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:30]
+        for r, cnt in sorted(diff.by_relation.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:30]
     ]
     by_rel = _table(["relation (lemma)", "added", "dropped", "rescored"], rel_rows) if rel_rows else ""
 
-    def conf(t):
-        return "" if t is None else f"{t.confidence:.4f}"
+    def conf(x):
+        return "" if x is None else f"{x:.4f}"
 
     sections = [
         ("summary", "Runs", head + settings + shared_p),
@@ -527,11 +561,11 @@ def compare_html(a: RunRecord, b: RunRecord, diff: TripletDiff, examples: int = 
     ]
     for kind in ("added", "dropped", "rescored"):
         rows = []
-        for k, ta, tb in getattr(diff, kind)[:examples]:
-            t = tb or ta
-            rows.append([str(k[0]), _e(f"{t.subject_label} ({k[1]})"), _e(t.relation), _e(f"{t.object_label} ({k[2]})"),
-                         conf(ta), conf(tb)])  # fmt: skip
-        n = len(getattr(diff, kind))
+        for r in diff.rows[kind][:examples]:
+            rows.append([str(r["image_id"]), _e(f"{r['subject_label']} ({r['subject_ann_id']})"), _e(r["relation"]),
+                         _e(f"{r['object_label']} ({r['object_ann_id']})"), conf(r["confidence_a"]),
+                         conf(r["confidence_b"])])  # fmt: skip
+        n = diff.counts[kind]
         body = (
             f"<p>{n:,} triplets; the first {min(n, examples)} by (image, subject, object, relation).</p>"
             + _table(

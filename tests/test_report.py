@@ -18,6 +18,7 @@ from PIL import Image
 
 from flows.cli import EXAMPLES, main
 from flows.status import find_runs, plan_of
+from storage import schemas
 from storage.atomic import read_json
 from storage.records import Triplet
 from tasks.report import NOT_AVAILABLE, STATS_KEYS, diff_triplets, gallery_picks
@@ -190,7 +191,7 @@ def test_gallery_picks_are_the_top_groups_and_their_first_images():
     trips = [_t(9, 1, 2, "on", 1), _t(3, 1, 2, "on", 1), _t(5, 1, 2, "on", 1), _t(4, 1, 2, "on", 1),
              _t(4, 1, 3, "near", 1, ol="dog"), _t(2, 1, 3, "near", 1, ol="dog"), _t(7, 1, 2, "sits on", 1, "sit on"),
              _t(1, 3, 2, "under", 1, sl="dog")]  # fmt: skip
-    picks = gallery_picks(trips, top=3, per_group=2)
+    picks = gallery_picks(schemas.to_table(trips, Triplet), top=3, per_group=2)
     # on: 4, near: 2, then "sit on" and "under" tie at 1 and the name decides
     assert picks["relation"] == [("on", 4, [3, 4]), ("near", 2, [2, 4]), ("sit on", 1, [7])]
     assert picks["class_pair"] == [(("person", "horse"), 5, [3, 4]), (("person", "dog"), 2, [2, 4]),
@@ -201,20 +202,38 @@ def test_diff_by_triplet_key():
     a = [_t(1, 1, 2, "on", 0.9), _t(1, 1, 2, "near", 0.3), _t(2, 5, 6, "sitting on", 0.5, "sit on")]
     b = [
         _t(1, 1, 2, "on", 0.9),
-        _t(2, 5, 6, "sitting on", 0.7, "sit on"),
-        _t(2, 5, 6, "sits on", 0.6, "sit on"),
+        _t(2, 5, 6, "sitting on", 0.75, "sit on"),
+        _t(2, 5, 6, "sits on", 0.5, "sit on"),
     ]
-    d = diff_triplets(a, b)
-    assert [k for k, _, _ in d.added] == [
-        (2, 5, 6, "sits on")
-    ]  # same lemma, another relation text: a new triplet
-    assert [k for k, _, _ in d.dropped] == [(1, 1, 2, "near")]
-    assert [(k, ta.confidence, tb.confidence) for k, ta, tb in d.rescored] == [
-        ((2, 5, 6, "sitting on"), 0.5, 0.7)
-    ]
-    assert [k for k, _, _ in d.unchanged] == [(1, 1, 2, "on")]
-    with pytest.raises(ValueError, match=r"run X holds two triplets with key \(1, 1, 2, 'on'\)"):
-        diff_triplets(a + [_t(1, 1, 2, "on", 0.1)], b, "X", "Y")
+    d = diff_triplets(schemas.to_table(a, Triplet), schemas.to_table(b, Triplet))
+    assert d.counts == {"added": 1, "dropped": 1, "rescored": 1, "unchanged": 1}
+    keys = {
+        k: [(r["image_id"], r["subject_ann_id"], r["object_ann_id"], r["relation"]) for r in v]
+        for k, v in d.rows.items()
+    }
+    assert keys == {
+        "added": [
+            (2, 5, 6, "sits on")
+        ],  # the same lemma as "sitting on", another relation text: a new triplet
+        "dropped": [(1, 1, 2, "near")],
+        "rescored": [(2, 5, 6, "sitting on")],
+        "unchanged": [(1, 1, 2, "on")],
+    }
+    assert [(r["confidence_a"], r["confidence_b"]) for r in d.rows["rescored"]] == [(0.5, 0.75)]
+    assert [(r["confidence_a"], r["confidence_b"]) for r in d.rows["added"]] == [(None, 0.5)]
+    assert (
+        d.rows["dropped"][0]["subject_label"] == "person" and d.rows["added"][0]["relation_lemma"] == "sit on"
+    )
+    assert d.by_relation == {"sit on": {"added": 1, "rescored": 1}, "near": {"dropped": 1}}
+    # key order, and `examples` caps the rows but not the counts
+    many = [_t(i % 3, i, i + 1, "on", 0.5) for i in range(10, 0, -1)]
+    d = diff_triplets(schemas.to_table([], Triplet), schemas.to_table(many, Triplet), examples=4)
+    assert d.counts["added"] == 10
+    assert [(r["image_id"], r["subject_ann_id"]) for r in d.rows["added"]] == [(0, 3), (0, 6), (0, 9), (1, 1)]
+    with pytest.raises(ValueError, match=r"run X holds 2 triplets with key \(1, 1, 2, 'on'\)"):
+        diff_triplets(
+            schemas.to_table(a + [_t(1, 1, 2, "on", 0.1)], Triplet), schemas.to_table(b, Triplet), "X", "Y"
+        )
 
 
 # ----------------------------------------------------------------------------------------- on a real run
@@ -461,3 +480,19 @@ def test_compare_greedy_with_clip(cut_root):
         (k[0], k[3], "", f"{tc[k]['confidence']:.4f}") for k in added
     ]
     assert ["tag.tagger", "greedy_overlap", "clip"] in page.table("settings")
+
+
+@pytest.mark.flow
+def test_report_names_photos_it_cannot_read(stats_root, tmp_path):
+    root = stats_root
+    (run,) = find_runs(str(root))
+    rec = read_json(run.fs, run.manifest)
+    rec["inputs"]["images_root"] = str(tmp_path / "moved")  # the images are gone from where the run read them
+    Path(run.manifest).write_text(json.dumps(rec))
+    rc, out = _report(root)
+    assert rc == 0
+    text = _written(out).read_text()
+    page = Page(text)
+    assert page.figures and len(page.imgs) == 6  # plots only: no broken <img> for a photo
+    assert text.count('<figure class="missing"') == len(page.figures)
+    assert "photo not readable: " in text and "moved" in text
