@@ -38,21 +38,33 @@ def check_finished(run: RunLayout) -> None:
 
 
 def load_run(run: RunLayout, top: int = 6, per_group: int = 3):
-    """The RunData of a finished run: its record, run.json, triplets and the records of the gallery's images."""
+    """The RunData of a finished run: its record, run.json, the triplets' pick columns, and every column of the
+    gallery's images' triplets with their image records (read shard by shard, so memory holds only those)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from storage import schemas
     from tasks.plan import shard_records
-    from tasks.report import RunData, gallery_image_ids, gallery_picks
+    from tasks.report import PICK_COLUMNS, RunData, gallery_image_ids, gallery_picks
 
     check_finished(run)
-    triplets = read_triplets(run)
-    wanted = gallery_image_ids(gallery_picks(triplets, top, per_group))
+    slim = read_triplets(run, PICK_COLUMNS)
+    wanted = gallery_image_ids(gallery_picks(slim, top, per_group))
+    ids = pa.array(sorted(wanted), pa.int64())
     images: dict[int, ImageRecord] = {}
+    rows = []
     for sh in plan_of(run).shards:
         if len(images) == len(wanted):
             break
-        for rec in shard_records(run, sh.shard):
-            if rec.image_id in wanted:
-                images[rec.image_id] = rec
-    return RunData(run_record(run), read_json(run.fs, run.run_stats), triplets, images, run.base)
+        recs = [r for r in shard_records(run, sh.shard) if r.image_id in wanted]
+        if not recs:
+            continue
+        images.update((r.image_id, r) for r in recs)
+        with run.fs.open(run.triplets(sh.shard), "rb") as f:
+            t = pq.read_table(f, schema=schemas.TRIPLETS)
+        rows.append(t.filter(pc.is_in(t["image_id"], ids)))
+    gallery = pa.concat_tables(rows) if rows else schemas.TRIPLETS.empty_table()
+    return RunData(run_record(run), read_json(run.fs, run.run_stats), slim, images, run.base, gallery)
 
 
 def _loader(images_root: str):
@@ -66,11 +78,12 @@ def _loader(images_root: str):
 
 
 def write_page(run: RunLayout, name: str, text: str) -> str:
-    """Write one page to <plan folder>/report/<name> atomically; returns its path."""
+    """Write one page to <plan folder>/report/<name> atomically; returns its path (a URI on a remote root)."""
     path = run.path("report", name)
     with atomic_open(run.fs, path, "wb") as f:
         f.write(text.encode("utf-8"))
-    return path
+    protocols = (run.fs.protocol,) if isinstance(run.fs.protocol, str) else tuple(run.fs.protocol)
+    return path if "file" in protocols else run.fs.unstrip_protocol(path)
 
 
 def build_report(run: RunLayout, top: int = 6, per_group: int = 3) -> str:

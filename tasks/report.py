@@ -37,8 +37,10 @@ NOT_AVAILABLE = "not available for this run"
 class RunData:
     """What a report needs of one finished run.
 
-    record: runs/<run_key>.json; stats: stats/<run_key>/run.json; triplets: every triplet of the run (an Arrow
-    table of storage.schemas.TRIPLETS); images: the planned records of (at least) the gallery's images, by id.
+    record: runs/<run_key>.json; stats: stats/<run_key>/run.json; triplets: every triplet of the run, an Arrow
+    table with (at least) the TRIPLETS columns image_id, relation_lemma, subject_label, object_label;
+    images: the planned records of (at least) the gallery's images, by id; gallery_rows: every TRIPLETS column
+    of (at least) the gallery's images' triplets (None: `triplets` has every column).
     """
 
     record: RunRecord
@@ -46,6 +48,7 @@ class RunData:
     triplets: pa.Table
     images: dict[int, ImageRecord] = field(default_factory=dict)
     output: str = ""
+    gallery_rows: pa.Table | None = None
 
     @property
     def run_key(self) -> str:
@@ -319,9 +322,8 @@ def _gallery(data: RunData, load: Callable[[ImageRecord], tuple[Image.Image | No
     if data.triplets.num_rows == 0:
         return "<p>This run has no triplets to show.</p>"
     picks = gallery_picks(data.triplets, top, per_group)
-    shown = data.triplets.filter(
-        pc.is_in(data.triplets["image_id"], pa.array(sorted(gallery_image_ids(picks))))
-    )
+    rows = data.triplets if data.gallery_rows is None else data.gallery_rows
+    shown = rows.filter(pc.is_in(rows["image_id"], pa.array(sorted(gallery_image_ids(picks)), pa.int64())))
     by_image: dict[int, list[Triplet]] = defaultdict(list)
     for t in schemas.from_table(shown, Triplet):
         by_image[t.image_id].append(t)
@@ -428,6 +430,8 @@ def report_html(
 #: candidates the same way (tasks/match.py), so a run never holds two triplets with one key; the lemma is not
 #: enough ("sitting on" and "sits on" share the lemma "sit on" and are separate candidates).
 KEY = ("image_id", "subject_ann_id", "object_ann_id", "relation")
+#: The columns the gallery's picks and the page's summary read of every triplet.
+PICK_COLUMNS = ["image_id", "relation_lemma", "subject_label", "object_label"]
 KINDS = ("added", "dropped", "rescored", "unchanged")
 DIFF_COLUMNS = [*KEY, "subject_label", "object_label", "relation_lemma", "confidence"]
 
@@ -488,9 +492,10 @@ def diff_triplets(
         if kind != "unchanged":
             for r in sub.group_by(["lemma"]).aggregate([([], "count_all")]).to_pylist():
                 by_relation[r["lemma"]][kind] = r["count_all"]
-        sub = sub.sort_by([(c, "ascending") for c in KEY])
-        if examples is not None:
-            sub = sub.slice(0, examples)
+        order = [(c, "ascending") for c in KEY]
+        if examples is not None and sub.num_rows > examples:  # the first N by key without sorting them all
+            sub = sub.take(pc.select_k_unstable(sub, k=examples, sort_keys=order))
+        sub = sub.sort_by(order)
         rows[kind] = [
             {**{c: r[c] for c in KEY}, "subject_label": r["label_s"], "object_label": r["label_o"],
              "relation_lemma": r["lemma"], "confidence_a": r["confidence_a"], "confidence_b": r["confidence_b"]}

@@ -496,3 +496,25 @@ def test_report_names_photos_it_cannot_read(stats_root, tmp_path):
     assert page.figures and len(page.imgs) == 6  # plots only: no broken <img> for a photo
     assert text.count('<figure class="missing"') == len(page.figures)
     assert "photo not readable: " in text and "moved" in text
+
+
+@pytest.mark.flow
+def test_report_on_an_fsspec_root(demo_root):
+    """The run copied to memory://: the page is written there (atomically, by fsspec) and its URI printed."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    fs.put(str(demo_root), "/report-test", recursive=True)
+    try:
+        (run,) = find_runs("memory://report-test")
+        rc, out = _report("memory://report-test")
+        assert rc == 0
+        (line,) = [x for x in out.splitlines() if x.startswith("wrote ")]
+        uri = line.removeprefix("wrote ")
+        assert uri == f"memory://{run.path('report', run.run_key + '.html')}"
+        with fsspec.open(uri, "rt") as f:
+            page = Page(f.read())
+        assert page.figures and all(s.startswith("data:image/") for s in page.imgs)
+        assert [p for p in fs.find("/report-test") if ".tmp-" in p] == []
+    finally:
+        fs.rm("/report-test", recursive=True)
