@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         "settings and lineage, written to <plan folder>/report/<run-key>.html. With --compare A B: which "
         "triplets run B adds, drops or rescores against run A, to <plan folder of A>/report/compare-A-B.html.",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="the output root the run was written to")
     p.add_argument(
         "--run-key",
         "--run",

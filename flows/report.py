@@ -111,6 +111,9 @@ def report_command(args, one_run) -> int:
     """`reltag report`: one_run(args) resolves --out and --run-key to a run (flows/cli.py's rule)."""
     import argparse
 
+    for flag in ("top", "per_group", "examples"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.compare:
         runs = []
         for key in args.compare:
