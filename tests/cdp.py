@@ -33,12 +33,13 @@ class Browser:
 
     Use as a context manager; `errors` collects console errors (Runtime.consoleAPICalled type error,
     Log.entryAdded level error) and uncaught exceptions (Runtime.exceptionThrown) of the page since the last
-    navigate(), as one-line strings.
+    navigate(), as one-line strings; `requests` the URLs it requested (data: URIs included).
     """
 
     def __init__(self, binary: str, width: int = 1280, height: int = 900, timeout: float = 30.0):
         self.binary, self.width, self.height, self.timeout = binary, width, height, timeout
         self.errors: list[str] = []
+        self.requests: list[str] = []  # URLs the page asked for since the last navigate() (Network domain)
         self._ids = itertools.count(1)
 
     # --- process and connection
@@ -69,7 +70,7 @@ class Browser:
             self._ws = connect(f"ws://127.0.0.1:{port}{path}", max_size=None, open_timeout=self.timeout)
             target = self.call("Target.createTarget", url="about:blank")["targetId"]
             self._session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
-            for domain in ("Page", "Runtime", "Log"):
+            for domain in ("Page", "Runtime", "Log", "Network"):
                 self.call(f"{domain}.enable", session=True)
             self.call("Emulation.setDeviceMetricsOverride", session=True, width=self.width, height=self.height,
                       deviceScaleFactor=1, mobile=False)  # fmt: skip
@@ -104,6 +105,8 @@ class Browser:
         elif method == "Runtime.exceptionThrown":
             d = p.get("exceptionDetails", {})
             self.errors.append(f"exception: {d.get('exception', {}).get('description') or d.get('text')}")
+        elif method == "Network.requestWillBeSent":
+            self.requests.append(p.get("request", {}).get("url", ""))
         elif method == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
             e = p["entry"]
             self.errors.append(f"log {e.get('source')}: {e.get('text')} {e.get('url', '')}".strip())
@@ -141,7 +144,7 @@ class Browser:
     # --- page
     def navigate(self, url: str) -> None:
         """Open url and wait for its load event (images of the page decoded by then)."""
-        self.errors = []
+        self.errors, self.requests = [], []
         res = self.call("Page.navigate", session=True, url=url)
         if res.get("errorText"):
             raise RuntimeError(f"navigating to {url} failed: {res['errorText']}")

@@ -369,11 +369,14 @@ def test_report_in_headless_chromium(stats_root, tmp_path):
             "Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight, i.alt])"
         )
         shot = b.screenshot()
-        errors = list(b.errors)
+        errors, requests = list(b.errors), list(b.requests)
         # the page is long: scroll to the gallery, to show it in the saved picture
         b.evaluate("document.getElementById('gallery').scrollIntoView(); true")
         gallery_shot = b.screenshot()
     assert errors == []
+    # nothing fetched but the page itself (and its inline data: images): it views offline
+    assert requests and requests[0] == path.as_uri()
+    assert [u for u in requests[1:] if not u.startswith("data:")] == []
     assert len(state) == n_imgs > 5
     broken = [s for s in state if not (s[0] and s[1] > 0 and s[2] > 0)]
     assert broken == []
@@ -482,6 +485,10 @@ def test_compare_greedy_with_clip(cut_root):
         (k[0], k[3], "", f"{tc[k]['confidence']:.4f}") for k in added
     ]
     assert ["tag.tagger", "greedy_overlap", "clip"] in page.table("settings")
+    if find_chromium() is not None:  # the compare page loads cleanly in the browser too
+        with Browser(find_chromium()) as b:
+            b.navigate(_written(out).as_uri())
+            assert b.errors == [] and b.evaluate("document.querySelectorAll('table').length") >= 5
 
 
 @pytest.mark.flow
