@@ -400,6 +400,12 @@ def report_html(
         load: image record -> (photo, "") or (None, why it cannot be read).
         top / per_group: the gallery shows the `top` relations and class pairs, `per_group` images each.
     """
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError(
+            "the report draws its plots with matplotlib; install the report extra (pip install 'reltag[report]')"
+        )
     rec, st = data.record, data.stats
     cfg = rec.config
     summary = (
