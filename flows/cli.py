@@ -1,4 +1,4 @@
-"""The `reltag` command line: plan, run, status, stats, show, demo, export."""
+"""The `reltag` command line: plan, run, status, stats, show, report, export, demo."""
 
 from __future__ import annotations
 
@@ -349,6 +349,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """The audit page of a finished run, or the comparison of two runs (flows/report.py)."""
+    from flows.report import report_command
+
+    return report_command(args, _one_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="reltag",
@@ -440,6 +447,31 @@ def build_parser() -> argparse.ArgumentParser:
                    "image_id_to_filepath.json for Objects365) to this file")  # fmt: skip
     p.add_argument("dest", help="file to write (local path or fsspec URI)")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser(
+        "report",
+        help="write a run's audit page (one self-contained HTML file), or compare the triplets of two runs",
+        description="Funnel, histograms, eta sweep, a gallery of images with their triplets, unmatched nouns, "
+        "settings and lineage, written to <plan folder>/report/<run-key>.html. With --compare A B: which "
+        "triplets run B adds, drops or rescores against run A, to <plan folder of A>/report/compare-A-B.html.",
+    )
+    p.add_argument("--out", required=True, help="the output root the run was written to")
+    p.add_argument(
+        "--run-key",
+        "--run",
+        dest="run_key",
+        help="a run key or its first characters (default: the newest run)",
+    )
+    p.add_argument(
+        "--compare", nargs=2, metavar=("KEY_A", "KEY_B"), help="compare two runs (keys or prefixes)"
+    )
+    p.add_argument(
+        "--top", type=int, default=6, help="gallery: how many relations and class pairs (default 6)"
+    )
+    p.add_argument(
+        "--per-group", type=int, default=3, help="gallery: images per relation / class pair (default 3)"
+    )
+    p.add_argument("--examples", type=int, default=50, help="compare: example rows per table (default 50)")
+    p.set_defaults(func=cmd_report)
     return ap
 
 
