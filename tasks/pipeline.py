@@ -8,6 +8,7 @@ ledger record is never run again; a unit without one is (re)done from its inputs
 from __future__ import annotations
 
 import functools
+import json
 import posixpath
 import threading
 import time
@@ -22,7 +23,7 @@ from storage.lease import Leases
 from storage.ledger import Ledger, Unit
 from storage.records import Quarantined, Reject, Triplet
 from tasks.config import PipelineConfig
-from tasks.context import RunContext, batch_images, plan_manifest, shard_images
+from tasks.context import RunContext, batch_images, plan_manifest, shard_images, vocabulary
 from tasks.stages import BATCH_STAGES, STAGES, StageOutput, stage
 from tasks.stats import Count, Stats, Tally, audit, audit_tables, classes_without_synonyms
 
@@ -214,7 +215,9 @@ def _finalize(ctx: RunContext, layout, ledger: Ledger, unit: Unit, shard: int, n
 
 
 def _no_synonyms(ctx: RunContext, plan) -> list[str]:
-    return classes_without_synonyms(plan.categories, ctx.config.match.vocabulary)
+    # the match stage's cached vocabulary (same arguments)
+    cats = json.dumps(plan.categories, sort_keys=True)
+    return classes_without_synonyms(vocabulary(cats, ctx.config.match.vocabulary))
 
 
 def rollup_stats(ctx: RunContext, plan) -> dict:

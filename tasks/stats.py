@@ -458,6 +458,10 @@ class Stats(Mapping):
     def __len__(self) -> int:
         return sum(1 for s in self._items.values() if not s.hidden)
 
+    def __contains__(self, name) -> bool:
+        s = self._items.get(name)
+        return s is not None and not s.hidden
+
     def __repr__(self) -> str:
         return f"Stats({self._items!r})"
 
@@ -625,12 +629,10 @@ def audit(stages: Mapping[str, Stats], plan_counts: Mapping | None, no_synonyms:
     }
 
 
-def classes_without_synonyms(categories: list[dict], vocabulary: str) -> list[str]:
-    """Names of the dataset's categories that have no synonym list in the vocabulary (they match by their own
-    names only), in category order."""
-    from models.matcher import Vocabulary
-
-    return [c.label for c in Vocabulary.from_categories(categories, vocabulary).classes if not c.synonyms]
+def classes_without_synonyms(vocab) -> list[str]:
+    """Names of the dataset's categories that have no synonym list in the vocabulary (a models.matcher
+    Vocabulary; such classes match by their own names only), in category order."""
+    return [c.label for c in vocab.classes if not c.synonyms]
 
 
 # -- Parquet -----------------------------------------------------------------------------------------------

@@ -301,7 +301,7 @@ def test_funnel_rows_and_drops_pinned():
 
 def test_classes_without_synonyms_lists_names_with_no_list():
     cats = [{"id": 1, "name": "Person"}, {"id": 2, "name": "blorft machine"}, {"id": 3, "name": "Chair"}]
-    assert classes_without_synonyms(cats, "o365") == ["blorft machine"]
+    assert classes_without_synonyms(Vocabulary.from_categories(cats, "o365")) == ["blorft machine"]
 
 
 def test_audit_tables_have_their_schemas_even_when_empty():
