@@ -11,11 +11,11 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.params import LabelParams
 from flows.progress import advance, show_progress
 from flows.status import WRITE, is_finished, unwritten_shards
-from storage.atomic import read_json, sweep_stale_temporaries, write_json
+from storage.atomic import read_json, sweep_stale_temporaries
 from storage.ledger import Ledger, Unit
 from storage.manifest import PlanManifest
 from tasks.context import plan_manifest
-from tasks.pipeline import RunContext, finalize_shard, merge_stats, run_batch_stage
+from tasks.pipeline import RunContext, finalize_shard, rollup_stats, run_batch_stage
 from tasks.plan_run import plan_run
 from tasks.schedule import DONE, FAILED, BatchBoard, run_stage
 from tasks.stages import BATCH_STAGES
@@ -190,6 +190,7 @@ def label_dataset(params: LabelParams) -> dict:
     if is_finished(ctx.layout, plan, snap):
         get_run_logger().info("run %s is complete; nothing to do (%s)", ctx.run_key, ctx.layout.base)
         summary = read_json(ctx.layout.fs, ctx.layout.run_stats)
+        publish(ctx, summary)
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         return summary
     with show_progress(plan.images, BATCH_STAGES):
@@ -296,24 +297,22 @@ def run_in_process(
 
 
 def rollup(ctx: RunContext, plan: PlanManifest) -> dict:
-    """Merge every shard's stats into the run's `stats/<run_key>/run.json`."""
-    layout = ctx.layout
-    shard_stats = [read_json(layout.fs, layout.shard_stats(sh.shard)) for sh in plan.shards]
-    stages = {}
-    for name in BATCH_STAGES:
-        stages[name] = merge_stats([s["stages"][name] for s in shard_stats], name)
-    summary = {
-        "run_key": ctx.run_key,
-        "dataset": ctx.dataset,
-        "output": layout.base,
-        "shards": len(shard_stats),
-        "images": sum(s["images"] for s in shard_stats),
-        "triplets": sum(s["triplets"] for s in shard_stats),
-        "images_with_triplets": sum(s["images_with_triplets"] for s in shard_stats),
-        "plan_key": ctx.plan_key,
-        "stage_keys": dict(ctx.stage_keys),
-        "plan": plan.counts,
-        "stages": stages,
-    }
-    write_json(layout.fs, layout.run_stats, summary)
+    """Merge every shard's stats into the run's `stats/<run_key>/run.json` (and its Parquet tables), then
+    publish the run's audit as Prefect artifacts."""
+    summary = rollup_stats(ctx, plan)
+    publish(ctx, summary)
     return summary
+
+
+def publish(ctx: RunContext, summary: dict) -> None:
+    """The run's audit as Prefect artifacts (flows/artifacts.py). The statistics are already durable on disk;
+    a failure to publish is logged, and does not fail the run."""
+    from flows.artifacts import publish_run_artifacts
+
+    layout = ctx.layout
+    try:
+        publish_run_artifacts(
+            summary, layout.fs.unstrip_protocol(layout.path("report", f"{ctx.run_key}.html"))
+        )
+    except Exception as e:  # the API may be down; run.json holds everything the artifacts show
+        get_run_logger().error("could not publish the run's artifacts: %s: %s", type(e).__name__, e)

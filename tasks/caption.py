@@ -14,13 +14,14 @@ from storage.records import Caption, ImageRecord, Quarantined
 from tasks.config import CaptionConfig
 from tasks.images import load_image
 from tasks.revisions import model_dir_revision
+from tasks.stats import Count, Max, Ratio, Stats, Tally
 
 
 @dataclass(slots=True)
 class CaptionOutput:
     captions: list[Caption]
     quarantine: list[Quarantined] = field(default_factory=list)
-    stats: dict = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
 
 
 def _norm(text: str) -> str:
@@ -232,21 +233,19 @@ def caption_batch(
             )
             seen.add(key)
         n_unique.append(len(seen))
-    hist = Counter(n_unique)
-    stats = {
-        "images": len(images),
-        "images_captioned": len(kimages),
-        "captions": len(rows),
-        "unique_captions": sum(n_unique),
-        # N_Unique (paper Table 21): unique captions per image, as a histogram {n: images} and a mean.
-        # Count tables are named top_* so that the flow's merge_stats adds them up across batches.
-        "top_n_unique": {str(k): hist[k] for k in sorted(hist)},
-        "n_unique_mean": (sum(n_unique) / len(n_unique)) if n_unique else 0.0,
-        "images_without_captions": sum(1 for u in n_unique if u == 0),
-        "quarantined": len(quarantine),
-        "top_quarantine_reasons": dict(Counter(q.reason for q in quarantine)),
-        "oom_halvings": state["oom_halvings"],
-        "micro_batch": state["micro_batch"],
-        "top_captions_by_captioner": dict(Counter(r.captioner for r in rows)),
-    }
+    stats = Stats(
+        images=Count(len(images)),
+        images_captioned=Count(len(kimages)),
+        captions=Count(len(rows)),
+        unique_captions=Count(sum(n_unique)),
+        # N_Unique (paper Table 21): unique captions per image, as a distribution {n: images} and a mean
+        top_n_unique=Tally.of((str(u) for u in n_unique), form="keys"),
+        n_unique_mean=Ratio(sum(n_unique), len(n_unique)),
+        images_without_captions=Count(sum(1 for u in n_unique if u == 0)),
+        quarantined=Count(len(quarantine)),
+        top_quarantine_reasons=Tally.of(q.reason for q in quarantine),
+        oom_halvings=Count(state["oom_halvings"]),
+        micro_batch=Max(state["micro_batch"]),
+        top_captions_by_captioner=Tally.of(r.captioner for r in rows),
+    )
     return CaptionOutput(rows, quarantine, stats)

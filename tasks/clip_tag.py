@@ -10,6 +10,7 @@ from PIL import Image
 from models.clip_tagger import ClipQuery, ClipRelationScorer
 from storage.records import Candidate, ImageRecord, TaggedRelation
 from tasks.config import TagConfig
+from tasks.stats import Count, Seconds, Stats
 from tasks.tag import CLIP, rank_within_pairs, tagged
 
 _SCORERS: dict[tuple, ClipRelationScorer] = {}
@@ -33,7 +34,7 @@ def tag_batch_clip(
     candidates: list[Candidate],
     scorer: ClipRelationScorer,
     cfg: TagConfig,
-) -> tuple[list[TaggedRelation], dict]:
+) -> tuple[list[TaggedRelation], Stats]:
     """Score every candidate (pair, relation text) with CLIP on the pair's union crop (models/clip_tagger.py).
 
     One row per candidate: p_relation = softmax over ["a photo of {subject} {relation} {object}", "a photo of
@@ -89,14 +90,14 @@ def tag_batch_clip(
         for c, p in zip(per_image[image_id], ps):
             rows.append(tagged(c, 1.0, 1.0, p, CLIP))  # ground-truth boxes: p_subject = p_object = 1
     rank_within_pairs(rows)
-    return rows, {
-        "tag_rows": len(rows),
-        "pairs": len({(r.image_id, r.subject_ann_id, r.object_ann_id) for r in rows}),
-        "images": len(order),  # images with at least one candidate (the others need no forward)
-        "images_in_batch": len(images),
-        "clip_crops": sstats["crops"],
-        "clip_unscored": sstats["unscored"],
-        "clip_texts": sstats["texts"],
-        "forwards": sstats["forwards"],  # image forwards of up to CROPS_PER_FORWARD union crops
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    return rows, Stats(
+        tag_rows=Count(len(rows)),
+        pairs=Count(len({(r.image_id, r.subject_ann_id, r.object_ann_id) for r in rows})),
+        images=Count(len(order)),  # images with at least one candidate (the others need no forward)
+        images_in_batch=Count(len(images)),
+        clip_crops=Count(sstats["crops"]),
+        clip_unscored=Count(sstats["unscored"]),
+        clip_texts=Count(sstats["texts"]),
+        forwards=Count(sstats["forwards"]),  # image forwards of up to CROPS_PER_FORWARD union crops
+        seconds=Seconds.of(time.perf_counter() - t0),
+    )

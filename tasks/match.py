@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from models.matcher import Match, Vocabulary
 from storage.records import Candidate, ImageRecord, ParsedRelation
 from tasks.config import MatchConfig
+from tasks.stats import NOUN_EXAMPLES, Count, Examples, Group, Label, Ratio, Stats, Tally
 
 TOP_UNMATCHED = 25
 
@@ -15,7 +17,7 @@ TOP_UNMATCHED = 25
 @dataclass(slots=True)
 class MatchOutput:
     candidates: list[Candidate]
-    stats: dict = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
 
 
 @dataclass(slots=True)
@@ -109,7 +111,11 @@ def _match(vocab: Vocabulary, mode: str, text: str, head: str, img: _Image) -> t
 
 
 def match_batch(
-    images: list[ImageRecord], relations: list[ParsedRelation], cfg: MatchConfig, vocab: Vocabulary
+    images: list[ImageRecord],
+    relations: list[ParsedRelation],
+    cfg: MatchConfig,
+    vocab: Vocabulary,
+    caption_texts: Mapping[tuple[int, int], str] | None = None,
 ) -> MatchOutput:
     """Candidates: every box of the subject's class x every box of the object's class, ordered, no self-pairs.
 
@@ -131,6 +137,8 @@ def match_batch(
         cfg: mode "correct" (whole words, lemmas, head noun, longest match) or "reference" (the original
             substring, last-class-wins matcher).
         vocab: the dataset's vocabulary (Vocabulary.from_categories).
+        caption_texts: (image_id, caption_id) -> caption text, for the example captions of unmatched head
+            nouns in the stats (none kept without it).
     """
     if vocab.synonyms_source != cfg.vocabulary:
         raise ValueError(
@@ -141,8 +149,11 @@ def match_batch(
     rows: dict[tuple[int, int, int, str], list] = {}
     reasons: Counter = Counter()
     unmatched_heads: Counter = Counter()
+    examples: dict[str, set] = {}  # head noun -> {((image_id, caption_id), caption text)}
+    relations_unmatched: Counter = Counter()  # per relation: the first unmatched side and its reason
     rules: Counter = Counter()
     n_matched = 0
+    n_without_pairs = 0
     for seq, r in enumerate(relations):
         img = idx.get(r.image_id)
         if img is None:
@@ -156,18 +167,25 @@ def match_batch(
             if m is None:
                 reasons[why] += 1
                 if why != "class_not_in_image":
-                    unmatched_heads[" ".join(head.lower().split())] += 1
+                    noun = " ".join(head.lower().split())
+                    unmatched_heads[noun] += 1
+                    if caption_texts is not None:
+                        key = (r.image_id, r.caption_id)
+                        examples.setdefault(noun, set()).add((key, caption_texts.get(key, "")))
             else:
                 rules[m.rule] += 1
         if ms is None or mo is None:
+            relations_unmatched[f"subject_{why_s}" if ms is None else f"object_{why_o}"] += 1
             continue
         n_matched += 1
+        paired = False
         support = (r.caption_id, seq)
         # reference mode can match a class with no box (crowd / empty only): it gives no pair
         for sb in img.boxes_by_class.get(ms.category_id, ()):
             for ob in img.boxes_by_class.get(mo.category_id, ()):
                 if sb.ann_id == ob.ann_id:
                     continue  # no self-pairs; same-class pairs use distinct boxes
+                paired = True
                 key = (r.image_id, sb.ann_id, ob.ann_id, r.relation)
                 row = rows.get(key)
                 if row is None:
@@ -176,6 +194,7 @@ def match_batch(
                     row[0].add(r.caption_id)
                     if support < row[1]:
                         row[1:5] = [support, r, ms, mo]
+        n_without_pairs += not paired
 
     def order(key):
         img = idx[key[0]]
@@ -206,24 +225,30 @@ def match_batch(
                 object_synonym=mo.synonym,
             )
         )
-    n_rel = len(relations)
-    stats = {
-        "mode": cfg.mode,
-        "vocabulary": vocab.synonyms_source,
-        "images": len(images),
-        "images_with_candidates": len({c.image_id for c in candidates}),
-        "relations": n_rel,
-        "relations_matched": n_matched,
-        "match_rate": round(n_matched / n_rel, 4) if n_rel else 0.0,
-        "entity_rules": dict(sorted(rules.items())),
-        "entity_unmatched": dict(sorted(reasons.items())),
-        # head nouns that named no class at all (correct mode) / no class of the image (reference mode)
-        "top_unmatched_heads": [
-            [h, n] for h, n in sorted(unmatched_heads.items(), key=lambda x: (-x[1], x[0]))
-        ][:TOP_UNMATCHED],
-        "candidates": len(candidates),
-        "pairs": len({(c.image_id, c.subject_ann_id, c.object_ann_id) for c in candidates}),
-    }
+    stats = Stats(
+        mode=Label.of(cfg.mode),
+        vocabulary=Label.of(vocab.synonyms_source),
+        images=Count(len(images)),
+        images_with_candidates=Count(len({c.image_id for c in candidates})),
+        relations=Count(len(relations)),
+        relations_matched=Count(n_matched),
+        match_rate=Ratio(n_matched, len(relations)),
+        # per unmatched relation: which side failed first and why (subject_no_class, object_class_not_in_image..)
+        relations_unmatched=Tally(dict(relations_unmatched)),
+        # matched relations that gave no pair (e.g. "a man next to a man" with one person box)
+        relations_without_pairs=Count(n_without_pairs),
+        entity_rules=Tally(dict(rules)),
+        entity_unmatched=Tally(dict(reasons)),
+        # head nouns that named no class at all (correct mode) / no class of the image (reference mode); every
+        # noun is kept and merged, the view shows the TOP_UNMATCHED most frequent
+        top_unmatched_heads=Tally(dict(unmatched_heads), top=TOP_UNMATCHED, form="pairs"),
+        # up to NOUN_EXAMPLES captions per noun, the first by (image_id, caption_id); in the run's audit only
+        unmatched_examples=Group(
+            {noun: Examples.of(ex, NOUN_EXAMPLES) for noun, ex in examples.items()}, hidden=True
+        ),
+        candidates=Count(len(candidates)),
+        pairs=Count(len({(c.image_id, c.subject_ann_id, c.object_ann_id) for c in candidates})),
+    )
     return MatchOutput(candidates, stats)
 
 

@@ -8,12 +8,13 @@ from dataclasses import dataclass, field
 from models.scene_graph import SceneGraphParser, get_parser
 from storage.records import Caption, ParsedRelation
 from tasks.config import ParseConfig
+from tasks.stats import Count, Label, Max, Ratio, Stats, Tally
 
 
 @dataclass(slots=True)
 class ParseOutput:
     relations: list[ParsedRelation]
-    stats: dict = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
 
 
 # Unicode categories replaced by a space before parsing: controls, format chars, surrogates, private use,
@@ -113,19 +114,19 @@ def parse_batch(
         relations.extend(rels)
     n_parsed = len(todo)
     n_considered = len(captions) - n_dup
-    stats = {
-        "captions": len(captions),
-        "duplicates_skipped": n_dup,
-        "captions_parsed": n_parsed,
-        "captions_not_parsed": n_considered - n_parsed,  # empty / whitespace-only after cleaning
-        "distinct_texts": len({t for _, t in todo}),
-        "bad_input": dict(sorted(bad.items())),
-        "entities": n_entities,
-        "relations": len(relations),
+    stats = Stats(
+        captions=Count(len(captions)),
+        duplicates_skipped=Count(n_dup),
+        captions_parsed=Count(n_parsed),
+        captions_not_parsed=Count(n_considered - n_parsed),  # empty / whitespace-only after cleaning
+        distinct_texts=Count(len({t for _, t in todo})),  # within the batch
+        bad_input=Tally(bad),
+        entities=Count(n_entities),
+        relations=Count(len(relations)),
         # parse yield: relations per caption that was parsed (duplicates excluded)
-        "relations_per_caption": round(len(relations) / n_parsed, 4) if n_parsed else 0.0,
-        "captions_without_relations": n_without,
-        "processes_used": parser.last_used_processes if n_parsed else 0,
-        "parser": parser.versions(),
-    }
+        relations_per_caption=Ratio(len(relations), n_parsed),
+        captions_without_relations=Count(n_without),
+        processes_used=Max(parser.last_used_processes if n_parsed else 0),
+        parser=Label.of(parser.versions()),
+    )
     return ParseOutput(relations, stats)

@@ -8,6 +8,7 @@ ledger record is never run again; a unit without one is (re)done from its inputs
 from __future__ import annotations
 
 import functools
+import json
 import posixpath
 import threading
 import time
@@ -16,15 +17,17 @@ from collections import Counter
 import pyarrow.parquet as pq
 
 from storage import schemas
-from storage.atomic import write_json, write_table
+from storage.atomic import read_json, write_json, write_table
+from storage.layout import shard_name
 from storage.lease import Leases
 from storage.ledger import Ledger, Unit
 from storage.records import Quarantined, Reject, Triplet
 from tasks.config import PipelineConfig
-from tasks.context import RunContext, batch_images, shard_images
-from tasks.stages import STAGES, StageOutput, stage
+from tasks.context import RunContext, batch_images, plan_manifest, shard_images, vocabulary
+from tasks.stages import BATCH_STAGES, STAGES, StageOutput, stage
+from tasks.stats import Count, Stats, Tally, audit, audit_tables, classes_without_synonyms
 
-__all__ = ["RunContext", "compute", "finalize_shard", "merge_stats", "run_batch_stage"]
+__all__ = ["RunContext", "compute", "finalize_shard", "rollup_stats", "run_batch_stage"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -117,7 +120,7 @@ def run_batch_stage(ctx: RunContext, name: str, shard: int, batch: int) -> dict:
                 schemas.to_table(out.rows, st.record),
                 schemas.SCHEMAS[st.record],
             )
-            stats = out.stats
+            stats = Stats(out.stats)
             if out.quarantined:
                 write_table(
                     fs,
@@ -125,7 +128,8 @@ def run_batch_stage(ctx: RunContext, name: str, shard: int, batch: int) -> dict:
                     schemas.to_table(out.quarantined, Quarantined),
                     schemas.QUARANTINE,
                 )
-                stats = {**stats, "quarantined": len(out.quarantined)}
+                stats.put("quarantined", Count(len(out.quarantined)))
+                stats.put("quarantine_reasons", Tally.of(q.reason for q in out.quarantined))
             if st.rejects:
                 write_table(
                     fs, layout.rejects(shard, batch), schemas.to_table(out.rejects, Reject), schemas.REJECTS
@@ -138,36 +142,9 @@ def run_batch_stage(ctx: RunContext, name: str, shard: int, batch: int) -> dict:
             "bytes": nbytes,
             "seconds": round(time.perf_counter() - t0, 4),
             "items": len(batch_images(ctx, shard, batch)),
-            "stats": stats,
+            "stats": stats.dump(),  # typed (tasks.stats): the shard's write merges them
         }
         return _record(ledger, unit, info)
-
-
-def merge_stats(parts: list[dict], name: str | None = None) -> dict:
-    """Merge per-batch stats of one stage: counts are summed, `top_*` tables merged (50 largest kept), the
-    stage's ratios recomputed from the merged counts, its maxima kept as the largest value."""
-    ratios = {k: v for s in STAGES for k, v in s.ratios.items()} if name is None else stage(name).ratios
-    maxima = frozenset().union(*(s.maxima for s in STAGES)) if name is None else stage(name).maxima
-    total: Counter = Counter()
-    tops: dict[str, Counter] = {}
-    top: dict[str, float] = {}
-    for p in parts:
-        for k, v in p.items():
-            if k.startswith("top_") and isinstance(v, dict):
-                tops.setdefault(k, Counter()).update(v)
-            elif k in ratios or isinstance(v, bool) or not isinstance(v, int | float):
-                continue
-            elif k in maxima:
-                top[k] = max(top.get(k, v), v)
-            else:
-                total[k] += v
-    out: dict = {**dict(total), **top}
-    for k, (num, den) in ratios.items():
-        if any(k in p for p in parts):
-            out[k] = round(total[num] / total[den], 4) if total[den] else 0.0
-    for k, c in tops.items():
-        out[k] = dict(c.most_common(50))
-    return out
 
 
 def finalize_shard(ctx: RunContext, shard: int, n_batches: int) -> dict:
@@ -205,19 +182,83 @@ def _finalize(ctx: RunContext, layout, ledger: Ledger, unit: Unit, shard: int, n
     per_stage = {}
     for st in STAGES:
         if st.per_batch:
-            per_stage[st.name] = merge_stats(
-                [ledger.read(Unit(st.name, shard, b)).get("stats", {}) for b in range(n_batches)], st.name
+            per_stage[st.name] = Stats.merge_all(
+                Stats.load(
+                    ledger.read(Unit(st.name, shard, b)).get("stats", {}),
+                    f"ledger record {Unit(st.name, shard, b).rel()}",
+                )
+                for b in range(n_batches)
             )
     images = shard_images(ctx, shard)
+    per_image = Counter(table.column("image_id").to_pylist()) if n else Counter()
+    own = Stats(
+        images=Count(len(images)),
+        boxes=Count(sum(len(im.boxes) for im in images)),
+        triplets=Count(n),
+        images_with_triplets=Count(len(per_image)),
+        # every planned image of the shard by its number of accepted triplets (0 included)
+        triplets_per_image=Tally.of((str(per_image.get(im.image_id, 0)) for im in images), form="keys"),
+    )
+    plan = plan_manifest(ctx)
     stats = {
         "shard": shard,
         "run_key": ctx.run_key,
-        "images": len(images),
-        "boxes": sum(len(im.boxes) for im in images),
-        "triplets": n,
-        "images_with_triplets": len(set(table.column("image_id").to_pylist())) if n else 0,
-        "stages": per_stage,
+        **own.to_json(),
+        "stages": {name: s.to_json() for name, s in per_stage.items()},
+        **audit({**per_stage, "shard": own}, None, _no_synonyms(ctx, plan)),
+        # lossless, typed (tasks.stats.Stats.dump): what the run's roll-up merges
+        "state": {"shard": own.dump(), "stages": {name: s.dump() for name, s in per_stage.items()}},
     }
     write_json(layout.fs, layout.shard_stats(shard), stats)
     info = {"rows": n, "bytes": nbytes, "stats": {"triplets": n}}
     return _record(ledger, unit, info)
+
+
+def _no_synonyms(ctx: RunContext, plan) -> list[str]:
+    # the match stage's cached vocabulary (same arguments)
+    cats = json.dumps(plan.categories, sort_keys=True)
+    return classes_without_synonyms(vocabulary(cats, ctx.config.match.vocabulary))
+
+
+def rollup_stats(ctx: RunContext, plan) -> dict:
+    """Merge every shard's statistics into the run's `stats/<run_key>/run.json`, with the audit (funnel,
+    histograms, eta sweep, unmatched nouns, ...) also as Parquet tables beside it (tasks.stats.audit_tables).
+    run.json is written last: its presence says the run is finished."""
+    layout = ctx.layout
+    shard_stats = [read_json(layout.fs, layout.shard_stats(sh.shard)) for sh in plan.shards]
+    states = []
+    for sh, s in zip(plan.shards, shard_stats):
+        if "state" not in s:
+            raise ValueError(
+                f"{layout.shard_stats(sh.shard)} has no typed 'state' (written by an older reltag); delete it "
+                f"and its ledger record _ledger/write/.../{shard_name(sh.shard)} to rewrite the shard"
+            )
+        what = layout.shard_stats(sh.shard)
+        states.append(
+            {
+                "shard": Stats.load(s["state"]["shard"], what),
+                **{k: Stats.load(v, f"{what} stage {k}") for k, v in s["state"]["stages"].items()},
+            }
+        )
+    merged = {
+        name: Stats.merge_all(st[name] for st in states if name in st) for name in ("shard", *BATCH_STAGES)
+    }
+    own = merged["shard"].to_json()
+    summary = {
+        "run_key": ctx.run_key,
+        "dataset": ctx.dataset,
+        "output": layout.base,
+        "shards": len(shard_stats),
+        "images": own.get("images", 0),
+        "triplets": own.get("triplets", 0),
+        "images_with_triplets": own.get("images_with_triplets", 0),
+        "plan_key": ctx.plan_key,
+        "stage_keys": dict(ctx.stage_keys),
+        "plan": plan.counts,
+        "stages": {name: merged[name].to_json() for name in BATCH_STAGES},
+        **audit(merged, plan.counts, _no_synonyms(ctx, plan)),
+    }
+    for name, table in audit_tables(summary).items():
+        write_table(layout.fs, layout.path("stats", ctx.run_key, f"{name}.parquet"), table, table.schema)
+    write_json(layout.fs, layout.run_stats, summary)
+    return summary

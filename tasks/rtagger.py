@@ -19,6 +19,7 @@ from models.rlipv2.vocab import class_keys, key_for_category
 from storage.records import Candidate, ImageRecord, TaggedRelation
 from tasks.config import TagConfig
 from tasks.match import group_candidates, reference_slot_groups
+from tasks.stats import Count, Ratio, Seconds, Stats
 from tasks.tag import rank_within_pairs, tagged
 
 RTAGGER = "rtagger"
@@ -95,7 +96,7 @@ def tag_batch_rtagger(
     runner: RTaggerRunner,
     cfg: TagConfig,
     vocabulary: str | None = None,
-) -> tuple[list[TaggedRelation], dict]:
+) -> tuple[list[TaggedRelation], Stats]:
     """Score the candidates (pair, relation text) of a batch of images with the R-Tagger.
 
     One encoder pass per image and text list (models.rlipv2.tagger.tag_image), so an image's scores do not
@@ -198,22 +199,21 @@ def tag_batch_rtagger(
         rows.extend(best.values())
     rank_within_pairs(rows)
     n_img = len(by_image)
-    # keys follow tasks.pipeline.merge_stats: counts are summed across batches, the two ratios recomputed
-    return rows, {
-        "tag_rows": len(rows),
-        "pairs": len({(c.image_id, c.subject_ann_id, c.object_ann_id) for c in candidates}),
-        "slots": n_slots,
-        "groups": dec_groups,
-        "images": n_img,  # images with at least one candidate (the others need no forward)
-        "images_in_batch": len(images),
-        "forwards": dec_groups,  # decoder groups of N_Q slots; encoder passes are counted apart
-        "forwards_per_image": round(dec_groups / n_img, 4) if n_img else 0.0,
-        "pairs_per_forward": round(n_slots / dec_groups, 4) if dec_groups else 0.0,
-        "encoder_passes": enc_passes,
-        "phrase_cache_hits": model.phrase_cache.hits - hits0,
-        "phrase_cache_misses": model.phrase_cache.misses - miss0,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    return rows, Stats(
+        tag_rows=Count(len(rows)),
+        pairs=Count(len({(c.image_id, c.subject_ann_id, c.object_ann_id) for c in candidates})),
+        slots=Count(n_slots),
+        groups=Count(dec_groups),
+        images=Count(n_img),  # images with at least one candidate (the others need no forward)
+        images_in_batch=Count(len(images)),
+        forwards=Count(dec_groups),  # decoder groups of N_Q slots; encoder passes are counted apart
+        forwards_per_image=Ratio(dec_groups, n_img),
+        pairs_per_forward=Ratio(n_slots, dec_groups),
+        encoder_passes=Count(enc_passes),
+        phrase_cache_hits=Count(model.phrase_cache.hits - hits0),
+        phrase_cache_misses=Count(model.phrase_cache.misses - miss0),
+        seconds=Seconds.of(time.perf_counter() - t0),
+    )
 
 
 def _row(image_id, s, o, text, matched, lemmas, ps, po, pr) -> TaggedRelation:

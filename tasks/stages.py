@@ -2,7 +2,7 @@
 
 A Stage owns its name, its input stage, its record type (and so its Arrow schema), its output folder, its
 config section, the settings and model revision that change its output (its key), the device it runs on,
-whether it writes rejects, how its statistics merge, and the function that computes one batch. Flows, the
+whether it writes rejects, and the function that computes one batch. Flows, the
 ledger, `status`, the layout and the GPU slot all derive from STAGES; adding a stage is one function plus
 one entry in STAGES.
 
@@ -32,6 +32,7 @@ from storage.records import (
 from tasks.config import PipelineConfig
 from tasks.context import RunContext, batch_images, load_pixels, plan_manifest, read_stage, vocabulary
 from tasks.revisions import model_dir_revision
+from tasks.stats import Stats
 
 #: Bump when a stage's semantics change, so old results are never mixed with new ones.
 PIPELINE_VERSION = "2"
@@ -43,7 +44,7 @@ class StageOutput:
 
     rows: list
     quarantined: list[Quarantined] = field(default_factory=list)
-    stats: dict = field(default_factory=dict)
+    stats: Stats = field(default_factory=Stats)
     rejects: list = field(default_factory=list)
 
 
@@ -61,8 +62,6 @@ class Stage:
     device: Callable[[PipelineConfig], str] = lambda cfg: "cpu"
     compute: Callable[[RunContext, int, int], StageOutput] | None = None
     rejects: bool = False
-    ratios: dict[str, tuple[str, str]] = field(default_factory=dict)  # stats recomputed from merged counts
-    maxima: frozenset[str] = frozenset()  # stats where the largest value is kept
 
     @property
     def per_batch(self) -> bool:
@@ -173,11 +172,14 @@ def _match(ctx: RunContext, shard: int, batch: int) -> StageOutput:
 
     cfg = ctx.config
     cats = json.dumps(plan_manifest(ctx).categories, sort_keys=True)
+    # caption texts, for the example captions of unmatched nouns in the stats
+    texts = {(c.image_id, c.caption_id): c.text for c in read_stage(ctx, "caption", Caption, shard, batch)}
     out = match_batch(
         batch_images(ctx, shard, batch),
         read_stage(ctx, "parse", ParsedRelation, shard, batch),
         cfg.match,
         vocabulary(cats, cfg.match.vocabulary),
+        texts,
     )
     return StageOutput(out.candidates, stats=out.stats)
 
@@ -244,22 +246,19 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "caption", None, Caption, "captions", "caption", _caption_settings, _caption_revision,
         device=_model_device("caption"), compute=_caption,
-        ratios={"n_unique_mean": ("unique_captions", "images_captioned")}, maxima=frozenset({"micro_batch"}),
     ),
     Stage(
         "parse", "caption", ParsedRelation, "parses", "parse",
         lambda cfg: cfg.parse.model_dump(mode="json", exclude={"processes"}), _parser_revision, compute=_parse,
-        ratios={"relations_per_caption": ("relations", "captions_parsed")}, maxima=frozenset({"processes_used"}),
     ),
     Stage(
         "match", "parse", Candidate, "candidates", "match", lambda cfg: cfg.match.model_dump(mode="json"),
-        _no_revision, compute=_match, ratios={"match_rate": ("relations_matched", "relations")},
+        _no_revision, compute=_match,
     ),
     Stage(
         "tag", "match", TaggedRelation, "tags", "tag",
         lambda cfg: {"tagger": cfg.tag.tagger, **TAGGERS[cfg.tag.tagger].settings(cfg)},
         lambda cfg, inputs: TAGGERS[cfg.tag.tagger].revision(cfg), device=_model_device("tag"), compute=_tag,
-        ratios={"forwards_per_image": ("forwards", "images"), "pairs_per_forward": ("pairs", "forwards")},
     ),
     Stage(
         "threshold", "tag", Triplet, "accepted", "threshold", lambda cfg: cfg.threshold.model_dump(mode="json"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from storage.records import Box, Candidate, ImageRecord, TaggedRelation
+from tasks.stats import Count, Stats
 
 GREEDY = "greedy_overlap"
 #: TaggedRelation.tagger of the CLIP baseline (tasks/clip_tag.py); the threshold stage cuts its rows at clip_eta
@@ -61,7 +62,7 @@ def rank_within_pairs(rows: list[TaggedRelation]) -> list[TaggedRelation]:
     return rows
 
 
-def tag_greedy(images: list[ImageRecord], candidates: list[Candidate]) -> tuple[list[TaggedRelation], dict]:
+def tag_greedy(images: list[ImageRecord], candidates: list[Candidate]) -> tuple[list[TaggedRelation], Stats]:
     """Paper Table 5, "greedy" with the overlap prior: every candidate relation whose classes match is assigned
     to the pair (p_subject = p_object = 1, matching is exact by construction); p_relation is 1 when the two
     boxes overlap and 0 otherwise, so the threshold keeps exactly the overlapping pairs.
@@ -80,9 +81,9 @@ def tag_greedy(images: list[ImageRecord], candidates: list[Candidate]) -> tuple[
     rank_within_pairs(rows)
     pairs = {(r.image_id, r.subject_ann_id, r.object_ann_id) for r in rows}
     overlapping = {(r.image_id, r.subject_ann_id, r.object_ann_id) for r in rows if r.p_relation > 0}
-    return rows, {
-        "tag_rows": len(rows),
-        "pairs": len(pairs),
-        "overlapping_pairs": len(overlapping),
-        "forwards": 0,
-    }
+    return rows, Stats(
+        tag_rows=Count(len(rows)),
+        pairs=Count(len(pairs)),
+        overlapping_pairs=Count(len(overlapping)),
+        forwards=Count(0),
+    )

@@ -3,10 +3,12 @@ of their pair); the rest become rejects with the reason."""
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter, defaultdict
 
 from storage.records import ImageRecord, Reject, TaggedRelation, Triplet
 from tasks.config import ThresholdConfig
+from tasks.stats import ETAS, RULES, Count, Histogram, Stats, Tally
 from tasks.tag import CLIP, boxes_overlap, confidence_order
 
 
@@ -27,7 +29,7 @@ def cut_for(row: TaggedRelation, cfg: ThresholdConfig) -> float:
 
 def threshold_batch(
     images: list[ImageRecord], tags: list[TaggedRelation], cfg: ThresholdConfig, run_key: str
-) -> tuple[list[Triplet], list[Reject], dict]:
+) -> tuple[list[Triplet], list[Reject], Stats]:
     """Split tagged relations into accepted triplets (with boxes and provenance) and rejects.
 
     Steps, each naming its rejects' reason:
@@ -111,11 +113,71 @@ def threshold_batch(
                 run_key,
             )
         )
-    stats = {
-        "accepted": len(accepted),
-        "rejected": len(rejects),
-        **{f"rejected_{k}": v for k, v in reasons.items()},
-    }
-    if accepted:
-        stats["top_relations"] = dict(Counter(a.relation for a in accepted).most_common(50))
-    return accepted, rejects, stats
+    stats = Stats(
+        accepted=Count(len(accepted)),
+        rejected=Count(len(rejects)),
+        **{f"rejected_{k}": Count(v) for k, v in sorted(reasons.items())},
+        reject_reasons=Tally(dict(reasons)),
+        top_relations=Tally.of((a.relation for a in accepted), top=50),
+    )
+    return accepted, rejects, stats.merge(audit_stats(images, tags, confs, accepted, cfg))
+
+
+def audit_stats(
+    images: list[ImageRecord], tags: list[TaggedRelation], confs: list[float], accepted: list[Triplet],
+    cfg: ThresholdConfig,
+) -> Stats:  # fmt: skip
+    """What an auditor needs from the threshold stage, all hidden from the stage's own view (the run's audit
+    shows them): relation (lemma) and class-pair tallies over accepted triplets, histograms of the three
+    factors and of the confidence over every tagged row, and the eta sweep (sweep_counts)."""
+    triplets, images_kept = sweep_counts(images, tags, cfg)
+    return Stats(
+        relation_lemmas=Tally.of((a.relation_lemma for a in accepted), hidden=True),
+        class_pairs=Tally.of(((a.subject_label, a.object_label) for a in accepted), hidden=True),
+        hist_p_subject=Histogram.of((t.p_subject for t in tags), hidden=True),
+        hist_p_object=Histogram.of((t.p_object for t in tags), hidden=True),
+        hist_p_relation=Histogram.of((t.p_relation for t in tags), hidden=True),
+        hist_confidence=Histogram.of(confs, hidden=True),
+        sweep_triplets=Tally(triplets, hidden=True),
+        sweep_images=Tally(images_kept, hidden=True),
+    )
+
+
+def sweep_counts(
+    images: list[ImageRecord], tags: list[TaggedRelation], cfg: ThresholdConfig
+) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], int]]:
+    """Accepted triplets and images with at least one, per (rule, f"{eta:.2f}") over stats.ETAS and RULES: what
+    threshold_batch would accept at that eta and rule, with the config's overlap filter and top-K (rows of the
+    CLIP tagger are held to the swept eta too). Counts add up over batches, which hold disjoint images.
+
+    A pair's survivors at eta are its rows with confidence >= eta (and overlapping boxes when the filter is on);
+    top-K keeps min(K, survivors) of them, as threshold_batch keeps the K best of its survivors."""
+    boxes = {(im.image_id, b.ann_id): b for im in images for b in im.boxes}
+    triplets: dict[tuple[str, str], int] = {}
+    kept: dict[tuple[str, str], int] = {}
+    for rule in RULES:
+        by_pair: dict[tuple[int, int, int], list[float]] = defaultdict(list)
+        for t in tags:
+            pair = (t.image_id, t.subject_ann_id, t.object_ann_id)
+            if cfg.overlap_filter and not boxes_overlap(
+                boxes[(t.image_id, t.subject_ann_id)], boxes[(t.image_id, t.object_ann_id)]
+            ):
+                continue
+            conf = confidence(t, rule)
+            if conf == conf:  # NaN never passes
+                by_pair[pair].append(conf)
+        for confs in by_pair.values():
+            confs.sort()
+        for eta in ETAS:
+            n_rows = 0
+            with_rows = set()
+            for (image_id, _, _), confs in by_pair.items():
+                n = len(confs) - bisect.bisect_left(confs, eta)  # rows with conf >= eta
+                if cfg.top_k is not None:
+                    n = min(n, cfg.top_k)
+                n_rows += n
+                if n:
+                    with_rows.add(image_id)
+            triplets[(rule, f"{eta:.2f}")] = n_rows
+            kept[(rule, f"{eta:.2f}")] = len(with_rows)
+    return triplets, kept

@@ -163,6 +163,19 @@ def test_deployment_runs_on_a_prefect_server_backed_by_postgres(postgres, tmp_pa
         with urllib.request.urlopen(req, timeout=10) as r:
             runs = json.loads(r.read())
         assert [(fr["name"], fr["state_type"]) for fr in runs] == [("label sample", "COMPLETED")]
+        # the run's audit is in the server's artifacts, under the dataset's keys, attached to the flow run
+        from flows.artifacts import artifact_keys
+
+        keys = sorted(artifact_keys("sample").values())
+        areq = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/artifacts/filter",
+            data=json.dumps({"artifacts": {"key": {"any_": keys}}}).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(areq, timeout=10) as r:
+            arts = json.loads(r.read())
+        assert sorted(a["key"] for a in arts) == keys and {a["flow_run_id"] for a in arts} == {runs[0]["id"]}
 
         # many workers: the fan-out flow starts one label-shard flow run per shard; two workers take them
         fan = tmp_path / "fan"

@@ -86,25 +86,20 @@ def test_threshold_relation_only_rule_reproduces_the_reference_code():
         confidence(_tag(1, 1, 1), "max")
 
 
-def test_merge_stats_sums_counts_and_recomputes_ratios():
-    from tasks.pipeline import merge_stats
+def test_typed_stats_sum_counts_and_recompute_ratios():
+    # (was merge_stats over raw dicts, which tasks.stats.Stats replaced: the same expectations, typed)
+    from tasks.stats import Count, Max, Ratio, Stats, Tally
 
-    a = {
-        "relations": 10,
-        "relations_matched": 5,
-        "match_rate": 0.5,
-        "micro_batch": 8,
-        "top_heads": {"hat": 1},
-    }
-    b = {
-        "relations": 30,
-        "relations_matched": 3,
-        "match_rate": 0.1,
-        "micro_batch": 4,
-        "top_heads": {"hat": 2, "sky": 1},
-    }
-    m = merge_stats([a, b])
-    assert m == {
+    a = Stats(
+        relations=Count(10), relations_matched=Count(5), match_rate=Ratio(5, 10), micro_batch=Max(8),
+        top_heads=Tally({"hat": 1}),
+    )  # fmt: skip
+    b = Stats(
+        relations=Count(30), relations_matched=Count(3), match_rate=Ratio(3, 30), micro_batch=Max(4),
+        top_heads=Tally({"hat": 2, "sky": 1}),
+    )  # fmt: skip
+    m = Stats.merge_all([a, b])
+    assert m.to_json() == {
         "relations": 40,
         "relations_matched": 8,
         "match_rate": 0.2,

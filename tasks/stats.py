@@ -1,0 +1,701 @@
+"""Typed run statistics (counts, maxima, ratios, tallies, histograms, examples) that know how to merge themselves.
+
+A stage returns a `Stats`: named values, each of a kind that merges itself (a count adds, a maximum keeps the
+largest, a ratio adds its numerator and denominator, a tally adds per key, a histogram adds per bin, an
+examples list keeps the first k by its sort key). Every merge is associative and commutative, so a shard's or
+a run's statistics do not depend on the order in which batches finish or on how parts are grouped.
+
+Two JSON forms: `to_json()` is the view people read (a ratio as its value, a tally cut to its top entries);
+`dump()` is lossless and typed (`{name: [kind, payload]}`), for the ledger and the shard files that later
+merges read back with `Stats.load`. The audit of a run (funnel, histograms, eta sweep, unmatched nouns, ...)
+is built from merged stage statistics by `audit`, and written as Parquet tables by `audit_tables`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import pyarrow as pa
+
+#: eta values of the sweep: 0.05, 0.10, ..., 0.95
+ETAS: tuple[float, ...] = tuple(round(k / 20, 2) for k in range(1, 20))
+#: confidence rules of the sweep (tasks.threshold.confidence)
+RULES: tuple[str, ...] = ("paper", "relation_only")
+#: bin edges of the score histograms: 20 bins of 0.05 over [0, 1], the last bin closed on the right
+SCORE_EDGES: tuple[float, ...] = tuple(round(k / 20, 2) for k in range(21))
+#: the scores histogrammed over tagged rows (accepted + rejected)
+SCORES: tuple[str, ...] = ("p_subject", "p_object", "p_relation", "confidence")
+#: example captions kept per unmatched noun
+NOUN_EXAMPLES = 3
+
+
+def _int(v, what: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{what} must be an int, got {v!r}")
+    return v
+
+
+# -- the kinds ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stat:
+    """One statistic. `hidden`: merged and dumped, but left out of the stage's JSON view (bulky audit data)."""
+
+    kind: ClassVar[str] = ""
+
+    def merge(self, other: Stat) -> Stat:
+        if type(other) is not type(self):
+            raise ValueError(f"cannot merge a {self.kind} with a {other.kind}")
+        return self._merge(other)
+
+    def _merge(self, other):  # pragma: no cover - every kind overrides it
+        raise NotImplementedError
+
+    def view(self) -> Any:
+        raise NotImplementedError
+
+    def payload(self) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def from_payload(cls, p: Any, hidden: bool) -> Stat:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Count(Stat):
+    """A count: merged by adding."""
+
+    n: int = 0
+    hidden: bool = False
+    kind: ClassVar[str] = "count"
+
+    def __post_init__(self):
+        _int(self.n, "Count")
+
+    def _merge(self, other):
+        return Count(self.n + other.n, self.hidden)
+
+    def view(self):
+        return self.n
+
+    def payload(self):
+        return self.n
+
+    @classmethod
+    def from_payload(cls, p, hidden):
+        return cls(p, hidden)
+
+
+@dataclass(frozen=True)
+class Max(Stat):
+    """A value of which the largest is kept (e.g. a micro-batch size, processes used)."""
+
+    value: int | float = 0
+    hidden: bool = False
+    kind: ClassVar[str] = "max"
+
+    def _merge(self, other):
+        return Max(max(self.value, other.value), self.hidden)
+
+    def view(self):
+        return self.value
+
+    def payload(self):
+        return self.value
+
+    @classmethod
+    def from_payload(cls, p, hidden):
+        return cls(p, hidden)
+
+
+@dataclass(frozen=True)
+class Seconds(Stat):
+    """Time spent, summed; kept as whole microseconds so that sums are exact in any order."""
+
+    us: int = 0
+    hidden: bool = False
+    kind: ClassVar[str] = "seconds"
+
+    def __post_init__(self):
+        _int(self.us, "Seconds (microseconds)")
+
+    @classmethod
+    def of(cls, seconds: float, hidden: bool = False) -> Seconds:
+        return cls(round(seconds * 1e6), hidden)
+
+    def _merge(self, other):
+        return Seconds(self.us + other.us, self.hidden)
+
+    def view(self):
+        return round(self.us / 1e6, 3)
+
+    def payload(self):
+        return self.us
+
+    @classmethod
+    def from_payload(cls, p, hidden):
+        return cls(p, hidden)
+
+
+@dataclass(frozen=True)
+class Label(Stat):
+    """A setting or version the parts report (matcher mode, parser versions): the distinct values seen.
+
+    The view is the value when every part agrees, else the sorted list of distinct values."""
+
+    values: frozenset[str] = frozenset()  # JSON texts of the values
+    hidden: bool = False
+    kind: ClassVar[str] = "label"
+
+    @classmethod
+    def of(cls, value, hidden: bool = False) -> Label:
+        return cls(frozenset({json.dumps(value, sort_keys=True)}), hidden)
+
+    def _merge(self, other):
+        return Label(self.values | other.values, self.hidden)
+
+    def view(self):
+        vals = [json.loads(v) for v in sorted(self.values)]
+        return vals[0] if len(vals) == 1 else vals
+
+    def payload(self):
+        return sorted(self.values)
+
+    @classmethod
+    def from_payload(cls, p, hidden):
+        return cls(frozenset(p), hidden)
+
+
+@dataclass(frozen=True)
+class Ratio(Stat):
+    """A ratio of two counts (e.g. relations per parsed caption): numerator and denominator add up, the value
+    is recomputed from them, rounded to `digits` (0.0 when the denominator is 0)."""
+
+    num: int = 0
+    den: int = 0
+    digits: int = 4
+    hidden: bool = False
+    kind: ClassVar[str] = "ratio"
+
+    def __post_init__(self):
+        _int(self.num, "Ratio numerator")
+        _int(self.den, "Ratio denominator")
+
+    def _merge(self, other):
+        if other.digits != self.digits:
+            raise ValueError(f"cannot merge ratios rounded to {self.digits} and {other.digits} digits")
+        return Ratio(self.num + other.num, self.den + other.den, self.digits, self.hidden)
+
+    def view(self):
+        return round(self.num / self.den, self.digits) if self.den else 0.0
+
+    def payload(self):
+        return [self.num, self.den, self.digits]
+
+    @classmethod
+    def from_payload(cls, p, hidden):
+        return cls(p[0], p[1], p[2], hidden)
+
+
+Key = str | tuple[str, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class Tally(Stat):
+    """Counts per key (a string, or a tuple of strings such as a class pair); merged by adding per key.
+
+    Every key is kept (so merges are exact); the view is sorted by count (descending) then key and cut to
+    `top` entries when set. form "dict": {key: n} (tuple keys joined by " | "); "pairs": [[key..., n], ...];
+    "keys": {key: n} sorted by key as a number where it is one (a distribution such as N_Unique)."""
+
+    counts: Mapping[Key, int] = field(default_factory=dict)
+    top: int | None = None
+    form: str = "dict"
+    hidden: bool = False
+    kind: ClassVar[str] = "tally"
+
+    def __post_init__(self):
+        if self.form not in ("dict", "pairs", "keys"):
+            raise ValueError(f"Tally form must be 'dict', 'pairs' or 'keys', got {self.form!r}")
+        for k, v in self.counts.items():
+            _int(v, f"Tally count of {k!r}")
+
+    @classmethod
+    def of(cls, keys: Iterable[Key], **kw) -> Tally:
+        counts: dict[Key, int] = {}
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+        return cls(counts, **kw)
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, Tally)
+            and dict(self.counts) == dict(other.counts)
+            and (self.top, self.form, self.hidden) == (other.top, other.form, other.hidden)
+        )
+
+    def _merge(self, other):
+        if (other.top, other.form) != (self.top, self.form):
+            raise ValueError(
+                f"cannot merge tallies shown as ({self.top}, {self.form}) and ({other.top}, {other.form})"
+            )
+        out = dict(self.counts)
+        for k, v in other.counts.items():
+            out[k] = out.get(k, 0) + v
+        return Tally(out, self.top, self.form, self.hidden)
+
+    def most_common(self) -> list[tuple[Key, int]]:
+        """Every (key, count), count descending, then key."""
+        return sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+    def view(self):
+        if self.form == "keys":
+
+            def num(k):
+                try:
+                    return (0, float(k), k)
+                except (TypeError, ValueError):
+                    return (1, 0.0, k)
+
+            items = sorted(self.counts.items(), key=lambda kv: num(kv[0]))
+        else:
+            items = self.most_common()
+        if self.top is not None:
+            items = items[: self.top]
+        if self.form == "pairs":
+            return [[*(k if isinstance(k, tuple) else (k,)), v] for k, v in items]
+        return {(" | ".join(k) if isinstance(k, tuple) else k): v for k, v in items}
+
+    def payload(self):
+        items = sorted(self.counts.items(), key=lambda kv: kv[0])
+        return {
+            "top": self.top,
+            "form": self.form,
+            "items": [[list(k) if isinstance(k, tuple) else k, v] for k, v in items],
+        }
+
+    @classmethod
+    def from_payload(cls, p, hidden):
+        counts = {(tuple(k) if isinstance(k, list) else k): v for k, v in p["items"]}
+        return cls(counts, p["top"], p["form"], hidden)
+
+
+@dataclass(frozen=True)
+class Histogram(Stat):
+    """Counts of values in fixed bins [e_i, e_i+1) (the last bin closed: [e_n-1, e_n]); NaN and values outside
+    the edges are counted apart. Merged by adding per bin; parts must share their edges."""
+
+    edges: tuple[float, ...] = SCORE_EDGES
+    counts: tuple[int, ...] = ()
+    nan: int = 0
+    outside: int = 0
+    hidden: bool = False
+    kind: ClassVar[str] = "histogram"
+
+    def __post_init__(self):
+        if len(self.edges) < 2 or any(b <= a for a, b in zip(self.edges, self.edges[1:])):
+            raise ValueError(f"histogram edges must be at least 2 increasing values, got {self.edges}")
+        if not self.counts:
+            object.__setattr__(self, "counts", (0,) * (len(self.edges) - 1))
+        if len(self.counts) != len(self.edges) - 1:
+            raise ValueError(f"histogram has {len(self.edges)} edges but {len(self.counts)} counts")
+
+    @classmethod
+    def of(cls, values: Iterable[float], edges: tuple[float, ...] = SCORE_EDGES, hidden=False) -> Histogram:
+        counts = [0] * (len(edges) - 1)
+        nan = outside = 0
+        for v in values:
+            if v != v:
+                nan += 1
+            elif v < edges[0] or v > edges[-1]:
+                outside += 1
+            else:
+                counts[min(bisect.bisect_right(edges, v) - 1, len(counts) - 1)] += 1
+        return cls(tuple(edges), tuple(counts), nan, outside, hidden)
+
+    def _merge(self, other):
+        if other.edges != self.edges:
+            raise ValueError(f"cannot merge histograms with edges {self.edges} and {other.edges}")
+        counts = tuple(a + b for a, b in zip(self.counts, other.counts))
+        return Histogram(self.edges, counts, self.nan + other.nan, self.outside + other.outside, self.hidden)
+
+    def view(self):
+        return {
+            "edges": list(self.edges),
+            "counts": list(self.counts),
+            "nan": self.nan,
+            "outside": self.outside,
+        }
+
+    def payload(self):
+        return self.view()
+
+    @classmethod
+    def from_payload(cls, p, hidden):
+        return cls(tuple(p["edges"]), tuple(p["counts"]), p["nan"], p["outside"], hidden)
+
+
+@dataclass(frozen=True)
+class Examples(Stat):
+    """At most k example values, the first k by their sort key (e.g. (image_id, caption_id)), not by arrival:
+    merging keeps the k smallest (key, value) of the union, so the result does not depend on batch order."""
+
+    k: int = NOUN_EXAMPLES
+    items: tuple[tuple[tuple, str], ...] = ()
+    hidden: bool = False
+    kind: ClassVar[str] = "examples"
+
+    @classmethod
+    def of(cls, items: Iterable[tuple[tuple, str]], k: int = NOUN_EXAMPLES, hidden=False) -> Examples:
+        return cls(k, tuple(sorted({(tuple(key), v) for key, v in items}))[:k], hidden)
+
+    def _merge(self, other):
+        if other.k != self.k:
+            raise ValueError(f"cannot merge example lists of {self.k} and {other.k}")
+        return Examples.of(self.items + other.items, self.k, self.hidden)
+
+    def view(self):
+        return [v for _, v in self.items]
+
+    def payload(self):
+        return {"k": self.k, "items": [[list(key), v] for key, v in self.items]}
+
+    @classmethod
+    def from_payload(cls, p, hidden):
+        return cls(p["k"], tuple((tuple(key), v) for key, v in p["items"]), hidden)
+
+
+@dataclass(frozen=True, eq=False)
+class Group(Stat):
+    """Statistics per key (e.g. examples per unmatched noun): merged key by key."""
+
+    items: Mapping[str, Stat] = field(default_factory=dict)
+    hidden: bool = False
+    kind: ClassVar[str] = "group"
+
+    def __eq__(self, other):
+        return (
+            isinstance(other, Group) and dict(self.items) == dict(other.items) and self.hidden == other.hidden
+        )
+
+    def _merge(self, other):
+        out = dict(self.items)
+        for k, v in other.items.items():
+            out[k] = out[k].merge(v) if k in out else v
+        return Group(out, self.hidden)
+
+    def view(self):
+        return {k: self.items[k].view() for k in sorted(self.items)}
+
+    def payload(self):
+        return {k: _dump_one(self.items[k]) for k in sorted(self.items)}
+
+    @classmethod
+    def from_payload(cls, p, hidden):
+        return cls({k: _load_one(v, f"group entry {k!r}") for k, v in p.items()}, hidden)
+
+
+KINDS: dict[str, type[Stat]] = {
+    c.kind: c for c in (Count, Max, Seconds, Label, Ratio, Tally, Histogram, Examples, Group)
+}
+
+
+def _dump_one(s: Stat) -> list:
+    return [s.kind, s.payload(), s.hidden]
+
+
+def _load_one(entry, what: str) -> Stat:
+    if not (isinstance(entry, list) and len(entry) == 3 and entry[0] in KINDS):
+        raise ValueError(
+            f"{what} is {json.dumps(entry)[:80]}, not a typed statistic [kind, payload, hidden] "
+            f"(kinds: {sorted(KINDS)}); was it written by an older reltag?"
+        )
+    return KINDS[entry[0]].from_payload(entry[1], bool(entry[2]))
+
+
+# -- the container -----------------------------------------------------------------------------------------
+
+
+class Stats(Mapping):
+    """Named statistics of one stage (or shard, or run). Reading `stats[name]` gives the value as the JSON view
+    shows it; `stat(name)` gives the typed statistic. Iteration and equality cover the visible names."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, Stat] | None = None, **kw: Stat):
+        self._items: dict[str, Stat] = {}
+        if isinstance(items, Stats):  # a copy: every statistic, hidden ones too (a Mapping shows the view)
+            items = items._items
+        for name, s in {**(items or {}), **kw}.items():
+            self.put(name, s)
+
+    def put(self, name: str, s: Stat) -> Stats:
+        """Set (or replace) one statistic; returns self."""
+        if not isinstance(s, Stat):
+            raise ValueError(f"statistic {name!r} is a {type(s).__name__}, not a typed Stat")
+        self._items[name] = s
+        return self
+
+    def stat(self, name: str, default: Stat | None = None) -> Stat | None:
+        return self._items.get(name, default)
+
+    def names(self) -> list[str]:
+        """Every name, hidden ones included."""
+        return list(self._items)
+
+    def __getitem__(self, name: str):
+        return self._items[name].view()
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, s in self._items.items() if not s.hidden)
+
+    def __len__(self) -> int:
+        return sum(1 for s in self._items.values() if not s.hidden)
+
+    def __contains__(self, name) -> bool:
+        s = self._items.get(name)
+        return s is not None and not s.hidden
+
+    def __repr__(self) -> str:
+        return f"Stats({self._items!r})"
+
+    def merge(self, other: Stats) -> Stats:
+        """The statistics of both parts: same-named statistics merged by their kind, the others kept."""
+        out = Stats(self)
+        for name, s in other._items.items():
+            mine = out._items.get(name)
+            if mine is None:
+                out._items[name] = s
+            else:
+                try:
+                    out._items[name] = mine.merge(s)
+                except ValueError as e:
+                    raise ValueError(f"statistic {name!r}: {e}") from None
+        return out
+
+    @staticmethod
+    def merge_all(parts: Iterable[Stats]) -> Stats:
+        out = Stats()
+        for p in parts:
+            out = out.merge(p)
+        return out
+
+    def to_json(self) -> dict:
+        """The view: visible statistics as plain JSON values."""
+        return {k: s.view() for k, s in self._items.items() if not s.hidden}
+
+    def dump(self) -> dict:
+        """Lossless, typed JSON: {name: [kind, payload, hidden]}; `Stats.load` reads it back."""
+        return {k: _dump_one(s) for k, s in self._items.items()}
+
+    @classmethod
+    def load(cls, d: Mapping, what: str = "stats") -> Stats:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{what} is a {type(d).__name__}, not a JSON object of typed statistics")
+        return cls({k: _load_one(v, f"{what}: statistic {k!r}") for k, v in d.items()})
+
+
+# -- the audit of a shard or a run -------------------------------------------------------------------------
+
+#: plan quarantine reasons that drop an image (the others drop annotations, counted by the plan)
+_IMAGE_REASONS = ("malformed_image", "missing_size", "unsafe_file_name", "duplicate_image_id")
+
+#: (funnel step, label, stage, statistic counted)
+FUNNEL: tuple[tuple[str, str, str, str], ...] = (
+    ("images", "images (planned)", "shard", "images"),
+    ("captions", "captions", "caption", "captions"),
+    ("unique_captions", "unique captions (N_Unique)", "caption", "unique_captions"),
+    ("relations", "relations (parsed)", "parse", "relations"),
+    ("matched", "relations matched to boxes", "match", "relations_matched"),
+    ("candidate_pairs", "candidate pairs", "match", "pairs"),
+    ("tagged", "tagged (pair, relation) rows", "tag", "tag_rows"),
+    ("accepted", "accepted triplets", "threshold", "accepted"),
+)
+
+ETA_SWEEP_NOTE = (
+    "Triplets (and images with at least one) that the threshold stage would accept at each eta under each "
+    "confidence rule, recomputed from the stored scores of every tagged row (accepted + rejected). The run's "
+    "overlap filter and top-K per pair are re-applied at each eta; rows of the CLIP tagger are held to the "
+    "swept eta in place of clip_eta. Stages before the threshold (captions, matching, tagging) are not redone."
+)
+
+
+def _n(stages: Mapping[str, Stats], stage: str, name: str) -> int:
+    s = stages.get(stage)
+    st = s.stat(name) if s is not None else None
+    return st.view() if st is not None else 0
+
+
+def _tally(stages: Mapping[str, Stats], stage: str, name: str) -> dict:
+    s = stages.get(stage)
+    st = s.stat(name) if s is not None else None
+    return dict(st.counts) if isinstance(st, Tally) else {}
+
+
+def _positive(d: Mapping[str, int]) -> dict[str, int]:
+    return {k: v for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])) if v}
+
+
+def funnel(stages: Mapping[str, Stats], plan_counts: Mapping | None = None) -> list[dict]:
+    """The funnel rows, in FUNNEL order: {"stage", "label", "count", "dropped": {reason: count}}.
+
+    `stages` holds the stage statistics by stage name and "shard" (planned images, triplets per image); drops
+    are what is lost between the previous step and this one, by reason, in the previous step's units (images
+    for captions, captions for relations, relations for matched, ...)."""
+    plan_counts = plan_counts or {}
+    dropped: dict[str, dict] = {
+        "images": {r: plan_counts.get(f"quarantined_{r}", 0) for r in _IMAGE_REASONS},
+        "captions": {
+            **_tally(stages, "caption", "quarantine_reasons"),
+            "no_captions": _n(stages, "caption", "images_without_captions"),
+        },
+        "unique_captions": {
+            "duplicate": _n(stages, "caption", "captions") - _n(stages, "caption", "unique_captions")
+        },
+        "relations": {
+            "not_parsed": _n(stages, "parse", "captions_not_parsed"),
+            "no_relation": _n(stages, "parse", "captions_without_relations"),
+        },
+        "matched": _tally(stages, "match", "relations_unmatched"),
+        "candidate_pairs": {"no_distinct_box_pair": _n(stages, "match", "relations_without_pairs")},
+        "tagged": _tally(stages, "tag", "quarantine_reasons"),
+        "accepted": _tally(stages, "threshold", "reject_reasons"),
+    }
+    return [
+        {"stage": step, "label": label, "count": _n(stages, stage, name), "dropped": _positive(dropped[step])}
+        for step, label, stage, name in FUNNEL
+    ]
+
+
+def eta_sweep(threshold: Stats | None) -> list[dict]:
+    """[{"eta", "rule", "triplets", "images"}] for every rule, then eta ascending."""
+    tri = threshold.stat("sweep_triplets") if threshold is not None else None
+    img = threshold.stat("sweep_images") if threshold is not None else None
+    tri = dict(tri.counts) if tri is not None else {}
+    img = dict(img.counts) if img is not None else {}
+    return [
+        {
+            "eta": eta,
+            "rule": rule,
+            "triplets": tri.get((rule, f"{eta:.2f}"), 0),
+            "images": img.get((rule, f"{eta:.2f}"), 0),
+        }
+        for rule in RULES
+        for eta in ETAS
+    ]
+
+
+def unmatched_nouns(match: Stats | None) -> list[dict]:
+    """[{"noun", "count", "examples"}], count descending then noun: head nouns that named no class."""
+    if match is None or match.stat("top_unmatched_heads") is None:
+        return []
+    ex = match.stat("unmatched_examples")
+    ex = ex.items if isinstance(ex, Group) else {}
+    return [
+        {"noun": noun, "count": n, "examples": ex[noun].view() if noun in ex else []}
+        for noun, n in match.stat("top_unmatched_heads").most_common()
+    ]
+
+
+def audit(stages: Mapping[str, Stats], plan_counts: Mapping | None, no_synonyms: list[str]) -> dict:
+    """The auditor's statistics of a shard or a run, from its merged statistics (stages + "shard")."""
+    thr = stages.get("threshold")
+
+    def tally(name):
+        st = thr.stat(name) if thr is not None else None
+        return st if isinstance(st, Tally) else Tally()
+
+    hists = {}
+    for score in SCORES:
+        h = thr.stat(f"hist_{score}") if thr is not None else None
+        hists[score] = (h or Histogram()).view()
+    per_image = stages["shard"].stat("triplets_per_image") if "shard" in stages else None
+    return {
+        "funnel": funnel(stages, plan_counts),
+        "relation_histogram": dict(tally("relation_lemmas").most_common()),
+        "class_pair_histogram": [[s, o, n] for (s, o), n in tally("class_pairs").most_common()],
+        "score_histograms": hists,
+        "eta_sweep": eta_sweep(thr),
+        "eta_sweep_note": ETA_SWEEP_NOTE,
+        "unmatched_nouns": unmatched_nouns(stages.get("match")),
+        "classes_without_synonyms": list(no_synonyms),
+        "triplets_per_image": per_image.view() if per_image is not None else {},
+    }
+
+
+def classes_without_synonyms(vocab) -> list[str]:
+    """Names of the dataset's categories that have no synonym list in the vocabulary (a models.matcher
+    Vocabulary; such classes match by their own names only), in category order."""
+    return [c.label for c in vocab.classes if not c.synonyms]
+
+
+# -- Parquet -----------------------------------------------------------------------------------------------
+
+#: One long table per kind of statistic, written beside run.json as stats/<run_key>/<name>.parquet.
+TABLE_SCHEMAS: dict[str, pa.Schema] = {
+    "funnel": pa.schema(
+        [("position", pa.int32()), ("stage", pa.string()), ("label", pa.string()), ("count", pa.int64())]
+    ),
+    "funnel_drops": pa.schema([("stage", pa.string()), ("reason", pa.string()), ("count", pa.int64())]),
+    "relation_histogram": pa.schema([("relation_lemma", pa.string()), ("count", pa.int64())]),
+    "class_pair_histogram": pa.schema(
+        [("subject_label", pa.string()), ("object_label", pa.string()), ("count", pa.int64())]
+    ),
+    "score_histograms": pa.schema(
+        [
+            ("score", pa.string()),
+            ("bin", pa.int32()),
+            ("lower", pa.float64()),
+            ("upper", pa.float64()),
+            ("count", pa.int64()),
+        ]
+    ),
+    "eta_sweep": pa.schema(
+        [("rule", pa.string()), ("eta", pa.float64()), ("triplets", pa.int64()), ("images", pa.int64())]
+    ),
+    "unmatched_nouns": pa.schema(
+        [("noun", pa.string()), ("count", pa.int64()), ("examples", pa.list_(pa.string()))]
+    ),
+    "classes_without_synonyms": pa.schema([("class_name", pa.string())]),
+    "triplets_per_image": pa.schema([("triplets", pa.int32()), ("images", pa.int64())]),
+}
+
+
+def audit_tables(a: Mapping) -> dict[str, pa.Table]:
+    """The audit as one typed Arrow table per kind (TABLE_SCHEMAS), rows in the JSON's order."""
+    rows: dict[str, list[dict]] = {
+        "funnel": [
+            {"position": i, "stage": f["stage"], "label": f["label"], "count": f["count"]}
+            for i, f in enumerate(a["funnel"])
+        ],
+        "funnel_drops": [
+            {"stage": f["stage"], "reason": r, "count": n}
+            for f in a["funnel"]
+            for r, n in f["dropped"].items()
+        ],
+        "relation_histogram": [{"relation_lemma": k, "count": n} for k, n in a["relation_histogram"].items()],
+        "class_pair_histogram": [
+            {"subject_label": s, "object_label": o, "count": n} for s, o, n in a["class_pair_histogram"]
+        ],
+        "score_histograms": [
+            {"score": score, "bin": i, "lower": h["edges"][i], "upper": h["edges"][i + 1], "count": n}
+            for score, h in a["score_histograms"].items()
+            for i, n in enumerate(h["counts"])
+        ],
+        "eta_sweep": [
+            {"rule": r["rule"], "eta": r["eta"], "triplets": r["triplets"], "images": r["images"]}
+            for r in a["eta_sweep"]
+        ],
+        "unmatched_nouns": [
+            {"noun": u["noun"], "count": u["count"], "examples": u["examples"]} for u in a["unmatched_nouns"]
+        ],
+        "classes_without_synonyms": [{"class_name": c} for c in a["classes_without_synonyms"]],
+        "triplets_per_image": [{"triplets": int(k), "images": n} for k, n in a["triplets_per_image"].items()],
+    }
+    return {name: pa.Table.from_pylist(rows[name], schema=schema) for name, schema in TABLE_SCHEMAS.items()}
