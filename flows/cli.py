@@ -43,19 +43,24 @@ OVERRIDES = {
 }
 
 
-def load_config(path: str | None, args: argparse.Namespace):
-    """Config file (YAML or JSON) with the command-line flags applied on top."""
-    from tasks.config import PipelineConfig
-
+def config_data(path: str | None, args: argparse.Namespace) -> dict:
+    """The raw config mapping: the config file (YAML or JSON) with the command-line flags applied on top."""
     data: dict = {}
     if path:
-        text = Path(path).read_text()
-        if path.endswith((".yaml", ".yml")):
-            import yaml
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ValueError(f"config file {path} cannot be read: {e.strerror or e}") from e
+        kind = "YAML" if path.endswith((".yaml", ".yml")) else "JSON"
+        try:
+            if kind == "YAML":
+                import yaml
 
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: the parser's words, on one line
+            raise ValueError(f"config file {path} is not valid {kind}: {' '.join(str(e).split())}") from e
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
     for flag, (section, field, _) in OVERRIDES.items():
@@ -68,7 +73,14 @@ def load_config(path: str | None, args: argparse.Namespace):
             data[field] = v
         else:
             data.setdefault(section, {})[field] = v
-    return PipelineConfig.model_validate(data)
+    return data
+
+
+def load_config(path: str | None, args: argparse.Namespace):
+    """Config file (YAML or JSON) with the command-line flags applied on top (nothing inferred)."""
+    from tasks.config import PipelineConfig
+
+    return PipelineConfig.model_validate(config_data(path, args))
 
 
 def _add_run_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
@@ -84,24 +96,73 @@ def _add_run_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
         "--stage-threads", type=int, default=None,
         help="threads for stage units (default: one per stage, consecutive batches overlap; 1: one unit at a time)",
     )  # fmt: skip
-    g = p.add_argument_group("config overrides")
+    from tasks.config import field_help
+
+    g = p.add_argument_group("config overrides (choices and defaults from tasks/config.py)")
     for flag, (section, field, typ) in OVERRIDES.items():
-        g.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=f"{section or 'top'}.{field}")
+        metavar, text = field_help(section, field)
+        if field == "captioner":
+            text = "several, comma-separated, concatenate their captions; " + text
+        g.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, metavar=metavar, help=text)
 
 
-def _params(args):
+def _params(args, run: bool = True, dataset: str | None = None):
+    """The flow's parameters from the command line, every input checked before any work (one ValueError a
+    problem): the config first, then the input paths, then what the config leaves out is inferred from the
+    annotation file's categories (the vocabulary, then the dataset name), said on stderr with any categories
+    that have no synonym list. dataset: the name used when neither the config nor a flag gives one."""
     from flows.params import LabelParams
+    from tasks.config import PipelineConfig, fill_inferred
+    from tasks.plan_run import cached_categories, check_inputs
 
-    cfg = load_config(args.config, args)
-    return LabelParams(
-        annotations=args.annotations, images=args.images, out=args.out, captions=args.captions, config=cfg
-    )
+    data = config_data(args.config, args)
+    if dataset is not None and data.get("dataset") is None:
+        data["dataset"] = dataset
+    cfg = PipelineConfig.model_validate(data)  # config errors first, named by field
+    # local paths made absolute, as the flow sees them
+    p = LabelParams(annotations=args.annotations, images=args.images, out=args.out, captions=args.captions)
+    check_inputs(p.annotations, p.images, p.captions, cfg, run=run)
+    categories = cached_categories(p.annotations, p.out)
+    data, notes = fill_inferred(data, categories)
+    cfg = PipelineConfig.model_validate(data)
+    for line in notes:
+        print(f"reltag {args.cmd}: {line}", file=sys.stderr)
+    _warn_without_synonyms(args.cmd, categories, cfg.match.vocabulary)
+    return p.model_copy(update={"config": cfg})
+
+
+def _warn_without_synonyms(cmd: str, categories: list[dict], vocabulary: str, show: int = 20) -> None:
+    """One line on stderr naming the categories that have no synonym list (they match by their own names)."""
+    from models.matcher import Vocabulary
+
+    bare = [c.label for c in Vocabulary.from_categories(categories, vocabulary).classes if not c.synonyms]
+    if bare:
+        names = ", ".join(repr(n) for n in bare[:show]) + (
+            f" and {len(bare) - show} more" if len(bare) > show else ""
+        )
+        print(
+            f"reltag {cmd}: warning: {len(bare)} of {len(categories)} categories have no synonym list in the "
+            f"{vocabulary} vocabulary (they match captions by their own names only): {names}",
+            file=sys.stderr,
+        )
 
 
 def cmd_plan(args) -> int:
-    from tasks.plan_run import plan_run
+    from tasks.caption import captioner_names
+    from tasks.plan_run import plan_only, plan_run
 
-    p = _params(args)
+    p = _params(args, run=False)
+    if p.captions is None and "oracle" in captioner_names(p.config.caption):
+        # human captions name the run by their file's checksum: without the file, the plan alone
+        layout, plan = plan_only(p.annotations, p.images, p.out, p.dataset_name, p.config)
+        c = plan.counts
+        print(
+            f"plan {plan.plan_key}: {c.get('images_planned', 0)} images, {c.get('boxes_planned', 0)} boxes in "
+            f"{len(plan.shards)} shards; {plan.quarantined} records quarantined; no run recorded (captioner "
+            "'oracle' needs --captions to name the run)"
+        )
+        print(f"plan: {layout.plan_manifest}")
+        return 0
     ctx, plan = plan_run(p.annotations, p.images, p.out, p.captions, p.dataset_name, p.config)
     c = plan.counts
     print(
@@ -134,8 +195,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from flows.params import LabelParams
-
     sample = Path(args.sample or EXAMPLES)
     det = sample / "sample_detections.json"
     if not det.exists():
@@ -147,23 +206,39 @@ def cmd_demo(args) -> int:
         str(sample / "sample_captions.json"),
         str(sample / "images"),
     )
-    cfg = load_config(args.config, args)
-    if args.dataset is None:
-        cfg = cfg.model_copy(update={"dataset": "sample"})
-    return _run(
-        LabelParams(
-            annotations=args.annotations, images=args.images, out=args.out, captions=args.captions, config=cfg
-        ),
-        args.stage_threads,
-    )
+    return _run(_params(args, dataset="sample" if args.dataset is None else None), args.stage_threads)
+
+
+def _find_runs(out: str) -> list:
+    """The runs under an output root, or under one of its dataset folders, or in one plan folder (the
+    `output:` path `reltag run` prints, `<root>/<dataset>/<plan_key>`): only that folder's runs."""
+    import posixpath
+
+    from fsspec.core import url_to_fs
+
+    from flows.status import find_runs
+
+    runs = find_runs(out)
+    if runs:
+        return runs
+    fs, base = url_to_fs(out)
+    base = base.rstrip("/")
+    for up, inside in ((1, lambda r: posixpath.dirname(r.base) == base), (2, lambda r: r.base == base)):
+        root = base
+        for _ in range(up):
+            root = posixpath.dirname(root)
+        if root in ("", "/", base):
+            break
+        runs = [r for r in find_runs(fs.unstrip_protocol(root) if "://" in out else root) if inside(r)]
+        if runs:
+            return runs
+    return []
 
 
 def _runs(args, quiet: bool = False) -> list:
     """The runs under --out, oldest first (only those whose key starts with --run-key, when given); says so on
     stderr when there are none."""
-    from flows.status import find_runs
-
-    runs = [r for r in find_runs(args.out) if not args.run_key or r.run_key.startswith(args.run_key)]
+    runs = [r for r in _find_runs(args.out) if not args.run_key or r.run_key.startswith(args.run_key)]
     if not runs and not quiet:
         which = f" with a run key starting {args.run_key!r}" if args.run_key else ""
         print(f"no runs under {args.out}{which}", file=sys.stderr)
@@ -412,7 +487,11 @@ def one_line(e: Exception) -> str:
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
             parts.append(f"{field}: {err['msg']}{got}")
         return "; ".join(parts)
-    return str(e)
+    # one line whatever the source: parsers (yajl, YAML) point at the error on extra lines
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text += f": {e.filename}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -420,16 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (
-        ValueError,
-        FileNotFoundError,
-        NotADirectoryError,
-    ) as e:  # bad input or config: one line, no traceback
-        print(f"reltag {args.cmd}: error: {one_line(e)}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `reltag stats ... | head`: the reader left; nothing to report
         sys.stderr.close()
         return 0
+    except (ValueError, OSError) as e:  # bad input or config (or an unreadable path): one line, no traceback
+        print(f"reltag {args.cmd}: error: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

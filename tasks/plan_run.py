@@ -7,14 +7,15 @@ import time
 from typing import NamedTuple
 
 from storage.atomic import read_json, write_json
+from storage.layout import RunLayout
 from storage.manifest import ChainLink, PlanManifest, RunRecord, ShardInfo
 from tasks.caption import captioner_names
 from tasks.config import PipelineConfig
 from tasks.context import RunContext
 from tasks.pipeline import LEASE_POLL, leases
-from tasks.plan import file_checksum, plan_shards
+from tasks.plan import file_checksum, plan_shards, read_categories
 from tasks.revisions import revisions, versions
-from tasks.stages import chain
+from tasks.stages import chain, folders, plan_key
 
 
 def cached_checksum(path: str, cache_root: str) -> tuple[str, int]:
@@ -42,6 +43,80 @@ def cached_checksum(path: str, cache_root: str) -> tuple[str, int]:
     return sha, n
 
 
+def _stamp(path: str):
+    """(fs, path in it, (size, modification time or ETag)) of an input file."""
+    from fsspec.core import url_to_fs
+
+    fs, p = url_to_fs(path)
+    info = fs.info(p)
+    return (
+        fs,
+        p,
+        [info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")],
+    )
+
+
+def cached_categories(path: str, cache_root: str) -> list[dict]:
+    """The annotation file's validated `categories`, cached under the output root like its checksum.
+
+    Reading them streams the whole file (COCO and Objects365 put them last), which also finds broken JSON
+    before any work; a rerun reads the cache instead.
+    """
+    import posixpath
+
+    from fsspec.core import url_to_fs
+
+    _, _, stamp = _stamp(path)
+    out_fs, out_base = url_to_fs(cache_root)
+    cache_path = posixpath.join(out_base, "_categories.json")
+    cache = read_json(out_fs, cache_path) if out_fs.exists(cache_path) else {}
+    hit = cache.get(path)
+    if stamp[1] and hit and hit["stamp"] == stamp:
+        return hit["categories"]
+    categories = read_categories(path)
+    if stamp[1]:
+        cache[path] = {"stamp": stamp, "categories": categories}
+        write_json(out_fs, cache_path, cache)
+    return categories
+
+
+def check_inputs(annotations: str, images: str, captions: str | None, cfg: PipelineConfig, run: bool) -> None:
+    """The inputs a run needs, checked before any work: each problem is one ValueError naming the path.
+
+    The image folder must exist and hold something (a mistyped folder would otherwise go unnoticed by runs
+    that never open an image: human captions and the greedy tagger). A run with human captions needs its
+    captions file, readable and in COCO-Captions form (`run`; `reltag plan` plans without one).
+    """
+    from fsspec.core import url_to_fs
+
+    fs, p = url_to_fs(annotations)
+    if not fs.exists(p):
+        raise ValueError(f"annotations file {annotations} does not exist")
+    if fs.isdir(p):
+        raise ValueError(f"annotations file {annotations} is a folder, not a detection JSON file")
+    fs, p = url_to_fs(images)
+    if not fs.exists(p):
+        raise ValueError(f"image folder {images} does not exist")
+    if not fs.isdir(p):
+        raise ValueError(f"image folder {images} is not a folder")
+    if not fs.ls(p, detail=False):
+        raise ValueError(f"image folder {images} is empty")
+    oracle = "oracle" in captioner_names(cfg.caption)
+    if captions is None:
+        if oracle and run:
+            raise ValueError("captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON)")
+        return
+    fs, p = url_to_fs(captions)
+    if not fs.exists(p):
+        raise ValueError(f"captions file {captions} does not exist")
+    if fs.isdir(p):
+        raise ValueError(f"captions file {captions} is a folder, not a COCO-Captions JSON file")
+    if oracle and run:
+        from models.captioners.oracle import OracleCaptioner
+
+        OracleCaptioner(captions)  # reads and validates the file: broken JSON, records without a caption
+
+
 class RunInputs(NamedTuple):
     """A run's context, its chain of stage keys and the input checksums they were computed from (each input
     file is read or looked up once)."""
@@ -53,14 +128,18 @@ class RunInputs(NamedTuple):
     captions_sha256: str | None
 
 
-def run_context(
-    annotations: str, images: str, out: str, captions: str | None, dataset: str, cfg: PipelineConfig
-) -> RunInputs:
-    """The run's context (its keys, from the input checksums and the config) without planning anything."""
+def _check_dataset_name(dataset: str) -> None:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", dataset):
         raise ValueError(
             f"dataset name {dataset!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
         )
+
+
+def run_context(
+    annotations: str, images: str, out: str, captions: str | None, dataset: str, cfg: PipelineConfig
+) -> RunInputs:
+    """The run's context (its keys, from the input checksums and the config) without planning anything."""
+    _check_dataset_name(dataset)
     names = captioner_names(cfg.caption)
     if "oracle" in names and not captions:
         raise ValueError("captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON)")
@@ -85,37 +164,13 @@ def plan_run(
     keys (tasks/stages.py). Both records are written last and atomically, and neither is ever rewritten.
     """
     ctx, links, ann_sha, ann_bytes, cap_sha = run_context(annotations, images, out, captions, dataset, cfg)
-    pkey, run_key = ctx.plan_key, ctx.run_key
     layout = ctx.layout
-    plan = _planned_or_claim(layout)
-    if plan is None:  # this process holds the plan's lease: plan, then release it
-        try:
-            t0 = time.perf_counter()
-            outcome = plan_shards(annotations, layout, cfg.plan)
-            plan = PlanManifest(
-                plan_key=pkey,
-                dataset=dataset,
-                created_at=_now(),
-                inputs={
-                    "annotations": {"path": annotations, "sha256": ann_sha, "bytes": ann_bytes},
-                    "images_root": images,
-                },
-                categories=outcome.categories,
-                shards=[ShardInfo.from_dict(sh) for sh in outcome.shards],
-                counts=dict(outcome.counts),
-                quarantined=outcome.n_quarantined,
-                plan=cfg.plan.model_dump(mode="json"),
-                versions=versions(),
-                plan_seconds=round(time.perf_counter() - t0, 3),
-            )
-            write_json(layout.fs, layout.plan_manifest, plan.to_dict())
-        finally:
-            leases(layout).release(PLAN_LEASE)
+    plan = _ensure_plan(layout, annotations, images, dataset, cfg, ann_sha, ann_bytes)
     if not layout.fs.exists(layout.manifest):
         record = RunRecord(
-            run_key=run_key,
+            run_key=ctx.run_key,
             dataset=dataset,
-            plan_key=pkey,
+            plan_key=ctx.plan_key,
             created_at=_now(),
             chain=links,
             config=cfg.model_dump(mode="json"),
@@ -129,6 +184,48 @@ def plan_run(
         )
         write_json(layout.fs, layout.manifest, record.to_dict())
     return ctx, plan
+
+
+def plan_only(
+    annotations: str, images: str, out: str, dataset: str, cfg: PipelineConfig
+) -> tuple[RunLayout, PlanManifest]:
+    """The plan alone, for `reltag plan` without the captions file that names a human-caption run: the plan
+    key needs only the plan settings and the annotation checksum. A later run with its captions reuses it."""
+    _check_dataset_name(dataset)
+    ann_sha, ann_bytes = cached_checksum(annotations, out)
+    pkey = plan_key(cfg, {"annotations_sha256": ann_sha})
+    layout = RunLayout(out, dataset, pkey, pkey, (), folders())
+    return layout, _ensure_plan(layout, annotations, images, dataset, cfg, ann_sha, ann_bytes)
+
+
+def _ensure_plan(layout, annotations, images, dataset, cfg, ann_sha, ann_bytes) -> PlanManifest:
+    """The plan of the layout's plan folder, planned by this process unless it exists (or another is at it)."""
+    plan = _planned_or_claim(layout)
+    if plan is not None:
+        return plan
+    try:  # this process holds the plan's lease: plan, then release it
+        t0 = time.perf_counter()
+        outcome = plan_shards(annotations, layout, cfg.plan)
+        plan = PlanManifest(
+            plan_key=layout.plan_key,
+            dataset=dataset,
+            created_at=_now(),
+            inputs={
+                "annotations": {"path": annotations, "sha256": ann_sha, "bytes": ann_bytes},
+                "images_root": images,
+            },
+            categories=outcome.categories,
+            shards=[ShardInfo.from_dict(sh) for sh in outcome.shards],
+            counts=dict(outcome.counts),
+            quarantined=outcome.n_quarantined,
+            plan=cfg.plan.model_dump(mode="json"),
+            versions=versions(),
+            plan_seconds=round(time.perf_counter() - t0, 3),
+        )
+        write_json(layout.fs, layout.plan_manifest, plan.to_dict())
+    finally:
+        leases(layout).release(PLAN_LEASE)
+    return plan
 
 
 PLAN_LEASE = "plan"

@@ -1,0 +1,199 @@
+"""Which vocabulary a detection file uses (COCO, Objects365 v2, Objects365 v1), inferred from its categories;
+Objects365 v1 names mapped to the v2 synonym lists; the CLI's line saying what it inferred."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+
+from models.matcher import Vocabulary, identify_vocabulary
+from tasks.config import fill_inferred
+
+
+def _data(name: str):
+    return json.loads(resources.files("models.data.synonyms").joinpath(name).read_text(encoding="utf-8"))
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.split()).lower()
+
+
+COCO = [{"id": i, "name": n} for n, i in _data("coco_object_names.json").items()]
+O365_V2 = _data("o365_categories.json")
+O365_V1 = _data("o365_v1.json")["categories"]
+
+
+# ---- the shipped v1 list and its mapping -------------------------------------------------------------------
+
+
+def test_v1_list_is_the_official_365_with_the_names_users_see():
+    assert len(O365_V1) == 365 and sorted(c["id"] for c in O365_V1) == list(range(1, 366))
+    by_id = {c["id"]: c["name"] for c in O365_V1}
+    # the names the issue reports from real v1 files, at their v1 ids
+    assert (by_id[1], by_id[24], by_id[30], by_id[38], by_id[79]) == (
+        "human", "monitor", "dining table", "sofa", "cellphone",
+    )  # fmt: skip
+    # v1 and v2 number categories differently: matching by id would be wrong
+    v2 = {c["id"]: c["name"] for c in O365_V2}
+    assert (by_id[4], v2[4]) == ("hat", "Other Shoes")
+
+
+def test_the_61_v1_names_without_a_v2_list_now_resolve():
+    """Counted plainly from the shipped files: 61 v1 names are not keys of the v2 (RLIPv2) lists."""
+    para = _data("o365_obj_paraphrase.json")
+    unmatched = sorted({_norm(c["name"]) for c in O365_V1} - set(para))
+    assert len(unmatched) == 61
+    vocab = Vocabulary.from_categories(O365_V1, "o365")
+    by_label = {_norm(c.label): c for c in vocab.classes}
+    mapping = _data("o365_v1.json")["to_v2"]
+    assert sorted(mapping) == unmatched  # every one has an entry, checked by hand
+    with_list = [n for n in unmatched if by_label[n].synonyms]
+    without = sorted(n for n in unmatched if not by_label[n].synonyms)
+    assert len(with_list) == 48
+    assert without == [
+        "dates", "flashlight", "iron", "llama", "mangosteen", "measuring cup", "microscope", "pitaya", "radio",
+        "saw", "starfish", "tortoise/turtle", "vent",
+    ]  # fmt: skip
+    # every class of the other 304 keeps its own v2 list
+    assert all(c.synonyms for c in vocab.classes if _norm(c.label) not in unmatched)
+
+
+@pytest.mark.parametrize(
+    "v1_name, v2_key",
+    [
+        ("human", "person"),
+        ("sofa", "couch"),
+        ("monitor", "monitor/tv"),
+        ("cellphone", "cell phone"),
+        ("dining table", "dinning table"),
+        ("handbag", "handbag/satchel"),
+        ("motorbike/motorcycle", "motorcycle"),
+        ("Accordion/keyboard/piano", "piano"),
+        ("pine apple", "pineapple"),
+        ("table tennis  paddle", "table tennis paddle"),  # two spaces in the v1 file: same key
+        ("polar bear", "bear"),
+    ],
+)
+def test_v1_names_take_the_v2_lists(v1_name, v2_key):
+    vocab = Vocabulary.from_categories(O365_V1, "o365")
+    (cls,) = [c for c in vocab.classes if c.label == v1_name]
+    assert cls.key == v2_key and cls.synonyms == tuple(_data("o365_obj_paraphrase.json")[v2_key])
+
+
+def test_v1_file_matches_captions_as_v2_does():
+    """The same boxes under v1 and v2 names match the same caption words (ids differ)."""
+    v1 = Vocabulary.from_categories(O365_V1, "o365")
+    v2 = Vocabulary.load("o365")
+    # v1: human=1, sofa=38, cellphone=79; v2: Person=1, Couch=51, Cell Phone=62
+    for text, v1_id, v2_id in [("a young man", 1, 1), ("the couch", 38, 51), ("a smartphone", 79, 62)]:
+        m1, m2 = v1.match(text, present={v1_id}), v2.match(text, present={v2_id})
+        assert m1 is not None and m2 is not None, text
+        assert (m1.category_id, m2.category_id) == (v1_id, v2_id) and m1.synonym == m2.synonym
+
+
+# ---- inference -------------------------------------------------------------------------------------------
+
+
+def test_identify_coco_v2_v1():
+    g = identify_vocabulary(COCO)
+    assert (g.vocabulary, g.edition, g.hits["coco"], g.n) == ("coco", "coco", 80, 80)
+    assert g.describe() == "vocabulary: coco (80 of 80 categories are COCO's)"
+    g = identify_vocabulary(O365_V2)
+    assert (g.vocabulary, g.edition) == ("o365", "o365_v2")
+    assert g.describe() == "vocabulary: o365 (365 of 365 categories are Objects365 v2's)"
+    g = identify_vocabulary(O365_V1)
+    assert (g.vocabulary, g.edition) == ("o365", "o365_v1")
+    assert g.describe().startswith("vocabulary: o365 (365 of 365 categories are Objects365 v1's")
+    # official names with other case / spacing, and the typo-fixed keys, still count
+    assert (
+        identify_vocabulary([{"id": 53, "name": "basket"}, {"id": 1, "name": " PERSON"}]).edition == "o365_v2"
+    )
+    # a subset of COCO (10 classes)
+    assert identify_vocabulary(COCO[10:20]).vocabulary == "coco"
+
+
+def test_ambiguous_or_unknown_categories_ask_for_the_vocabulary():
+    # id 1 'person' is COCO's and Objects365 v2's
+    g = identify_vocabulary([{"id": 1, "name": "person"}])
+    assert g.vocabulary is None
+    with pytest.raises(ValueError, match=r"fit both COCO .* and Objects365 .*--vocabulary \{o365,coco\}"):
+        g.require()
+    # v1 and v2 agree on ids 2 and 3: both are o365, so that is not ambiguous
+    assert (
+        identify_vocabulary([{"id": 2, "name": "sneakers"}, {"id": 3, "name": "chair"}]).vocabulary == "o365"
+    )
+    g = identify_vocabulary([{"id": 1, "name": "person"}, {"id": 2, "name": "forklift"}])
+    with pytest.raises(ValueError, match=r"not all COCO's \(1 of 2\).*2 'forklift'.*--vocabulary"):
+        g.require()
+    # COCO names under other ids are not COCO
+    assert identify_vocabulary([{"id": 3, "name": "person"}]).vocabulary is None
+
+
+def test_fill_inferred_only_what_was_not_given():
+    data, notes = fill_inferred({}, COCO)
+    assert data == {"dataset": "coco", "match": {"vocabulary": "coco"}}
+    assert notes == [
+        "vocabulary: coco (80 of 80 categories are COCO's)",
+        "dataset: coco (from the vocabulary; --dataset names it)",
+    ]
+    data, notes = fill_inferred({"match": {"vocabulary": "o365"}}, COCO)  # given: kept, nothing said about it
+    assert data == {"dataset": "objects365", "match": {"vocabulary": "o365"}}
+    assert notes == ["dataset: objects365 (from the vocabulary; --dataset names it)"]
+    data, notes = fill_inferred({"dataset": "mine"}, O365_V1)
+    assert data["match"]["vocabulary"] == "o365" and data["dataset"] == "mine" and len(notes) == 1
+
+
+# ---- the command line -------------------------------------------------------------------------------------
+
+
+def _write(tmp_path, categories, name="det.json"):
+    img = tmp_path / "images"
+    img.mkdir(exist_ok=True)
+    (img / "a.jpg").write_bytes(b"x")
+    det = tmp_path / name
+    det.write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": categories[0]["id"], "bbox": [1, 1, 20, 20]}],
+        "categories": categories,
+    }))  # fmt: skip
+    return str(det), str(img)
+
+
+def test_cli_infers_coco_and_files_it_under_coco(tmp_path, capsys):
+    from flows.cli import main
+
+    det, img = _write(tmp_path, COCO)
+    out = tmp_path / "out"
+    assert main(["plan", "--annotations", det, "--images", img, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "reltag plan: vocabulary: coco (80 of 80 categories are COCO's)" in err.splitlines()
+    assert [p.name for p in out.iterdir() if p.is_dir()] == ["coco"]  # not objects365/
+
+
+def test_cli_ambiguous_is_one_line_asking_for_vocabulary(tmp_path, capsys):
+    from flows.cli import main
+
+    det, img = _write(tmp_path, [{"id": 1, "name": "person"}])
+    rc = main(["plan", "--annotations", det, "--images", img, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert (
+        rc == 2 and len(err) == 1 and err[0].startswith("reltag plan: error: ") and "--vocabulary" in err[0]
+    )
+    # given, it is used as it is
+    rc = main(
+        ["plan", "--annotations", det, "--images", img, "--out", str(tmp_path / "o"), "--vocabulary", "coco"]
+    )
+    assert rc == 0 and (tmp_path / "o" / "coco").is_dir()
+
+
+def test_cli_warns_about_categories_without_synonyms(tmp_path, capsys):
+    from flows.cli import main
+
+    det, img = _write(tmp_path, O365_V1)
+    assert main(["plan", "--annotations", det, "--images", img, "--out", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    (warn,) = [line for line in err if "warning" in line]
+    assert warn.startswith("reltag plan: warning: 13 of 365 categories have no synonym list")
+    assert "'dates'" in warn and "'vent'" in warn and "'human'" not in warn
