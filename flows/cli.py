@@ -149,7 +149,7 @@ def _warn_without_synonyms(cmd: str, categories: list[dict], vocabulary: str, sh
 
 def cmd_plan(args) -> int:
     from tasks.caption import captioner_names
-    from tasks.plan_run import plan_only, plan_run
+    from tasks.plan_run import check_captions, plan_only, plan_run
 
     p = _params(args, run=False)
     if p.captions is None and "oracle" in captioner_names(p.config.caption):
@@ -163,6 +163,7 @@ def cmd_plan(args) -> int:
         )
         print(f"plan: {layout.plan_manifest}")
         return 0
+    check_captions(p.captions, p.config)
     ctx, plan = plan_run(p.annotations, p.images, p.out, p.captions, p.dataset_name, p.config)
     c = plan.counts
     print(
@@ -179,6 +180,9 @@ def _run(params, stage_threads: int | None = None) -> int:
 
     summary = finished_summary(params)  # a finished run is answered from the ledger, before Prefect loads
     if summary is None:
+        from tasks.plan_run import check_captions
+
+        check_captions(params.captions, params.config)  # before Prefect: a bad file is one line, not retried
         from flows.label import run_in_process
 
         summary = run_in_process(params, stage_threads, check_finished=False)  # checked just above
@@ -373,7 +377,9 @@ def cmd_show(args) -> int:
         if not run.fs.exists(run.triplets(sh.shard)):
             continue
         with run.fs.open(run.triplets(sh.shard), "rb") as f:
-            trips = schemas.from_table(pq.read_table(f), Triplet)
+            trips = schemas.from_table(
+                pq.read_table(f, schema=schemas.TRIPLETS), Triplet
+            )  # older files: nulls
         by_image: dict[int, list] = {}
         for t in trips:
             by_image.setdefault(t.image_id, []).append(t)

@@ -85,7 +85,7 @@ def check_inputs(annotations: str, images: str, captions: str | None, cfg: Pipel
 
     The image folder must exist and hold something (a mistyped folder would otherwise go unnoticed by runs
     that never open an image: human captions and the greedy tagger). A run with human captions needs its
-    captions file, readable and in COCO-Captions form (`run`; `reltag plan` plans without one).
+    captions file (`run`; `reltag plan` plans without one); check_captions reads it.
     """
     from fsspec.core import url_to_fs
 
@@ -111,10 +111,15 @@ def check_inputs(annotations: str, images: str, captions: str | None, cfg: Pipel
         raise ValueError(f"captions file {captions} does not exist")
     if fs.isdir(p):
         raise ValueError(f"captions file {captions} is a folder, not a COCO-Captions JSON file")
-    if oracle and run:
+
+
+def check_captions(captions: str | None, cfg: PipelineConfig) -> None:
+    """The human captions file read and validated as the caption stage will (broken JSON, a record without a
+    caption or with a non-integer id): a ValueError naming the file and record, before any work."""
+    if captions is not None and "oracle" in captioner_names(cfg.caption):
         from models.captioners.oracle import OracleCaptioner
 
-        OracleCaptioner(captions)  # reads and validates the file: broken JSON, records without a caption
+        OracleCaptioner(captions)
 
 
 class RunInputs(NamedTuple):
