@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+OUT_HELP = (
+    "output root, one of its dataset folders, or the run's folder (the output: path `reltag run` prints)"
+)
 
 # flag -> (config section, field, type); every flag overrides the config file
 OVERRIDES = {
@@ -227,16 +230,16 @@ def _find_runs(out: str) -> list:
         return runs
     fs, base = url_to_fs(out)
     base = base.rstrip("/")
-    for up, inside in ((1, lambda r: posixpath.dirname(r.base) == base), (2, lambda r: r.base == base)):
-        root = base
-        for _ in range(up):
-            root = posixpath.dirname(root)
-        if root in ("", "/", base):
-            break
-        runs = [r for r in find_runs(fs.unstrip_protocol(root) if "://" in out else root) if inside(r)]
-        if runs:
-            return runs
-    return []
+    if fs.exists(posixpath.join(base, "plan.json")) or fs.exists(posixpath.join(base, "runs")):
+        up, inside = 2, lambda r: r.base == base  # a plan folder
+    elif fs.glob(posixpath.join(base, "*", "plan.json")):
+        up, inside = 1, lambda r: posixpath.dirname(r.base) == base  # a dataset folder
+    else:
+        return []
+    root = base
+    for _ in range(up):
+        root = posixpath.dirname(root)
+    return [r for r in find_runs(fs.unstrip_protocol(root) if "://" in out else root) if inside(r)]
 
 
 def _runs(args, quiet: bool = False) -> list:
@@ -445,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="per shard and stage: batches done, failed, pending",
         description="Read the ledger of every run under --out (or of the run --run-key names).",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help=OUT_HELP)
     p.add_argument("--run-key", help="a run key or its first characters")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
@@ -454,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the runs under a root: key, dataset, date, settings, progress, triplets",
         description="Every run under --out, oldest first, with the settings that tell runs apart.",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help=OUT_HELP)
     p.add_argument("--run-key", help="a run key or its first characters")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_runs)
@@ -462,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stats",
         help="print the statistics of a finished run (the newest, or --run-key's) as one JSON document",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help=OUT_HELP)
     p.add_argument("--run-key", help="a run key or its first characters")
     p.set_defaults(func=cmd_stats)
     p = sub.add_parser(
@@ -471,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pick images with triplets (at random, or by --image-id) and draw boxes, "
         "subject->object arrows and relation labels.",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help=OUT_HELP)
     p.add_argument("--run-key", help="a run key or its first characters (default: the newest run)")
     p.add_argument("--png", required=True, help="PNG file to write")
     p.add_argument("--image-id", type=int, action="append", help="image id to draw (repeatable)")

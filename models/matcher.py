@@ -331,13 +331,17 @@ class Identified:
 
     def describe(self) -> str:
         """The line saying what was inferred and from what."""
+        line = f"vocabulary: {self.vocabulary} ({self.evidence()}"
+        if self.edition == "o365_v1":
+            line += "; v1 names take the v2 synonym lists of models/data/synonyms/o365_v1.json"
+        return line + ")"
+
+    def evidence(self) -> str:
+        """What the edition rests on, e.g. "80 of 80 categories are COCO's"."""
         e = self.edition
         if e is None:
             raise ValueError(self._why())
-        line = f"vocabulary: {self.vocabulary} ({self.hits[e]} of {self.n} categories are {EDITIONS[e]}"
-        if e == "o365_v1":
-            line += "; v1 names take the v2 synonym lists of models/data/synonyms/o365_v1.json"
-        return line + ")"
+        return f"{self.hits[e]} of {self.n} categories are {EDITIONS[e]}"
 
     def require(self) -> str:
         """The vocabulary, or a one-line error asking for --vocabulary."""

@@ -193,15 +193,19 @@ def fill_inferred(data: dict, categories: list[dict]) -> tuple[dict, list[str]]:
     """A raw config mapping (file and flags) with what it leaves out inferred: match.vocabulary from the
     detection file's categories (COCO, Objects365 v2 or v1; an error asking for --vocabulary when they fit
     none or several), then the dataset name from the vocabulary. Returns the mapping and one line per
-    inferred setting, saying what was inferred and from what."""
+    inferred setting, saying what was inferred and from what (and a warning line when a given vocabulary is
+    not the one the categories are)."""
     from models.matcher import identify_vocabulary
 
     data = {**data, "match": dict(data.get("match") or {})}
     notes = []
-    if data["match"].get("vocabulary") is None:
-        guess = identify_vocabulary(categories)
+    guess = identify_vocabulary(categories)
+    given = data["match"].get("vocabulary")
+    if given is None:
         data["match"]["vocabulary"] = guess.require()
         notes.append(guess.describe())
+    elif guess.vocabulary is not None and guess.vocabulary != given:
+        notes.append(f"warning: match.vocabulary is {given!r} as given, but {guess.evidence()}")
     vocab = data["match"]["vocabulary"]
     if data.get("dataset") is None and vocab in DATASET_OF_VOCABULARY:
         data["dataset"] = DATASET_OF_VOCABULARY[vocab]

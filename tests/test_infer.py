@@ -138,9 +138,14 @@ def test_fill_inferred_only_what_was_not_given():
         "vocabulary: coco (80 of 80 categories are COCO's)",
         "dataset: coco (from the vocabulary; --dataset names it)",
     ]
-    data, notes = fill_inferred({"match": {"vocabulary": "o365"}}, COCO)  # given: kept, nothing said about it
+    data, notes = fill_inferred({"match": {"vocabulary": "o365"}}, COCO)  # given: kept, with a warning
     assert data == {"dataset": "objects365", "match": {"vocabulary": "o365"}}
-    assert notes == ["dataset: objects365 (from the vocabulary; --dataset names it)"]
+    assert notes == [
+        "warning: match.vocabulary is 'o365' as given, but 80 of 80 categories are COCO's",
+        "dataset: objects365 (from the vocabulary; --dataset names it)",
+    ]
+    data, notes = fill_inferred({"match": {"vocabulary": "o365"}, "dataset": "x"}, O365_V2)
+    assert notes == []  # given and agreeing: nothing to say
     data, notes = fill_inferred({"dataset": "mine"}, O365_V1)
     assert data["match"]["vocabulary"] == "o365" and data["dataset"] == "mine" and len(notes) == 1
 
