@@ -166,7 +166,8 @@ def cmd_plan(args) -> int:
         )
         print(f"plan: {layout.plan_manifest}")
         return 0
-    check_captions(p.captions, p.config)
+    for line in check_captions(p.captions, p.config, p.annotations):
+        print(f"reltag plan: {line}", file=sys.stderr)
     ctx, plan = plan_run(p.annotations, p.images, p.out, p.captions, p.dataset_name, p.config)
     c = plan.counts
     print(
@@ -178,14 +179,16 @@ def cmd_plan(args) -> int:
     return 0
 
 
-def _run(params, stage_threads: int | None = None) -> int:
+def _run(params, stage_threads: int | None = None, cmd: str = "run") -> int:
     from flows.status import finished_summary
 
     summary = finished_summary(params)  # a finished run is answered from the ledger, before Prefect loads
     if summary is None:
         from tasks.plan_run import check_captions
 
-        check_captions(params.captions, params.config)  # before Prefect: a bad file is one line, not retried
+        # before Prefect: a bad or wrong captions file is one line, not retried
+        for line in check_captions(params.captions, params.config, params.annotations):
+            print(f"reltag {cmd}: {line}", file=sys.stderr)
         from flows.label import run_in_process
 
         summary = run_in_process(params, stage_threads, check_finished=False)  # checked just above
@@ -213,7 +216,7 @@ def cmd_demo(args) -> int:
         str(sample / "sample_captions.json"),
         str(sample / "images"),
     )
-    return _run(_params(args, dataset="sample" if args.dataset is None else None), args.stage_threads)
+    return _run(_params(args, dataset="sample" if args.dataset is None else None), args.stage_threads, "demo")
 
 
 def _find_runs(out: str) -> list:

@@ -113,13 +113,52 @@ def check_inputs(annotations: str, images: str, captions: str | None, cfg: Pipel
         raise ValueError(f"captions file {captions} is a folder, not a COCO-Captions JSON file")
 
 
-def check_captions(captions: str | None, cfg: PipelineConfig) -> None:
+def check_captions(captions: str | None, cfg: PipelineConfig, annotations: str) -> list[str]:
     """The human captions file read and validated as the caption stage will (broken JSON, a record without a
-    caption or with a non-integer id): a ValueError naming the file and record, before any work."""
-    if captions is not None and "oracle" in captioner_names(cfg.caption):
-        from models.captioners.oracle import OracleCaptioner
+    caption or with a non-integer id: a ValueError naming the file and record), and compared with the
+    annotation file's images: captions for none of them is an error (a wrong file would give 0 triplets and
+    exit 0), for only some a warning line with the count (returned)."""
+    if captions is None or "oracle" not in captioner_names(cfg.caption):
+        return []
+    from models.captioners.oracle import OracleCaptioner
 
-        OracleCaptioner(captions)
+    captioned = OracleCaptioner(captions).image_ids()
+    ids = annotation_image_ids(annotations)
+    n = len(ids)
+    hit = len(ids & captioned)
+    if n and not hit:
+        eg_cap, eg_ann = sorted(captioned)[:3], sorted(ids)[:3]
+        raise ValueError(
+            f"captions file {captions} has captions for none of the {n} images of annotations file "
+            f"{annotations} (caption image ids e.g. {eg_cap}, annotated image ids e.g. {eg_ann}); wrong file?"
+        )
+    if hit < n:
+        return [
+            f"warning: captions file {captions} has captions for {hit} of the {n} images of the annotations "
+            f"file; the other {n - hit} get no captions and no triplets"
+        ]
+    return []
+
+
+def annotation_image_ids(path: str) -> set[int]:
+    """The `images[*].id` of a detection file, streamed; reading stops at the end of the `images` list (it comes
+    first in COCO and Objects365 files). Records without an integer id are left to the planner to quarantine."""
+    import fsspec
+    import ijson
+
+    ids: set[int] = set()
+    with fsspec.open(path, "rb") as f:
+        try:
+            for prefix, event, value in ijson.parse(f):
+                if prefix == "images.item.id" and isinstance(value, int) and not isinstance(value, bool):
+                    ids.add(value)
+                elif prefix == "images" and event == "end_array":
+                    break
+        except ijson.common.JSONError as e:
+            raise ValueError(
+                f"annotations file {path} is not valid JSON (while reading 'images'): {e}"
+            ) from e
+    return ids
 
 
 class RunInputs(NamedTuple):
