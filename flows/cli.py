@@ -110,8 +110,8 @@ def _add_run_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
 
 
 def _params(args, run: bool = True, dataset: str | None = None):
-    """The flow's parameters from the command line, every input checked before any work (one ValueError a
-    problem): the config first, then the input paths, then what the config leaves out is inferred from the
+    """The flow's parameters from the command line, every input checked before any work (each problem one
+    ValueError): the config first, then the input paths, then what the config leaves out is inferred from the
     annotation file's categories (the vocabulary, then the dataset name), said on stderr with any categories
     that have no synonym list. dataset: the name used when neither the config nor a flag gives one."""
     from flows.params import LabelParams
@@ -383,9 +383,8 @@ def cmd_show(args) -> int:
         if not run.fs.exists(run.triplets(sh.shard)):
             continue
         with run.fs.open(run.triplets(sh.shard), "rb") as f:
-            trips = schemas.from_table(
-                pq.read_table(f, schema=schemas.TRIPLETS), Triplet
-            )  # older files: nulls
+            table = pq.read_table(f, schema=schemas.TRIPLETS)  # files older than a nullable column: nulls
+        trips = schemas.from_table(table, Triplet)
         by_image: dict[int, list] = {}
         for t in trips:
             by_image.setdefault(t.image_id, []).append(t)
