@@ -54,16 +54,16 @@ def config_data(path: str | None, args: argparse.Namespace) -> dict:
             text = Path(path).read_text()
         except OSError as e:
             raise ValueError(f"config file {path} cannot be read: {e.strerror or e}") from e
-        kind = "YAML" if path.endswith((".yaml", ".yml")) else "JSON"
+        kind = "plain YAML" if path.endswith((".yaml", ".yml")) else "valid JSON"
         try:
-            if kind == "YAML":
+            if kind == "plain YAML":
                 import yaml
 
                 data = yaml.safe_load(text) or {}
             else:
                 data = json.loads(text)
         except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: the parser's words, on one line
-            raise ValueError(f"config file {path} is not valid {kind}: {' '.join(str(e).split())}") from e
+            raise ValueError(f"config file {path} is not {kind}: {' '.join(str(e).split())}") from e
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
     for flag, (section, field, _) in OVERRIDES.items():
@@ -152,43 +152,42 @@ def _warn_without_synonyms(cmd: str, categories: list[dict], vocabulary: str, sh
 
 def cmd_plan(args) -> int:
     from tasks.caption import captioner_names
-    from tasks.plan_run import check_captions, plan_only, plan_run
+    from tasks.plan_run import plan_run, validate_captions
 
     p = _params(args, run=False)
-    if p.captions is None and "oracle" in captioner_names(p.config.caption):
-        # human captions name the run by their file's checksum: without the file, the plan alone
-        layout, plan = plan_only(p.annotations, p.images, p.out, p.dataset_name, p.config)
-        c = plan.counts
-        print(
-            f"plan {plan.plan_key}: {c.get('images_planned', 0)} images, {c.get('boxes_planned', 0)} boxes in "
-            f"{len(plan.shards)} shards; {plan.quarantined} records quarantined; no run recorded (captioner "
-            "'oracle' needs --captions to name the run)"
-        )
-        print(f"plan: {layout.plan_manifest}")
-        return 0
-    for line in check_captions(p.captions, p.config, p.annotations):
-        print(f"reltag plan: {line}", file=sys.stderr)
-    ctx, plan = plan_run(p.annotations, p.images, p.out, p.captions, p.dataset_name, p.config)
-    c = plan.counts
-    print(
-        f"run key {ctx.run_key} (plan {ctx.plan_key}): {c.get('images_planned', 0)} images, "
-        f"{c.get('boxes_planned', 0)} boxes in {len(plan.shards)} shards; {plan.quarantined} records quarantined"
+    validate_captions(p.captions, p.config)
+    # human captions name the run by their file's checksum: without the file, the plan alone
+    record = p.captions is not None or "oracle" not in captioner_names(p.config.caption)
+    ctx, plan = plan_run(
+        p.annotations, p.images, p.out, p.captions, p.dataset_name, p.config, record_run=record
     )
+    c = plan.counts
+    counts = (
+        f"{c.get('images_planned', 0)} images, {c.get('boxes_planned', 0)} boxes in {len(plan.shards)} shards; "
+        f"{plan.quarantined} records quarantined"
+    )
+    if not record:
+        print(
+            f"plan {ctx.plan_key}: {counts}; no run recorded (captioner 'oracle' needs --captions to name it)"
+        )
+        print(f"plan: {ctx.layout.plan_manifest}")
+        return 0
+    print(f"run key {ctx.run_key} (plan {ctx.plan_key}): {counts}")
     print(f"plan: {ctx.layout.plan_manifest}")
     print(f"run:  {ctx.layout.manifest}")
     return 0
 
 
-def _run(params, stage_threads: int | None = None, cmd: str = "run") -> int:
+def _run(params, stage_threads: int | None = None) -> int:
     from flows.status import finished_summary
 
     summary = finished_summary(params)  # a finished run is answered from the ledger, before Prefect loads
     if summary is None:
-        from tasks.plan_run import check_captions
+        from tasks.plan_run import validate_captions
 
-        # before Prefect: a bad or wrong captions file is one line, not retried
-        for line in check_captions(params.captions, params.config, params.annotations):
-            print(f"reltag {cmd}: {line}", file=sys.stderr)
+        validate_captions(
+            params.captions, params.config
+        )  # before Prefect: a bad file is one line, not retried
         from flows.label import run_in_process
 
         summary = run_in_process(params, stage_threads, check_finished=False)  # checked just above
@@ -216,7 +215,7 @@ def cmd_demo(args) -> int:
         str(sample / "sample_captions.json"),
         str(sample / "images"),
     )
-    return _run(_params(args, dataset="sample" if args.dataset is None else None), args.stage_threads, "demo")
+    return _run(_params(args, dataset="sample" if args.dataset is None else None), args.stage_threads)
 
 
 def _find_runs(out: str) -> list:

@@ -7,7 +7,6 @@ import time
 from typing import NamedTuple
 
 from storage.atomic import read_json, write_json
-from storage.layout import RunLayout
 from storage.manifest import ChainLink, PlanManifest, RunRecord, ShardInfo
 from tasks.caption import captioner_names
 from tasks.config import PipelineConfig
@@ -15,7 +14,7 @@ from tasks.context import RunContext
 from tasks.pipeline import LEASE_POLL, leases
 from tasks.plan import file_checksum, plan_shards, read_categories
 from tasks.revisions import revisions, versions
-from tasks.stages import chain, folders, plan_key
+from tasks.stages import chain
 
 
 def cached_checksum(path: str, cache_root: str) -> tuple[str, int]:
@@ -43,17 +42,13 @@ def cached_checksum(path: str, cache_root: str) -> tuple[str, int]:
     return sha, n
 
 
-def _stamp(path: str):
-    """(fs, path in it, (size, modification time or ETag)) of an input file."""
+def _stamp(path: str) -> list:
+    """(size, modification time or ETag) of an input file: what says it has not changed."""
     from fsspec.core import url_to_fs
 
     fs, p = url_to_fs(path)
     info = fs.info(p)
-    return (
-        fs,
-        p,
-        [info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")],
-    )
+    return [info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")]
 
 
 def cached_categories(path: str, cache_root: str) -> list[dict]:
@@ -66,7 +61,7 @@ def cached_categories(path: str, cache_root: str) -> list[dict]:
 
     from fsspec.core import url_to_fs
 
-    _, _, stamp = _stamp(path)
+    stamp = _stamp(path)
     out_fs, out_base = url_to_fs(cache_root)
     cache_path = posixpath.join(out_base, "_categories.json")
     cache = read_json(out_fs, cache_path) if out_fs.exists(cache_path) else {}
@@ -85,7 +80,7 @@ def check_inputs(annotations: str, images: str, captions: str | None, cfg: Pipel
 
     The image folder must exist and hold something (a mistyped folder would otherwise go unnoticed by runs
     that never open an image: human captions and the greedy tagger). A run with human captions needs its
-    captions file (`run`; `reltag plan` plans without one); check_captions reads it.
+    captions file (`run`; `reltag plan` plans without one); validate_captions reads it.
     """
     from fsspec.core import url_to_fs
 
@@ -113,52 +108,13 @@ def check_inputs(annotations: str, images: str, captions: str | None, cfg: Pipel
         raise ValueError(f"captions file {captions} is a folder, not a COCO-Captions JSON file")
 
 
-def check_captions(captions: str | None, cfg: PipelineConfig, annotations: str) -> list[str]:
+def validate_captions(captions: str | None, cfg: PipelineConfig) -> None:
     """The human captions file read and validated as the caption stage will (broken JSON, a record without a
-    caption or with a non-integer id: a ValueError naming the file and record), and compared with the
-    annotation file's images: captions for none of them is an error (a wrong file would give 0 triplets and
-    exit 0), for only some a warning line with the count (returned)."""
-    if captions is None or "oracle" not in captioner_names(cfg.caption):
-        return []
-    from models.captioners.oracle import OracleCaptioner
+    caption or with a non-integer id): a ValueError naming the file and record, before any work."""
+    if captions is not None and "oracle" in captioner_names(cfg.caption):
+        from models.captioners.oracle import OracleCaptioner
 
-    captioned = OracleCaptioner(captions).image_ids()
-    ids = annotation_image_ids(annotations)
-    n = len(ids)
-    hit = len(ids & captioned)
-    if n and not hit:
-        eg_cap, eg_ann = sorted(captioned)[:3], sorted(ids)[:3]
-        raise ValueError(
-            f"captions file {captions} has captions for none of the {n} images of annotations file "
-            f"{annotations} (caption image ids e.g. {eg_cap}, annotated image ids e.g. {eg_ann}); wrong file?"
-        )
-    if hit < n:
-        return [
-            f"warning: captions file {captions} has captions for {hit} of the {n} images of the annotations "
-            f"file; the other {n - hit} get no captions and no triplets"
-        ]
-    return []
-
-
-def annotation_image_ids(path: str) -> set[int]:
-    """The `images[*].id` of a detection file, streamed; reading stops at the end of the `images` list (it comes
-    first in COCO and Objects365 files). Records without an integer id are left to the planner to quarantine."""
-    import fsspec
-    import ijson
-
-    ids: set[int] = set()
-    with fsspec.open(path, "rb") as f:
-        try:
-            for prefix, event, value in ijson.parse(f):
-                if prefix == "images.item.id" and isinstance(value, int) and not isinstance(value, bool):
-                    ids.add(value)
-                elif prefix == "images" and event == "end_array":
-                    break
-        except ijson.common.JSONError as e:
-            raise ValueError(
-                f"annotations file {path} is not valid JSON (while reading 'images'): {e}"
-            ) from e
-    return ids
+        OracleCaptioner(captions)
 
 
 class RunInputs(NamedTuple):
@@ -172,20 +128,23 @@ class RunInputs(NamedTuple):
     captions_sha256: str | None
 
 
-def _check_dataset_name(dataset: str) -> None:
+def run_context(
+    annotations: str,
+    images: str,
+    out: str,
+    captions: str | None,
+    dataset: str,
+    cfg: PipelineConfig,
+    need_captions: bool = True,
+) -> RunInputs:
+    """The run's context (its keys, from the input checksums and the config) without planning anything.
+    need_captions=False: human captions may be missing (the plan's key is right, the stage keys are not)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", dataset):
         raise ValueError(
             f"dataset name {dataset!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
         )
-
-
-def run_context(
-    annotations: str, images: str, out: str, captions: str | None, dataset: str, cfg: PipelineConfig
-) -> RunInputs:
-    """The run's context (its keys, from the input checksums and the config) without planning anything."""
-    _check_dataset_name(dataset)
     names = captioner_names(cfg.caption)
-    if "oracle" in names and not captions:
+    if "oracle" in names and not captions and need_captions:
         raise ValueError("captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON)")
     ann_sha, ann_bytes = cached_checksum(annotations, out)
     inputs = {"annotations_sha256": ann_sha}
@@ -200,21 +159,55 @@ def run_context(
 
 
 def plan_run(
-    annotations: str, images: str, out: str, captions: str | None, dataset: str, cfg: PipelineConfig
+    annotations: str,
+    images: str,
+    out: str,
+    captions: str | None,
+    dataset: str,
+    cfg: PipelineConfig,
+    record_run: bool = True,
 ) -> tuple[RunContext, PlanManifest]:
     """The run's context and its plan: plans first unless the plan exists, records the run unless recorded.
 
     The plan is keyed by the plan settings and the annotation file's checksum; the run by its chain of stage
     keys (tasks/stages.py). Both records are written last and atomically, and neither is ever rewritten.
+    record_run=False plans alone (`reltag plan` without the captions file that names a human-caption run); the
+    context's plan key and layout are then right, its run and stage keys are not.
     """
-    ctx, links, ann_sha, ann_bytes, cap_sha = run_context(annotations, images, out, captions, dataset, cfg)
+    ctx, links, ann_sha, ann_bytes, cap_sha = run_context(
+        annotations, images, out, captions, dataset, cfg, need_captions=record_run
+    )
+    pkey, run_key = ctx.plan_key, ctx.run_key
     layout = ctx.layout
-    plan = _ensure_plan(layout, annotations, images, dataset, cfg, ann_sha, ann_bytes)
-    if not layout.fs.exists(layout.manifest):
+    plan = _planned_or_claim(layout)
+    if plan is None:  # this process holds the plan's lease: plan, then release it
+        try:
+            t0 = time.perf_counter()
+            outcome = plan_shards(annotations, layout, cfg.plan)
+            plan = PlanManifest(
+                plan_key=pkey,
+                dataset=dataset,
+                created_at=_now(),
+                inputs={
+                    "annotations": {"path": annotations, "sha256": ann_sha, "bytes": ann_bytes},
+                    "images_root": images,
+                },
+                categories=outcome.categories,
+                shards=[ShardInfo.from_dict(sh) for sh in outcome.shards],
+                counts=dict(outcome.counts),
+                quarantined=outcome.n_quarantined,
+                plan=cfg.plan.model_dump(mode="json"),
+                versions=versions(),
+                plan_seconds=round(time.perf_counter() - t0, 3),
+            )
+            write_json(layout.fs, layout.plan_manifest, plan.to_dict())
+        finally:
+            leases(layout).release(PLAN_LEASE)
+    if record_run and not layout.fs.exists(layout.manifest):
         record = RunRecord(
-            run_key=ctx.run_key,
+            run_key=run_key,
             dataset=dataset,
-            plan_key=ctx.plan_key,
+            plan_key=pkey,
             created_at=_now(),
             chain=links,
             config=cfg.model_dump(mode="json"),
@@ -228,48 +221,6 @@ def plan_run(
         )
         write_json(layout.fs, layout.manifest, record.to_dict())
     return ctx, plan
-
-
-def plan_only(
-    annotations: str, images: str, out: str, dataset: str, cfg: PipelineConfig
-) -> tuple[RunLayout, PlanManifest]:
-    """The plan alone, for `reltag plan` without the captions file that names a human-caption run: the plan
-    key needs only the plan settings and the annotation checksum. A later run with its captions reuses it."""
-    _check_dataset_name(dataset)
-    ann_sha, ann_bytes = cached_checksum(annotations, out)
-    pkey = plan_key(cfg, {"annotations_sha256": ann_sha})
-    layout = RunLayout(out, dataset, pkey, pkey, (), folders())
-    return layout, _ensure_plan(layout, annotations, images, dataset, cfg, ann_sha, ann_bytes)
-
-
-def _ensure_plan(layout, annotations, images, dataset, cfg, ann_sha, ann_bytes) -> PlanManifest:
-    """The plan of the layout's plan folder, planned by this process unless it exists (or another is at it)."""
-    plan = _planned_or_claim(layout)
-    if plan is not None:
-        return plan
-    try:  # this process holds the plan's lease: plan, then release it
-        t0 = time.perf_counter()
-        outcome = plan_shards(annotations, layout, cfg.plan)
-        plan = PlanManifest(
-            plan_key=layout.plan_key,
-            dataset=dataset,
-            created_at=_now(),
-            inputs={
-                "annotations": {"path": annotations, "sha256": ann_sha, "bytes": ann_bytes},
-                "images_root": images,
-            },
-            categories=outcome.categories,
-            shards=[ShardInfo.from_dict(sh) for sh in outcome.shards],
-            counts=dict(outcome.counts),
-            quarantined=outcome.n_quarantined,
-            plan=cfg.plan.model_dump(mode="json"),
-            versions=versions(),
-            plan_seconds=round(time.perf_counter() - t0, 3),
-        )
-        write_json(layout.fs, layout.plan_manifest, plan.to_dict())
-    finally:
-        leases(layout).release(PLAN_LEASE)
-    return plan
 
 
 PLAN_LEASE = "plan"

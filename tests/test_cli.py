@@ -218,10 +218,6 @@ def test_input_errors_are_one_line_exit_2_before_prefect(tmp_path):
     no_cats.write_text(json.dumps({"images": [], "annotations": []}))
     bad_caps = tmp_path / "caps.json"
     bad_caps.write_text(json.dumps({"annotations": [{"image_id": 1}]}))
-    other_caps = tmp_path / "other.json"
-    other_caps.write_text(
-        json.dumps({"annotations": [{"image_id": 139, "id": 7, "caption": "a dog on a bed"}]})
-    )
     bad_yaml = tmp_path / "c.yaml"
     bad_yaml.write_text("threshold: {eta: [0.2\n")
     out = str(tmp_path / "o")
@@ -240,9 +236,8 @@ def test_input_errors_are_one_line_exit_2_before_prefect(tmp_path):
         "missing captions": (run(det, images, str(tmp_path / "c.json")), f"captions file {tmp_path / 'c.json'} does not exist"),
         "captions without captions": (run(det, images, str(bad_caps)), "annotation #0 lacks image_id or caption"),
         "oracle without captions": (run(det, images, None), "captioner 'oracle' needs a captions file"),
-        "captions of other images": (run(det, images, str(other_caps)), "has captions for none of the 5 images"),
         "missing config": (run(det, images, caps, "--config", str(tmp_path / "x.yaml")), "config file"),
-        "bad yaml": (run(det, images, caps, "--config", str(bad_yaml)), f"config file {bad_yaml} is not valid YAML"),
+        "bad yaml": (run(det, images, caps, "--config", str(bad_yaml)), f"config file {bad_yaml} is not plain YAML"),
     }  # fmt: skip
     results = _no_prefect([argv for argv, _ in cases.values()])
     for (name, (_, want)), (rc, err) in zip(cases.items(), results):
@@ -284,27 +279,3 @@ def test_status_stats_show_accept_the_output_path(prefect_harness, tmp_path, cap
         png = tmp_path / "s.png"
         assert main(["show", "--out", where, "--png", str(png)]) == 0 and png.stat().st_size > 0
         capsys.readouterr()
-
-
-def test_captions_for_some_images_warn_with_the_count(tmp_path, capsys):
-    det, images, caps = _inputs(tmp_path)
-    some = tmp_path / "some.json"
-    anns = [a for a in json.loads(open(caps).read())["annotations"] if a["image_id"] in (1, 2)]
-    some.write_text(json.dumps({"annotations": anns}))
-    argv = [
-        "plan",
-        "--annotations",
-        det,
-        "--images",
-        images,
-        "--out",
-        str(tmp_path / "o"),
-        "--captions",
-        str(some),
-    ]
-    assert main(argv) == 0
-    (warn,) = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert warn == (
-        f"reltag plan: warning: captions file {some} has captions for 2 of the 5 images of the annotations file; "
-        "the other 3 get no captions and no triplets"
-    )

@@ -55,10 +55,6 @@ class OracleCaptioner:
     def caption(self, images, pixels, seed):
         return [list(self._by_image.get(im.image_id, [])) for im in images]
 
-    def image_ids(self) -> set[int]:
-        """The image ids the file has captions for."""
-        return set(self._by_image)
-
     def source_ids(self, images) -> list[list[int | None]]:
         """Per image, the captions file's annotation ids of the captions `caption` returns (None: no id)."""
         return [list(self._ids.get(im.image_id, [])) for im in images]
