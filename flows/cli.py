@@ -115,7 +115,7 @@ def _params(args, run: bool = True, dataset: str | None = None):
     annotation file's categories (the vocabulary, then the dataset name), said on stderr with any categories
     that have no synonym list. dataset: the name used when neither the config nor a flag gives one."""
     from flows.params import LabelParams
-    from tasks.config import PipelineConfig, fill_inferred
+    from tasks.config import PipelineConfig, check_tagger_numbering, fill_inferred
     from tasks.plan_run import cached_categories, check_inputs
 
     data = config_data(args.config, args)
@@ -128,6 +128,7 @@ def _params(args, run: bool = True, dataset: str | None = None):
     categories = cached_categories(p.annotations, p.out)
     data, notes = fill_inferred(data, categories)
     cfg = PipelineConfig.model_validate(data)
+    check_tagger_numbering(cfg, categories)
     for line in notes:
         print(f"reltag {args.cmd}: {line}", file=sys.stderr)
     _warn_without_synonyms(args.cmd, categories, cfg.match.vocabulary)

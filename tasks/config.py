@@ -239,3 +239,22 @@ def field_help(section: str | None, name: str) -> tuple[str | None, str]:
     else:
         default = "none" if f.default is None else str(f.default)
     return metavar, f"{text} (default: {default})".replace("%", "%%")
+
+
+def check_tagger_numbering(cfg: PipelineConfig, categories: list[dict]) -> None:
+    """The R-Tagger keys each box by its category id, as the reference does (id = position in the Objects365
+    v2 list, or the COCO id), so every category must carry that numbering's (id, name); an Objects365 v1 file
+    (v1 id 4 is 'hat', v2 id 4 'Other Shoes') or a renumbered one would score every box as another class."""
+    if cfg.tag.tagger != "rtagger":
+        return
+    from models.matcher import EDITIONS, identify_vocabulary
+
+    edition = {"o365": "o365_v2", "coco": "coco"}[cfg.match.vocabulary]
+    got = identify_vocabulary(categories)
+    if got.hits[edition] < got.n:
+        cid, name = got.first_miss[edition]
+        raise ValueError(
+            f"tag.tagger 'rtagger' keys boxes by category id in {EDITIONS[edition][:-2]}'s numbering, but "
+            f"{got.n - got.hits[edition]} of {got.n} categories are not {EDITIONS[edition]} (e.g. category {cid} "
+            f"{name!r}); renumber the file to that list or use another tagger"
+        )

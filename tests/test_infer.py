@@ -9,7 +9,7 @@ from importlib import resources
 import pytest
 
 from models.matcher import Vocabulary, identify_vocabulary
-from tasks.config import fill_inferred
+from tasks.config import PipelineConfig, check_tagger_numbering, fill_inferred
 
 
 def _data(name: str):
@@ -256,3 +256,19 @@ def test_the_sample_under_v1_names_matches_as_under_v2(monkeypatch):
     monkeypatch.setattr(matcher, "_o365_v1_to_v2", dict)  # the mapping switched off: v1 names as they were
     _, matched_off, pairs_off = run(v1=True)
     assert matched_off == 9 and pairs_off < pairs_v2
+
+
+def test_rtagger_refuses_a_numbering_it_would_misread():
+    """The R-Tagger keys boxes by category id (the reference's numbering): v1 ids would score a hat as 'other
+    shoes' (only 6 v1 categories, e.g. 2 sneakers and 3 chair, have their v2 id); v2 and COCO files pass."""
+    rt = {"tag": {"tagger": "rtagger", "checkpoint": "/models/rtagger"}}
+    o365 = PipelineConfig.model_validate({**rt, "match": {"vocabulary": "o365"}})
+    with pytest.raises(
+        ValueError, match=r"359 of 365 categories are not Objects365 v2's \(e.g. category 1 'human'\)"
+    ):
+        check_tagger_numbering(o365, O365_V1)
+    check_tagger_numbering(o365, O365_V2)
+    check_tagger_numbering(PipelineConfig.model_validate({**rt, "match": {"vocabulary": "coco"}}), COCO)
+    check_tagger_numbering(
+        PipelineConfig.model_validate({"match": {"vocabulary": "o365"}}), O365_V1
+    )  # greedy
