@@ -94,7 +94,7 @@ def check_inputs(annotations: str, images: str, captions: str | None, cfg: Pipel
         raise ValueError(f"image folder {images} does not exist")
     if not fs.isdir(p):
         raise ValueError(f"image folder {images} is not a folder")
-    if not fs.ls(p, detail=False):
+    if _is_empty(fs, p):
         raise ValueError(f"image folder {images} is empty")
     oracle = "oracle" in captioner_names(cfg.caption)
     if captions is None:
@@ -115,6 +115,18 @@ def validate_captions(captions: str | None, cfg: PipelineConfig) -> None:
         from models.captioners.oracle import OracleCaptioner
 
         OracleCaptioner(captions)
+
+
+def _is_empty(fs, path: str) -> bool:
+    """Whether a folder holds nothing; a local folder of a million images is not listed for that."""
+    import os
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        with os.scandir(path) as it:
+            return next(it, None) is None
+    return not fs.ls(path, detail=False)
 
 
 class RunInputs(NamedTuple):
