@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+OUT_HELP = (
+    "output root, one of its dataset folders, or the run's folder (the output: path `reltag run` prints)"
+)
 
 # flag -> (config section, field, type); every flag overrides the config file
 OVERRIDES = {
@@ -43,19 +46,24 @@ OVERRIDES = {
 }
 
 
-def load_config(path: str | None, args: argparse.Namespace):
-    """Config file (YAML or JSON) with the command-line flags applied on top."""
-    from tasks.config import PipelineConfig
-
+def config_data(path: str | None, args: argparse.Namespace) -> dict:
+    """The raw config mapping: the config file (YAML or JSON) with the command-line flags applied on top."""
     data: dict = {}
     if path:
-        text = Path(path).read_text()
-        if path.endswith((".yaml", ".yml")):
-            import yaml
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ValueError(f"config file {path} cannot be read: {e.strerror or e}") from e
+        kind = "plain YAML" if path.endswith((".yaml", ".yml")) else "valid JSON"
+        try:
+            if kind == "plain YAML":
+                import yaml
 
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: the parser's words, on one line
+            raise ValueError(f"config file {path} is not {kind}: {' '.join(str(e).split())}") from e
         if not isinstance(data, dict):
             raise ValueError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
     for flag, (section, field, _) in OVERRIDES.items():
@@ -68,7 +76,14 @@ def load_config(path: str | None, args: argparse.Namespace):
             data[field] = v
         else:
             data.setdefault(section, {})[field] = v
-    return PipelineConfig.model_validate(data)
+    return data
+
+
+def load_config(path: str | None, args: argparse.Namespace):
+    """Config file (YAML or JSON) with the command-line flags applied on top (nothing inferred)."""
+    from tasks.config import PipelineConfig
+
+    return PipelineConfig.model_validate(config_data(path, args))
 
 
 def _add_run_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
@@ -84,30 +99,81 @@ def _add_run_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
         "--stage-threads", type=int, default=None,
         help="threads for stage units (default: one per stage, consecutive batches overlap; 1: one unit at a time)",
     )  # fmt: skip
-    g = p.add_argument_group("config overrides")
+    from tasks.config import field_help
+
+    g = p.add_argument_group("config overrides (choices and defaults from tasks/config.py)")
     for flag, (section, field, typ) in OVERRIDES.items():
-        g.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, help=f"{section or 'top'}.{field}")
+        metavar, text = field_help(section, field)
+        if field == "captioner":
+            text = "several, comma-separated, concatenate their captions; " + text
+        g.add_argument("--" + flag.replace("_", "-"), dest=flag, type=typ, metavar=metavar, help=text)
 
 
-def _params(args):
+def _params(args, run: bool = True, dataset: str | None = None):
+    """The flow's parameters from the command line, every input checked before any work (each problem one
+    ValueError): the config first, then the input paths, then what the config leaves out is inferred from the
+    annotation file's categories (the vocabulary, then the dataset name), said on stderr with any categories
+    that have no synonym list. dataset: the name used when neither the config nor a flag gives one."""
     from flows.params import LabelParams
+    from tasks.config import PipelineConfig, check_tagger_numbering, fill_inferred
+    from tasks.plan_run import cached_categories, check_inputs
 
-    cfg = load_config(args.config, args)
-    return LabelParams(
-        annotations=args.annotations, images=args.images, out=args.out, captions=args.captions, config=cfg
-    )
+    data = config_data(args.config, args)
+    if dataset is not None and data.get("dataset") is None:
+        data["dataset"] = dataset
+    cfg = PipelineConfig.model_validate(data)  # config errors first, named by field
+    # local paths made absolute, as the flow sees them
+    p = LabelParams(annotations=args.annotations, images=args.images, out=args.out, captions=args.captions)
+    check_inputs(p.annotations, p.images, p.captions, cfg, run=run)
+    categories = cached_categories(p.annotations, p.out)
+    data, notes = fill_inferred(data, categories)
+    cfg = PipelineConfig.model_validate(data)
+    check_tagger_numbering(cfg, categories)
+    for line in notes:
+        print(f"reltag {args.cmd}: {line}", file=sys.stderr)
+    _warn_without_synonyms(args.cmd, categories, cfg.match.vocabulary)
+    return p.model_copy(update={"config": cfg})
+
+
+def _warn_without_synonyms(cmd: str, categories: list[dict], vocabulary: str, show: int = 20) -> None:
+    """One line on stderr naming the categories that have no synonym list (they match by their own names)."""
+    from models.matcher import Vocabulary
+
+    bare = [c.label for c in Vocabulary.from_categories(categories, vocabulary).classes if not c.synonyms]
+    if bare:
+        names = ", ".join(repr(n) for n in bare[:show]) + (
+            f" and {len(bare) - show} more" if len(bare) > show else ""
+        )
+        print(
+            f"reltag {cmd}: warning: {len(bare)} of {len(categories)} categories have no synonym list in the "
+            f"{vocabulary} vocabulary (they match captions by their own names only): {names}",
+            file=sys.stderr,
+        )
 
 
 def cmd_plan(args) -> int:
-    from tasks.plan_run import plan_run
+    from tasks.caption import captioner_names
+    from tasks.plan_run import plan_run, validate_captions
 
-    p = _params(args)
-    ctx, plan = plan_run(p.annotations, p.images, p.out, p.captions, p.dataset_name, p.config)
-    c = plan.counts
-    print(
-        f"run key {ctx.run_key} (plan {ctx.plan_key}): {c.get('images_planned', 0)} images, "
-        f"{c.get('boxes_planned', 0)} boxes in {len(plan.shards)} shards; {plan.quarantined} records quarantined"
+    p = _params(args, run=False)
+    validate_captions(p.captions, p.config)
+    # human captions name the run by their file's checksum: without the file, the plan alone
+    record = p.captions is not None or "oracle" not in captioner_names(p.config.caption)
+    ctx, plan = plan_run(
+        p.annotations, p.images, p.out, p.captions, p.dataset_name, p.config, record_run=record
     )
+    c = plan.counts
+    counts = (
+        f"{c.get('images_planned', 0)} images, {c.get('boxes_planned', 0)} boxes in {len(plan.shards)} shards; "
+        f"{plan.quarantined} records quarantined"
+    )
+    if not record:
+        print(
+            f"plan {ctx.plan_key}: {counts}; no run recorded (captioner 'oracle' needs --captions to name it)"
+        )
+        print(f"plan: {ctx.layout.plan_manifest}")
+        return 0
+    print(f"run key {ctx.run_key} (plan {ctx.plan_key}): {counts}")
     print(f"plan: {ctx.layout.plan_manifest}")
     print(f"run:  {ctx.layout.manifest}")
     return 0
@@ -118,6 +184,11 @@ def _run(params, stage_threads: int | None = None) -> int:
 
     summary = finished_summary(params)  # a finished run is answered from the ledger, before Prefect loads
     if summary is None:
+        from tasks.plan_run import validate_captions
+
+        validate_captions(
+            params.captions, params.config
+        )  # before Prefect: a bad file is one line, not retried
         from flows.label import run_in_process
 
         summary = run_in_process(params, stage_threads, check_finished=False)  # checked just above
@@ -134,8 +205,6 @@ def cmd_run(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from flows.params import LabelParams
-
     sample = Path(args.sample or EXAMPLES)
     det = sample / "sample_detections.json"
     if not det.exists():
@@ -147,23 +216,39 @@ def cmd_demo(args) -> int:
         str(sample / "sample_captions.json"),
         str(sample / "images"),
     )
-    cfg = load_config(args.config, args)
-    if args.dataset is None:
-        cfg = cfg.model_copy(update={"dataset": "sample"})
-    return _run(
-        LabelParams(
-            annotations=args.annotations, images=args.images, out=args.out, captions=args.captions, config=cfg
-        ),
-        args.stage_threads,
-    )
+    return _run(_params(args, dataset="sample" if args.dataset is None else None), args.stage_threads)
+
+
+def _find_runs(out: str) -> list:
+    """The runs under an output root, or under one of its dataset folders, or in one plan folder (the
+    `output:` path `reltag run` prints, `<root>/<dataset>/<plan_key>`): only that folder's runs."""
+    import posixpath
+
+    from fsspec.core import url_to_fs
+
+    from flows.status import find_runs
+
+    runs = find_runs(out)
+    if runs:
+        return runs
+    fs, base = url_to_fs(out)
+    base = base.rstrip("/")
+    if fs.exists(posixpath.join(base, "plan.json")) or fs.exists(posixpath.join(base, "runs")):
+        up, inside = 2, lambda r: r.base == base  # a plan folder
+    elif fs.glob(posixpath.join(base, "*", "plan.json")):
+        up, inside = 1, lambda r: posixpath.dirname(r.base) == base  # a dataset folder
+    else:
+        return []
+    root = base
+    for _ in range(up):
+        root = posixpath.dirname(root)
+    return [r for r in find_runs(fs.unstrip_protocol(root) if "://" in out else root) if inside(r)]
 
 
 def _runs(args, quiet: bool = False) -> list:
     """The runs under --out, oldest first (only those whose key starts with --run-key, when given); says so on
     stderr when there are none."""
-    from flows.status import find_runs
-
-    runs = [r for r in find_runs(args.out) if not args.run_key or r.run_key.startswith(args.run_key)]
+    runs = [r for r in _find_runs(args.out) if not args.run_key or r.run_key.startswith(args.run_key)]
     if not runs and not quiet:
         which = f" with a run key starting {args.run_key!r}" if args.run_key else ""
         print(f"no runs under {args.out}{which}", file=sys.stderr)
@@ -298,7 +383,8 @@ def cmd_show(args) -> int:
         if not run.fs.exists(run.triplets(sh.shard)):
             continue
         with run.fs.open(run.triplets(sh.shard), "rb") as f:
-            trips = schemas.from_table(pq.read_table(f), Triplet)
+            table = pq.read_table(f, schema=schemas.TRIPLETS)  # files older than a nullable column: nulls
+        trips = schemas.from_table(table, Triplet)
         by_image: dict[int, list] = {}
         for t in trips:
             by_image.setdefault(t.image_id, []).append(t)
@@ -393,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="per shard and stage: batches done, failed, pending",
         description="Read the ledger of every run under --out (or of the run --run-key names).",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help=OUT_HELP)
     p.add_argument("--run-key", help="a run key or its first characters")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
@@ -402,7 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="list the runs under a root: key, dataset, date, settings, progress, triplets",
         description="Every run under --out, oldest first, with the settings that tell runs apart.",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help=OUT_HELP)
     p.add_argument("--run-key", help="a run key or its first characters")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_runs)
@@ -410,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
         "stats",
         help="print the statistics of a finished run (the newest, or --run-key's) as one JSON document",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help=OUT_HELP)
     p.add_argument("--run-key", help="a run key or its first characters")
     p.set_defaults(func=cmd_stats)
     p = sub.add_parser(
@@ -419,7 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pick images with triplets (at random, or by --image-id) and draw boxes, "
         "subject->object arrows and relation labels.",
     )
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help=OUT_HELP)
     p.add_argument("--run-key", help="a run key or its first characters (default: the newest run)")
     p.add_argument("--png", required=True, help="PNG file to write")
     p.add_argument("--image-id", type=int, action="append", help="image id to draw (repeatable)")
@@ -487,7 +573,11 @@ def one_line(e: Exception) -> str:
             got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
             parts.append(f"{field}: {err['msg']}{got}")
         return "; ".join(parts)
-    return str(e)
+    # one line whatever the source: parsers (yajl, YAML) point at the error on extra lines
+    text = " ".join(str(e).split())
+    if isinstance(e, OSError) and e.filename and str(e.filename) not in text:
+        text += f": {e.filename}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -495,16 +585,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (
-        ValueError,
-        FileNotFoundError,
-        NotADirectoryError,
-    ) as e:  # bad input or config: one line, no traceback
-        print(f"reltag {args.cmd}: error: {one_line(e)}", file=sys.stderr)
-        return 2
     except BrokenPipeError:  # `reltag stats ... | head`: the reader left; nothing to report
         sys.stderr.close()
         return 0
+    except (ValueError, OSError) as e:  # bad input or config (or an unreadable path): one line, no traceback
+        print(f"reltag {args.cmd}: error: {one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cache
 from importlib import resources
 from typing import Literal
 
@@ -71,6 +72,16 @@ def _split_names(name: str) -> list[str]:
 
 def _read_json(name: str):
     return json.loads(resources.files("models.data.synonyms").joinpath(name).read_text(encoding="utf-8"))
+
+
+@cache
+def _o365_v1() -> dict:
+    """Objects365 v1's categories and the v2 list each v1 name takes (o365_v1.json, see SOURCES.md)."""
+    return _read_json("o365_v1.json")
+
+
+def _o365_v1_to_v2() -> dict[str, str | None]:
+    return {name: m["v2"] for name, m in _o365_v1()["to_v2"].items()}
 
 
 @dataclass(slots=True, frozen=True)
@@ -164,6 +175,8 @@ class Vocabulary:
             key = key_of_official.get((cid, norm))
             if key is None and norm in para:
                 key = norm
+            if key is None and synonyms == "o365":  # an Objects365 v1 name: the v2 list it maps to, if any
+                key = _o365_v1_to_v2().get(norm)
             names = _split_names(name)
             if key is not None:  # the typo-fixed key is a name too ("Bakset" -> "basket")
                 names = list(dict.fromkeys(names + _split_names(key)))
@@ -269,3 +282,96 @@ class Vocabulary:
                     hit = Match(cid, c.label, "reference", p)
                     break  # the original keeps scanning but only records the class; the first phrase names it
         return hit
+
+
+# ---- which vocabulary a detection file uses -----------------------------------------------------------------
+
+EDITIONS = {"coco": "COCO's", "o365_v2": "Objects365 v2's", "o365_v1": "Objects365 v1's"}
+VOCABULARY_OF = {"coco": "coco", "o365_v2": "o365", "o365_v1": "o365"}
+
+
+@cache
+def _editions() -> dict[str, frozenset[tuple[int, str]]]:
+    """(category id, normalised name) of every official category of each edition. Objects365 v2 also under its
+    typo-fixed list key ("Bakset" -> "basket"), since files in the wild carry either."""
+    official = sorted(_read_json("o365_categories.json"), key=lambda d: d["id"])
+    v2 = {(d["id"], _norm(d["name"])) for d in official}
+    v2 |= {(d["id"], k) for d, k in zip(official, _read_json("o365_obj_paraphrase.json"), strict=True)}
+    return {
+        "coco": frozenset((i, _norm(n)) for n, i in _read_json("coco_object_names.json").items()),
+        "o365_v2": frozenset(v2),
+        "o365_v1": frozenset((d["id"], _norm(d["name"])) for d in _o365_v1()["categories"]),
+    }
+
+
+@dataclass(frozen=True)
+class Identified:
+    """Which edition's categories a file's are: an edition fits when every category is one of its (id, name).
+
+    vocabulary: "coco" / "o365" when exactly one vocabulary fits (Objects365 v1 and v2 are one vocabulary:
+    v1 names take the v2 lists), else None. edition: the fitting edition (v2 before v1 when both fit).
+    """
+
+    n: int
+    hits: dict[str, int]
+    first_miss: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> list[str]:
+        return [e for e in EDITIONS if self.n and self.hits[e] == self.n]
+
+    @property
+    def vocabulary(self) -> str | None:
+        vocabs = {VOCABULARY_OF[e] for e in self.fits}
+        return vocabs.pop() if len(vocabs) == 1 else None
+
+    @property
+    def edition(self) -> str | None:
+        return self.fits[0] if self.vocabulary else None
+
+    def describe(self) -> str:
+        """The line saying what was inferred and from what."""
+        line = f"vocabulary: {self.vocabulary} ({self.evidence()}"
+        if self.edition == "o365_v1":
+            line += "; v1 names take the v2 synonym lists of models/data/synonyms/o365_v1.json"
+        return line + ")"
+
+    def evidence(self) -> str:
+        """What the edition rests on, e.g. "80 of 80 categories are COCO's"."""
+        e = self.edition
+        if e is None:
+            raise ValueError(self._why())
+        return f"{self.hits[e]} of {self.n} categories are {EDITIONS[e]}"
+
+    def require(self) -> str:
+        """The vocabulary, or a one-line error asking for --vocabulary."""
+        if self.vocabulary is None:
+            raise ValueError(self._why())
+        return self.vocabulary
+
+    def _why(self) -> str:
+        ask = "; pass --vocabulary {o365,coco} (and --dataset NAME)"
+        if len(self.fits) > 1:
+            both = " and ".join(f"{EDITIONS[e][:-2]} ({self.hits[e]} of {self.n})" for e in self.fits)
+            return f"cannot tell the vocabulary: the categories fit both {both}" + ask
+        parts = []
+        for e, name in EDITIONS.items():
+            miss = self.first_miss.get(e)
+            got = f"{name[:-2]}'s ({self.hits[e]} of {self.n})"
+            parts.append(got + (f", not category {miss[0]} {miss[1]!r}" if miss else ""))
+        return "cannot tell the vocabulary: the categories are not all " + "; not all ".join(parts) + ask
+
+
+def identify_vocabulary(categories: list[dict]) -> Identified:
+    """Count, per edition (COCO, Objects365 v2, v1), the categories whose (id, name) are that edition's (names
+    compared lower-cased with spaces collapsed)."""
+    hits = dict.fromkeys(EDITIONS, 0)
+    first_miss: dict[str, tuple[int, str]] = {}
+    for d in categories:
+        pair = (d["id"], _norm(str(d["name"])))
+        for e, known in _editions().items():
+            if pair in known:
+                hits[e] += 1
+            else:
+                first_miss.setdefault(e, (d["id"], d["name"]))
+    return Identified(len(categories), hits, first_miss)

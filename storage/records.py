@@ -45,6 +45,9 @@ class Caption:
     captioner: str
     captioner_revision: str
     sampling: str  # JSON of the generation settings (or "oracle")
+    source_id: int | None = (
+        None  # the captions file's annotation id (human captions); None for generated ones
+    )
 
 
 @dataclass(slots=True)
@@ -129,6 +132,8 @@ class Triplet:
     n_captions: int
     tagger: str
     run_key: str
+    # per caption_ids entry, the captions file's annotation id (COCO-Captions `id`); None for generated captions
+    caption_source_ids: list[int | None] | None = None
 
 
 @dataclass(slots=True)

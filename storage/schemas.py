@@ -50,6 +50,8 @@ CAPTIONS = pa.schema(
         ("captioner", pa.string(), False),
         ("captioner_revision", pa.string(), False),
         ("sampling", pa.string(), False),
+        # addition (nullable): the captions file's annotation id of a human caption; null for generated ones
+        ("source_id", pa.int64(), True),
     ]
 )
 
@@ -121,6 +123,8 @@ TRIPLETS = pa.schema(
         ("n_captions", pa.int16(), False),
         ("tagger", pa.string(), False),
         ("run_key", pa.string(), False),
+        # addition (nullable): per caption_ids entry, the captions file's annotation id (null: generated caption)
+        ("caption_source_ids", pa.list_(pa.int64()), True),
     ]
 )
 

@@ -214,22 +214,24 @@ def caption_batch(
     kpixels = [pixels[i] for i in kept]
 
     state = {"oom_halvings": 0, "micro_batch": cfg.batch_size}
-    per_image: list[list[tuple[str, Captioner]]] = [[] for _ in kimages]
+    per_image: list[list[tuple[str, Captioner, int | None]]] = [[] for _ in kimages]
     for cap in captioners:
         pix = kpixels if cap.needs_pixels else [None] * len(kimages)
         texts = _run_captioner(cap, kimages, pix, seed, state["micro_batch"], state)
-        for k, t in enumerate(texts):
-            per_image[k].extend((x, cap) for x in t)
+        # human captions keep their file's annotation ids (captioners without them: None)
+        ids = cap.source_ids(kimages) if hasattr(cap, "source_ids") else [[None] * len(t) for t in texts]
+        for k, (t, src) in enumerate(zip(texts, ids, strict=True)):
+            per_image[k].extend(zip(t, [cap] * len(t), src, strict=True))
 
     rows: list[Caption] = []
     n_unique: list[int] = []
     sampling = {c.name: json.dumps(c.sampling(), sort_keys=True) for c in captioners}
     for im, caps in zip(kimages, per_image):
         seen: set[str] = set()
-        for k, (text, cap) in enumerate(caps):
+        for k, (text, cap, src) in enumerate(caps):
             key = _norm(text)
             rows.append(
-                Caption(im.image_id, k, text, key in seen, cap.name, cap.revision, sampling[cap.name])
+                Caption(im.image_id, k, text, key in seen, cap.name, cap.revision, sampling[cap.name], src)
             )
             seen.add(key)
         n_unique.append(len(seen))

@@ -183,3 +183,78 @@ def stable_hash(obj, n: int = 16) -> str:
     """sha256 of canonical JSON, first n hex digits."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
     return hashlib.sha256(blob).hexdigest()[:n]
+
+
+#: The dataset name (the output folder under the root) a vocabulary files its runs under when none is given.
+DATASET_OF_VOCABULARY = {"o365": "objects365", "coco": "coco"}
+
+
+def fill_inferred(data: dict, categories: list[dict]) -> tuple[dict, list[str]]:
+    """A raw config mapping (file and flags) with what it leaves out inferred: match.vocabulary from the
+    detection file's categories (COCO, Objects365 v2 or v1; an error asking for --vocabulary when they fit
+    none or several), then the dataset name from the vocabulary. Returns the mapping and one line per
+    inferred setting, saying what was inferred and from what (and a warning line when a given vocabulary is
+    not the one the categories are)."""
+    from models.matcher import identify_vocabulary
+
+    data = {**data, "match": dict(data.get("match") or {})}
+    notes = []
+    guess = identify_vocabulary(categories)
+    given = data["match"].get("vocabulary")
+    if given is None:
+        data["match"]["vocabulary"] = guess.require()
+        notes.append(guess.describe())
+    elif guess.vocabulary is not None and guess.vocabulary != given:
+        notes.append(f"warning: match.vocabulary is {given!r} as given, but {guess.evidence()}")
+    vocab = data["match"]["vocabulary"]
+    if data.get("dataset") is None and vocab in DATASET_OF_VOCABULARY:
+        data["dataset"] = DATASET_OF_VOCABULARY[vocab]
+        notes.append(f"dataset: {data['dataset']} (from the vocabulary; --dataset names it)")
+    return data, notes
+
+
+def field_help(section: str | None, name: str) -> tuple[str | None, str]:
+    """(metavar with the choices, e.g. "{o365,coco}", or None; help text with the default) of one config
+    field, read from the models above, so `--help` never drifts from what the config accepts."""
+    import typing
+
+    model = PipelineConfig if section is None else PipelineConfig.model_fields[section].annotation
+    f = model.model_fields[name]
+    choices: list[str] = []
+    ann = f.annotation
+    # Literal[...], or a union of Literal[...] and tuple[Literal[...], ...] (caption.captioner)
+    alternatives = [ann] if typing.get_origin(ann) is Literal else list(typing.get_args(ann))
+    for a in alternatives:
+        if typing.get_origin(a) is tuple:
+            a = typing.get_args(a)[0]
+        if typing.get_origin(a) is Literal:
+            choices += [str(c) for c in typing.get_args(a) if str(c) not in choices]
+    metavar = "{" + ",".join(choices) + "}" if choices else None
+    where = f"{section}.{name}" if section else name
+    text = f"{where}: {f.description}" if f.description else where
+    if (section, name) == ("match", "vocabulary"):
+        default = "inferred from the categories"
+    elif (section, name) == (None, "dataset"):
+        default = "inferred with the vocabulary: " + ", ".join(sorted(set(DATASET_OF_VOCABULARY.values())))
+    else:
+        default = "none" if f.default is None else str(f.default)
+    return metavar, f"{text} (default: {default})".replace("%", "%%")
+
+
+def check_tagger_numbering(cfg: PipelineConfig, categories: list[dict]) -> None:
+    """The R-Tagger keys each box by its category id, as the reference does (id = position in the Objects365
+    v2 list, or the COCO id), so every category must carry that numbering's (id, name); an Objects365 v1 file
+    (v1 id 4 is 'hat', v2 id 4 'Other Shoes') or a renumbered one would score every box as another class."""
+    if cfg.tag.tagger != "rtagger":
+        return
+    from models.matcher import EDITIONS, identify_vocabulary
+
+    edition = {"o365": "o365_v2", "coco": "coco"}[cfg.match.vocabulary]
+    got = identify_vocabulary(categories)
+    if got.hits[edition] < got.n:
+        cid, name = got.first_miss[edition]
+        raise ValueError(
+            f"tag.tagger 'rtagger' keys boxes by category id in {EDITIONS[edition][:-2]}'s numbering, but "
+            f"{got.n - got.hits[edition]} of {got.n} categories are not {EDITIONS[edition]} (e.g. category {cid} "
+            f"{name!r}); renumber the file to that list or use another tagger"
+        )

@@ -12,7 +12,7 @@ from tasks.caption import captioner_names
 from tasks.config import PipelineConfig
 from tasks.context import RunContext
 from tasks.pipeline import LEASE_POLL, leases
-from tasks.plan import file_checksum, plan_shards
+from tasks.plan import file_checksum, plan_shards, read_categories
 from tasks.revisions import revisions, versions
 from tasks.stages import chain
 
@@ -42,6 +42,93 @@ def cached_checksum(path: str, cache_root: str) -> tuple[str, int]:
     return sha, n
 
 
+def _stamp(path: str) -> list:
+    """(size, modification time or ETag) of an input file: what says it has not changed."""
+    from fsspec.core import url_to_fs
+
+    fs, p = url_to_fs(path)
+    info = fs.info(p)
+    return [info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")]
+
+
+def cached_categories(path: str, cache_root: str) -> list[dict]:
+    """The annotation file's validated `categories`, cached under the output root like its checksum.
+
+    Reading them streams the whole file (COCO and Objects365 put them last), which also finds broken JSON
+    before any work; a rerun reads the cache instead.
+    """
+    import posixpath
+
+    from fsspec.core import url_to_fs
+
+    stamp = _stamp(path)
+    out_fs, out_base = url_to_fs(cache_root)
+    cache_path = posixpath.join(out_base, "_categories.json")
+    cache = read_json(out_fs, cache_path) if out_fs.exists(cache_path) else {}
+    hit = cache.get(path)
+    if stamp[1] and hit and hit["stamp"] == stamp:
+        return hit["categories"]
+    categories = read_categories(path)
+    if stamp[1]:
+        cache[path] = {"stamp": stamp, "categories": categories}
+        write_json(out_fs, cache_path, cache)
+    return categories
+
+
+def check_inputs(annotations: str, images: str, captions: str | None, cfg: PipelineConfig, run: bool) -> None:
+    """The inputs a run needs, checked before any work: each problem is one ValueError naming the path.
+
+    The image folder must exist and hold something (a mistyped folder would otherwise go unnoticed by runs
+    that never open an image: human captions and the greedy tagger). A run with human captions needs its
+    captions file (`run`; `reltag plan` plans without one); validate_captions reads it.
+    """
+    from fsspec.core import url_to_fs
+
+    fs, p = url_to_fs(annotations)
+    if not fs.exists(p):
+        raise ValueError(f"annotations file {annotations} does not exist")
+    if fs.isdir(p):
+        raise ValueError(f"annotations file {annotations} is a folder, not a detection JSON file")
+    fs, p = url_to_fs(images)
+    if not fs.exists(p):
+        raise ValueError(f"image folder {images} does not exist")
+    if not fs.isdir(p):
+        raise ValueError(f"image folder {images} is not a folder")
+    if _is_empty(fs, p):
+        raise ValueError(f"image folder {images} is empty")
+    oracle = "oracle" in captioner_names(cfg.caption)
+    if captions is None:
+        if oracle and run:
+            raise ValueError("captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON)")
+        return
+    fs, p = url_to_fs(captions)
+    if not fs.exists(p):
+        raise ValueError(f"captions file {captions} does not exist")
+    if fs.isdir(p):
+        raise ValueError(f"captions file {captions} is a folder, not a COCO-Captions JSON file")
+
+
+def validate_captions(captions: str | None, cfg: PipelineConfig) -> None:
+    """The human captions file read and validated as the caption stage will (broken JSON, a record without a
+    caption or with a non-integer id): a ValueError naming the file and record, before any work."""
+    if captions is not None and "oracle" in captioner_names(cfg.caption):
+        from models.captioners.oracle import OracleCaptioner
+
+        OracleCaptioner(captions)
+
+
+def _is_empty(fs, path: str) -> bool:
+    """Whether a folder holds nothing; a local folder of a million images is not listed for that."""
+    import os
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        with os.scandir(path) as it:
+            return next(it, None) is None
+    return not fs.ls(path, detail=False)
+
+
 class RunInputs(NamedTuple):
     """A run's context, its chain of stage keys and the input checksums they were computed from (each input
     file is read or looked up once)."""
@@ -54,15 +141,22 @@ class RunInputs(NamedTuple):
 
 
 def run_context(
-    annotations: str, images: str, out: str, captions: str | None, dataset: str, cfg: PipelineConfig
+    annotations: str,
+    images: str,
+    out: str,
+    captions: str | None,
+    dataset: str,
+    cfg: PipelineConfig,
+    need_captions: bool = True,
 ) -> RunInputs:
-    """The run's context (its keys, from the input checksums and the config) without planning anything."""
+    """The run's context (its keys, from the input checksums and the config) without planning anything.
+    need_captions=False: human captions may be missing (the plan's key is right, the stage keys are not)."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", dataset):
         raise ValueError(
             f"dataset name {dataset!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
         )
     names = captioner_names(cfg.caption)
-    if "oracle" in names and not captions:
+    if "oracle" in names and not captions and need_captions:
         raise ValueError("captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON)")
     ann_sha, ann_bytes = cached_checksum(annotations, out)
     inputs = {"annotations_sha256": ann_sha}
@@ -77,14 +171,24 @@ def run_context(
 
 
 def plan_run(
-    annotations: str, images: str, out: str, captions: str | None, dataset: str, cfg: PipelineConfig
+    annotations: str,
+    images: str,
+    out: str,
+    captions: str | None,
+    dataset: str,
+    cfg: PipelineConfig,
+    record_run: bool = True,
 ) -> tuple[RunContext, PlanManifest]:
     """The run's context and its plan: plans first unless the plan exists, records the run unless recorded.
 
     The plan is keyed by the plan settings and the annotation file's checksum; the run by its chain of stage
     keys (tasks/stages.py). Both records are written last and atomically, and neither is ever rewritten.
+    record_run=False plans alone (`reltag plan` without the captions file that names a human-caption run); the
+    context's plan key and layout are then right, its run and stage keys are not.
     """
-    ctx, links, ann_sha, ann_bytes, cap_sha = run_context(annotations, images, out, captions, dataset, cfg)
+    ctx, links, ann_sha, ann_bytes, cap_sha = run_context(
+        annotations, images, out, captions, dataset, cfg, need_captions=record_run
+    )
     pkey, run_key = ctx.plan_key, ctx.run_key
     layout = ctx.layout
     plan = _planned_or_claim(layout)
@@ -111,7 +215,7 @@ def plan_run(
             write_json(layout.fs, layout.plan_manifest, plan.to_dict())
         finally:
             leases(layout).release(PLAN_LEASE)
-    if not layout.fs.exists(layout.manifest):
+    if record_run and not layout.fs.exists(layout.manifest):
         record = RunRecord(
             run_key=run_key,
             dataset=dataset,

@@ -35,7 +35,7 @@ from tasks.revisions import model_dir_revision
 from tasks.stats import Stats
 
 #: Bump when a stage's semantics change, so old results are never mixed with new ones.
-PIPELINE_VERSION = "2"
+PIPELINE_VERSION = "3"  # 3: captions and triplets carry the captions file's annotation ids
 
 
 @dataclass(slots=True)
@@ -198,6 +198,12 @@ def _threshold(ctx: RunContext, shard: int, batch: int) -> StageOutput:
         ctx.config.threshold,
         ctx.run_key,
     )
+    # beside each caption position, the captions file's annotation id (human captions), for joins back to it
+    source = {
+        (c.image_id, c.caption_id): c.source_id for c in read_stage(ctx, "caption", Caption, shard, batch)
+    }
+    for t in accepted:
+        t.caption_source_ids = [source.get((t.image_id, k)) for k in t.caption_ids]
     return StageOutput(accepted, stats=stats, rejects=rejects)
 
 

@@ -121,3 +121,161 @@ def test_missing_annotations_file_fails_at_once_without_retries(tmp_path, capsys
     assert rc == 2 and time.perf_counter() - t < 10  # the old path retried for 2 + 5 + 15 s
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("reltag run: error: ") and "nope.json" in err[0]
+
+
+# ---- help: choices and defaults from the config models ------------------------------------------------------
+
+
+def _help_lines(monkeypatch, capsys, cmd: str) -> dict[str, str]:
+    """`reltag CMD --help`, one line per option: its help joined onto it (argparse puts the help of a long
+    option on the next line; a wide terminal keeps it from wrapping further)."""
+    monkeypatch.setenv("COLUMNS", "400")
+    with pytest.raises(SystemExit):
+        main([cmd, "--help"])
+    lines: dict[str, str] = {}
+    last = None
+    for line in capsys.readouterr().out.splitlines():
+        parts = line.split()
+        if parts and parts[0].startswith("-"):
+            last = parts[0].rstrip(",")
+            lines[last] = line.strip()
+        elif parts and last and line.startswith("   "):
+            lines[last] += "  " + line.strip()
+        else:
+            last = None
+    return lines
+
+
+def test_help_shows_choices_and_defaults(monkeypatch, capsys):
+    h = _help_lines(monkeypatch, capsys, "run")
+    assert "--vocabulary {o365,coco} " in h["--vocabulary"]
+    assert h["--vocabulary"].endswith("(default: inferred from the categories)")
+    assert h["--dataset"].endswith("(default: inferred with the vocabulary: coco, objects365)")
+    assert "--eta ETA " in h["--eta"] and h["--eta"].endswith("(default: 0.2)")
+    assert "--box-policy {clip,quarantine} " in h["--box-policy"] and h["--box-policy"].endswith(
+        "(default: clip)"
+    )
+    assert "--tagger {greedy_overlap,rtagger,clip} " in h["--tagger"]
+    assert h["--tagger"].endswith("(default: greedy_overlap)")
+    assert (
+        "--rule {paper,relation_only} " in h["--rule"] and "p_subject * p_object * p_relation" in h["--rule"]
+    )
+    assert h["--n-cap"].endswith("(default: 10)") and "captions per image" in h["--n-cap"]
+    assert h["--checkpoint"].endswith("(default: none)")
+    assert h["--captioner"].endswith("(default: oracle)") and "{oracle,blip,blip2" in h["--captioner"]
+    assert "--stage-threads" in h and "--captions" in h
+    # demo and plan share the flags
+    assert _help_lines(monkeypatch, capsys, "plan")["--eta"] == h["--eta"]
+
+
+# ---- inputs checked before Prefect starts ---------------------------------------------------------------------
+
+_NO_PREFECT = r"""
+import json, sys
+sys.modules["prefect"] = None  # importing Prefect fails: every case must be decided before it starts
+from flows.cli import main
+import contextlib, io
+out = []
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    out.append([rc, err.getvalue()])
+print(json.dumps(out))
+"""
+
+
+def _no_prefect(cases: list[list[str]]) -> list[tuple[int, list[str]]]:
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root}
+    r = subprocess.run([sys.executable, "-c", _NO_PREFECT, json.dumps(cases)], capture_output=True, text=True,
+                       timeout=120, env=env, cwd=root)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [(rc, err.strip().splitlines()) for rc, err in json.loads(r.stdout)]
+
+
+def _inputs(tmp_path):
+    from flows.cli import EXAMPLES
+
+    return (
+        str(EXAMPLES / "sample_detections.json"),
+        str(EXAMPLES / "images"),
+        str(EXAMPLES / "sample_captions.json"),
+    )
+
+
+def test_input_errors_are_one_line_exit_2_before_prefect(tmp_path):
+    det, images, caps = _inputs(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [{"id": 1,')
+    no_cats = tmp_path / "nocats.json"
+    no_cats.write_text(json.dumps({"images": [], "annotations": []}))
+    bad_caps = tmp_path / "caps.json"
+    bad_caps.write_text(json.dumps({"annotations": [{"image_id": 1}]}))
+    bad_yaml = tmp_path / "c.yaml"
+    bad_yaml.write_text("threshold: {eta: [0.2\n")
+    out = str(tmp_path / "o")
+
+    def run(annotations=det, images=images, captions=caps, *extra):
+        argv = ["run", "--annotations", annotations, "--images", images, "--out", out, *extra]
+        return argv + (["--captions", captions] if captions else [])
+
+    cases = {
+        "missing image folder": (run(det, str(tmp_path / "nope")), f"image folder {tmp_path / 'nope'} does not exist"),
+        "empty image folder": (run(det, str(empty)), f"image folder {empty} is empty"),
+        "image folder is a file": (run(det, det), f"image folder {det} is not a folder"),
+        "annotations is a folder": (run(str(empty)), f"annotations file {empty} is a folder"),
+        "broken annotations": (run(str(broken)), f"annotations file {broken}"),
+        "no categories": (run(str(no_cats)), "has no 'categories'"),
+        "missing captions": (run(det, images, str(tmp_path / "c.json")), f"captions file {tmp_path / 'c.json'} does not exist"),
+        "captions without captions": (run(det, images, str(bad_caps)), "annotation #0 lacks image_id or caption"),
+        "oracle without captions": (run(det, images, None), "captioner 'oracle' needs a captions file"),
+        "missing config": (run(det, images, caps, "--config", str(tmp_path / "x.yaml")), "config file"),
+        "bad yaml": (run(det, images, caps, "--config", str(bad_yaml)), f"config file {bad_yaml} is not plain YAML"),
+    }  # fmt: skip
+    results = _no_prefect([argv for argv, _ in cases.values()])
+    for (name, (_, want)), (rc, err) in zip(cases.items(), results):
+        assert rc == 2, (name, err)
+        # one error line and no traceback (a line saying what was inferred may come before a late error)
+        assert all(line.startswith("reltag run: ") for line in err), (name, err)
+        (line,) = [line for line in err if line.startswith("reltag run: error: ")]
+        assert want in line, (name, err)
+
+
+def test_plan_works_without_captions(tmp_path, capsys):
+    det, images, caps = _inputs(tmp_path)
+    out = tmp_path / "o"
+    base = ["plan", "--annotations", det, "--images", images, "--out", str(out)]
+    assert main(base) == 0
+    text = capsys.readouterr().out
+    assert "5 images, 19 boxes in 1 shards" in text and "no run recorded" in text
+    (plan,) = out.glob("*/*/plan.json")
+    assert json.loads(plan.read_text())["counts"]["images_planned"] == 5
+    # the same plan with captions then records the run in it
+    assert main([*base, "--captions", caps]) == 0
+    assert len(list(out.glob("*/*/runs/*.json"))) == 1 and len(list(out.glob("*/*/plan.json"))) == 1
+
+
+# ---- the path `reltag run` prints is accepted as --out ------------------------------------------------------------
+
+
+def test_status_stats_show_accept_the_output_path(prefect_harness, tmp_path, capsys):
+    out = tmp_path / "root"
+    assert main(["demo", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    (output,) = [line.split("output: ", 1)[1] for line in printed.splitlines() if line.startswith("output: ")]
+    assert output.startswith(str(out)) and output != str(out)
+    for where in (output, str(out / "sample")):  # the run's folder, the dataset's folder
+        assert main(["status", "--out", where, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["complete"] is True
+        assert main(["stats", "--out", where]) == 0
+        assert json.loads(capsys.readouterr().out)["output"] == output  # one JSON document
+        png = tmp_path / "s.png"
+        assert main(["show", "--out", where, "--png", str(png)]) == 0 and png.stat().st_size > 0
+        capsys.readouterr()
