@@ -385,7 +385,12 @@ def test_ranks_and_dataloader_workers_together_read_every_image_once(tmp_path):
     seen = []
     for rank in range(3):
         ds = RelationDataset([plan], rank=rank, world_size=3)
-        seen += [i.image_id for i in torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)]
+        seen += [
+            i.image_id
+            for i in torch.utils.data.DataLoader(
+                ds, batch_size=None, num_workers=2, multiprocessing_context="spawn"
+            )
+        ]
     assert sorted(seen) == sorted(expected) and len(seen) == len(set(seen)) == 15
 
 
@@ -402,7 +407,7 @@ def test_dataloader_workers_split_a_rank_and_decode_the_images(tmp_path):
         [vg_image(1000 + i, [{"subject_id": 1, "object_id": 2, "predicate": "on"}]) for i in range(5)],
     )
     ds = RelationDataset([vg], rank=0, world_size=1, decode=True)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn")
     got = list(loader)
     assert sorted(i.image_id for i in got) == [1000 + i for i in range(5)]
     assert all(i.image.size == (40 + i.image_id - 1000, 30) and i.image.mode == "RGB" for i in got)
