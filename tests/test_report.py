@@ -388,10 +388,13 @@ def test_report_in_headless_chromium(stats_root, tmp_path):
         assert len(colours) > 200  # text, plots and photos; a blank page is one or two colours
         assert (a != a[0]).any(axis=1).mean() > 0.05
     (tmp_path / "report.png").write_bytes(shot)
-    # RELTAG_REPORT_SCREENSHOT=examples/report_screenshot.png: keep the gallery view for the README
-    keep = os.environ.get("RELTAG_REPORT_SCREENSHOT")
-    if keep:
-        img = Image.open(io.BytesIO(gallery_shot)).convert("RGB").quantize(colors=256)
+    # RELTAG_REPORT_SCREENSHOT=examples/report_screenshot.png: keep the top of the page (run, funnel, plots)
+    # for the README; RELTAG_REPORT_SCREENSHOT_GALLERY=...: the gallery view
+    for keep, png in ((os.environ.get("RELTAG_REPORT_SCREENSHOT"), shot),
+                      (os.environ.get("RELTAG_REPORT_SCREENSHOT_GALLERY"), gallery_shot)):  # fmt: skip
+        if not keep:
+            continue
+        img = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256)
         img.save(keep, optimize=True)
         assert Path(keep).stat().st_size < 300_000
 
