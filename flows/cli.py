@@ -118,6 +118,13 @@ def _run(params, stage_threads: int | None = None) -> int:
 
     summary = finished_summary(params)  # a finished run is answered from the ledger, before Prefect loads
     if summary is None:
+        from tasks.plan_run import plan_run
+
+        # plan here, before Prefect starts: a bad detection or captions file is one line and exit 2, not a
+        # failed flow run (the flow's plan task then finds the plan and the run record written)
+        plan_run(
+            params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config
+        )
         from flows.label import run_in_process
 
         summary = run_in_process(params, stage_threads, check_finished=False)  # checked just above

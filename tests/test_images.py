@@ -72,14 +72,19 @@ def test_truncated_jpeg_quarantined(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     out, q = load_image(str(tmp_path), _rec("cut.jpg", 64, 48))
     assert out is None
-    assert q.reason == "truncated" and q.record == "cut.jpg" and "cut.jpg" in q.detail
+    assert (
+        q.reason == "decode_error"
+        and "truncated" in q.detail
+        and q.record == "cut.jpg"
+        and "cut.jpg" in q.detail
+    )
     assert q.stage == "caption" and q.image_id == 7
 
 
 def test_corrupt_file_quarantined(tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"this is not an image at all" * 10)
     out, q = load_image(str(tmp_path), _rec("junk.jpg"), stage="tag")
-    assert out is None and q.reason == "corrupt" and q.stage == "tag" and "junk.jpg" in q.detail
+    assert out is None and q.reason == "decode_error" and q.stage == "tag" and "junk.jpg" in q.detail
 
 
 def test_missing_file_quarantined(tmp_path):
@@ -90,7 +95,7 @@ def test_missing_file_quarantined(tmp_path):
 def test_huge_image_quarantined_before_decoding(tmp_path):
     Image.new("RGB", (200, 100)).save(tmp_path / "big.png")
     out, q = load_image(str(tmp_path), _rec("big.png", 200, 100), max_pixels=10_000)
-    assert out is None and q.reason == "image_too_large"
+    assert out is None and q.reason == "too_large"
     assert "200x100" in q.detail and "big.png" in q.detail
 
 
@@ -114,7 +119,7 @@ def test_unsafe_names_refused(tmp_path, name):
     root.mkdir()
     Image.new("RGB", (32, 24)).save(tmp_path / "outside.png")
     out, q = load_image(str(root), _rec(name))
-    assert out is None and q.reason == "unsafe_path" and q.record == name
+    assert out is None and q.reason == "unsafe_file_name" and q.record == name
 
 
 def test_symlink_leaving_root_refused(tmp_path):

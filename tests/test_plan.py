@@ -55,12 +55,16 @@ def test_shards_are_cut_in_file_order_and_boxes_attached(tmp_path):
     assert layout.images(2).endswith("images/shard-00002.parquet")
 
 
-def test_crowd_and_zero_area_boxes_are_dropped_and_counted(tmp_path):
-    anns = [_ann(1, 1, crowd=1), _ann(2, 1, bbox=(5, 5, 0, 10)), _ann(3, 1, bbox=(5, 5, 10, -1)), _ann(4, 1)]
+def test_crowd_ignore_and_zero_area_boxes_are_dropped_and_counted_negative_ones_quarantined(tmp_path):
+    anns = [_ann(1, 1, crowd=1), _ann(2, 1, bbox=(5, 5, 0, 10)), _ann(3, 1, bbox=(5, 5, 10, -1)), _ann(4, 1),
+            {**_ann(5, 1), "ignore": 1}, {**_ann(6, 1), "ignore": 0}]  # fmt: skip
     layout, out = _plan(tmp_path, _write(tmp_path, [_img(1)], anns))
-    assert out.counts["dropped_crowd"] == 1
-    assert out.counts["dropped_zero_area"] == 2
-    assert [b.ann_id for b in shard_records(layout, 0)[0].boxes] == [4]
+    assert out.counts["dropped_crowd"] == 1 and out.counts["dropped_ignore"] == 1
+    assert out.counts["dropped_zero_area"] == 1 and out.counts["quarantined_bad_bbox"] == 1
+    assert [b.ann_id for b in shard_records(layout, 0)[0].boxes] == [4, 6]
+    (q,) = _quarantine(layout)
+    assert (q.reason, q.record, q.image_id) == ("bad_bbox", "annotation 3", 1)
+    assert "must not be negative" in q.detail and json.loads(q.values)["bbox"] == [5.0, 5.0, 10.0, -1.0]
 
 
 def test_file_order_and_class_order_recorded_for_reference_mode(tmp_path):
@@ -129,9 +133,9 @@ def test_box_entirely_outside_is_quarantined_even_when_clipping(tmp_path):
         (
             {"id": 5, "file_name": "../x.jpg", "width": 10, "height": 10},
             "unsafe_file_name",
-            "escapes the image root",
+            "contains '..'",
         ),
-        ({"id": 5, "file_name": "a/../../x.jpg", "width": 10, "height": 10}, "unsafe_file_name", "escapes"),
+        ({"id": 5, "file_name": "a/../../x.jpg", "width": 10, "height": 10}, "unsafe_file_name", "'..'"),
         (
             {"id": "5", "file_name": "a.jpg", "width": 10, "height": 10},
             "malformed_image",
@@ -165,12 +169,12 @@ def test_duplicate_image_id_keeps_first_and_quarantines_the_rest(tmp_path):
         (_ann(3, 42), "unknown_image_id", "refers to image 42"),
         (
             {"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]},
-            "malformed_bbox",
+            "bad_bbox",
             "bbox of annotation 3 is [1, 2, 3]",
         ),
         (
             {"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, "a", 4]},
-            "malformed_bbox",
+            "bad_bbox",
             "4 finite numbers",
         ),
         ({"id": 3, "image_id": 1, "bbox": [1, 2, 3, 4]}, "malformed_annotation", "has category_id None"),
@@ -202,7 +206,7 @@ def test_categories_are_validated(tmp_path):
 def test_safe_file_name():
     assert safe_file_name("train/patch0/objects365_v1_00000001.jpg") is None
     assert "absolute" in safe_file_name("C:\\x.jpg")
-    assert "absolute" in safe_file_name("s3://bucket/x.jpg")
+    assert "URL" in safe_file_name("s3://bucket/x.jpg")
     assert "NUL" in safe_file_name("a\x00.jpg")
     assert "non-empty" in safe_file_name("")
 
