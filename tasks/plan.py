@@ -389,8 +389,9 @@ def plan_shards(
 
 
 def _spill_images(tmp: str, shard: int, rows: list) -> str:
-    path = os.path.join(tmp, f"images-{shard:05d}.npy")
-    np.save(path, np.array(rows, dtype=object), allow_pickle=True)
+    path = os.path.join(tmp, f"images-{shard:05d}.json")  # JSON, not pickle: nothing here unpickles
+    with open(path, "w") as f:
+        json.dump(rows, f)
     return path
 
 
@@ -570,7 +571,8 @@ def _build_shard(
     dup_anns: dict[int, int] | None = None, checks: _Checks | None = None,
 ) -> pa.Table:  # fmt: skip
     """Validate the shard's images (header checks) and boxes (vectorised) and return its images table."""
-    images = np.load(img_file, allow_pickle=True)
+    with open(img_file) as f:
+        images = json.load(f)
     ann_path = os.path.join(tmp, f"anns-{s:05d}.bin")
     anns = np.fromfile(ann_path, dtype=ANN_DTYPE) if os.path.exists(ann_path) else np.zeros(0, ANN_DTYPE)
     anns = anns[np.lexsort((anns["ann_id"], anns["image_pos"]))]
