@@ -267,3 +267,79 @@ def test_input_checksums_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
     _write(tmp_path, [_img(2)], [_ann(1, 2)])  # same path, new content
     os.utime(det, (1, 1))
     assert pr.cached_checksum(det, out) != first and len(calls) == 2
+
+
+# -- images checked at planning (header only, in threads) ----------------------------------------------------
+
+
+def _case_plan(tmp_path, names, **cfg):
+    from tests.bad_images import CASES, write_cases
+
+    root = str(tmp_path / "images")
+    write_cases(root)
+    images = [_img(i, *CASES[n][:2], f=n) for i, n in enumerate(names, start=1)]
+    anns = [_ann(10 + i, i, bbox=(2, 2, 20, 20)) for i in range(1, len(names) + 1)]
+    layout = RunLayout(str(tmp_path / "out"), "ds", "key")
+    out = plan_shards(_write(tmp_path, images, anns), layout, PlanConfig(**cfg), images_root=root)
+    return layout, out
+
+
+def test_plan_quarantines_images_that_fail_the_header_check_with_their_values(tmp_path):
+    from tests.bad_images import CASES
+
+    names = list(CASES)
+    layout, out = _case_plan(tmp_path, names, image_threads=4, shard_size=5)
+    got = {q.record: (q.reason, q.image_id) for q in _quarantine(layout)}
+    want = {n: (c[2], names.index(n) + 1) for n, c in CASES.items() if c[3] == "plan"}
+    assert got == want
+    planned = [r.file_name for s in range(len(out.shards)) for r in shard_records(layout, s)]
+    # cut_third.jpg has an intact header: planning keeps it, the verify stage decodes and quarantines it
+    assert planned == [n for n, c in CASES.items() if c[3] != "plan"]
+    assert out.counts["images_header_checked"] == len(CASES) and out.counts["images_planned"] == 7
+    for reason in ("missing_file", "unsafe_path", "decode_error", "too_large", "size_mismatch"):
+        assert out.counts[f"quarantined_{reason}"] == 1
+    assert out.counts["boxes_of_quarantined_images"] == 5
+    q = {q.record: q for q in _quarantine(layout)}
+    assert "stored size 60x40 != annotated 120x80" in q["small.jpg"].detail
+    assert json.loads(q["huge.png"].values) == {
+        "id": 11,
+        "file_name": "huge.png",
+        "width": 40000,
+        "height": 40000,
+    }
+    assert "outside the image root" in q["link_out.jpg"].detail
+
+
+def test_pixel_limit_is_a_plan_setting(tmp_path):
+    layout, out = _case_plan(tmp_path, ["good_a.jpg", "good_b.jpg"], max_pixels=64 * 48 - 1)
+    assert [q.reason for q in _quarantine(layout)] == ["too_large", "too_large"]
+    assert "64x48 = 3072 pixels > limit 3071" in _quarantine(layout)[0].detail
+
+
+def test_size_mismatch_can_rescale_the_boxes_instead(tmp_path):
+    from tests.bad_images import write_cases
+
+    root = str(tmp_path / "images")
+    write_cases(root)
+    # annotated on a 120x80 grid; the file holds 60x40 pixels: boxes halve, the box leaving the image is clipped
+    images = [_img(1, 120, 80, f="small.jpg")]
+    anns = [_ann(1, 1, bbox=(20, 20, 60, 40)), _ann(2, 1, bbox=(100, 70, 40, 20))]
+    layout = RunLayout(str(tmp_path / "out"), "ds", "key")
+    out = plan_shards(
+        _write(tmp_path, images, anns), layout, PlanConfig(size_mismatch="rescale"), images_root=root
+    )
+    (r,) = shard_records(layout, 0)
+    assert (r.width, r.height) == (60, 40)
+    assert [(b.x, b.y, b.w, b.h) for b in r.boxes] == [(10.0, 10.0, 30.0, 20.0), (50.0, 35.0, 10.0, 5.0)]
+    assert out.counts["rescaled_images"] == 1 and out.counts["clipped_boxes"] == 1 and out.n_quarantined == 0
+
+
+def test_a_plan_is_keyed_by_its_image_root(tmp_path):
+    det = _write(tmp_path, [_img(1)], [_ann(1, 1)])
+    caps = tmp_path / "caps.json"
+    caps.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a man on a chair"}]}))
+    out = str(tmp_path / "out")
+    wrong, _ = plan_run(det, str(tmp_path / "typo"), out, str(caps), "ds", PipelineConfig())
+    (tmp_path / "img").mkdir()
+    right, _ = plan_run(det, str(tmp_path / "img"), out, str(caps), "ds", PipelineConfig())
+    assert wrong.plan_key != right.plan_key  # the wrong folder's plan (everything missing) is never reused
