@@ -53,7 +53,11 @@ def load_config(path: str | None, args: argparse.Namespace):
         if path.endswith((".yaml", ".yml")):
             import yaml
 
-            data = yaml.safe_load(text) or {}
+            try:  # safe_load: tags such as !!python/object are refused, never constructed
+                data = yaml.safe_load(text) or {}
+            except yaml.YAMLError as e:
+                why = " ".join(str(e).split())
+                raise ValueError(f"config file {path} is not plain YAML: {why}") from None
         else:
             data = json.loads(text)
         if not isinstance(data, dict):
