@@ -151,3 +151,37 @@ def test_fsspec_memory_uri_and_file_uri(tmp_path):
     (tmp_path / "y.png").write_bytes(buf.getvalue())
     out, q = load_image(f"file://{tmp_path}", _rec("y.png"))
     assert q is None and out.size == (32, 24)
+
+
+def test_check_header_reads_the_header_only(tmp_path):
+    from tasks.images import BadImage, check_header
+    from tests.bad_images import noise_jpeg, png_header
+
+    blob = noise_jpeg(64, 48)
+    (tmp_path / "cut.jpg").write_bytes(blob[: len(blob) // 3])
+    h = check_header(str(tmp_path), "cut.jpg")
+    assert (h.width, h.height, h.format, h.mode) == (64, 48, "JPEG", "RGB")
+    # 40,000 x 40,000 declared in 57 bytes: refused from the header, nothing allocated
+    (tmp_path / "huge.png").write_bytes(png_header(40_000, 40_000))
+    with pytest.raises(BadImage) as e:
+        check_header(str(tmp_path), "huge.png")
+    assert e.value.reason == "too_large" and "1600000000 pixels" in e.value.detail
+    (tmp_path / "big.png").write_bytes(png_header(300, 300))
+    with pytest.raises(BadImage, match=r"300x300 = 90000 pixels > limit 89999") as e:
+        check_header(str(tmp_path), "big.png", max_pixels=89_999)
+    assert check_header(str(tmp_path), "big.png", max_pixels=90_000).width == 300
+
+
+def test_check_header_on_object_storage(tmp_path):
+    from tasks.images import BadImage, check_header
+    from tests.bad_images import noise_jpeg
+
+    with fsspec.open("memory://hdr/a/x.jpg", "wb") as f:
+        f.write(noise_jpeg(40, 30))
+    assert (
+        check_header("memory://hdr", "a/x.jpg").width,
+        check_header("memory://hdr", "a/x.jpg").height,
+    ) == (40, 30)
+    with pytest.raises(BadImage) as e:
+        check_header("memory://hdr", "a/none.jpg")
+    assert e.value.reason == "missing_file" and "memory://hdr/a/none.jpg" in e.value.detail
