@@ -112,6 +112,7 @@ def plan_run(
             write_json(layout.fs, layout.plan_manifest, plan.to_dict())
         finally:
             leases(layout).release(PLAN_LEASE)
+    _some_image_usable(plan, annotations, images, layout)
     if not layout.fs.exists(layout.manifest):
         if captions and "oracle" in captioner_names(cfg.caption):
             check_captions(captions, annotations, layout, plan)  # once per run, before it is recorded
@@ -138,6 +139,21 @@ PLAN_LEASE = "plan"
 #: Below this share of planned images with captions, a warning says how many are covered.
 CAPTION_COVERAGE_WARNING = 0.5
 log = logging.getLogger("reltag.inputs")
+
+
+def _some_image_usable(plan: PlanManifest, annotations: str, images: str, layout) -> None:
+    """ValueError (one line) when the file has images and planning quarantined every one of them: a wrong
+    --images folder, or a dataset with no usable image, is an input error, not a run of nothing."""
+    c = plan.counts
+    if c.get("images_planned", 0) or not c.get("images_in_file", 0):
+        return
+    reasons = sorted(((k[len("quarantined_") :], v) for k, v in c.items() if k.startswith("quarantined_")),
+                     key=lambda kv: -kv[1])  # fmt: skip
+    why = ", ".join(f"{v} {k}" for k, v in reasons[:4]) or "no reason recorded"
+    raise ValueError(
+        f"none of the {c['images_in_file']} images of {annotations} can be used with --images {images} ({why}; "
+        f"{layout.quarantine('plan')} lists each): is it the right image folder?"
+    )
 
 
 def caption_image_ids(captions: str) -> set[int]:

@@ -219,3 +219,12 @@ def _jpeg(w, h) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (w, h), (9, 9, 9)).save(buf, format="JPEG")
     return buf.getvalue()
+
+
+def test_an_image_folder_without_the_images_is_one_line_exit_2_before_any_flow(tmp_path, monkeypatch, capsys):
+    assert _cli(tmp_path, monkeypatch, json.dumps(GOOD)) == 2  # 000001.jpg is not in --images
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("reltag run: error: none of the 1 images of ")
+    assert (
+        f"can be used with --images {tmp_path} (1 missing_file;" in err[0] and "right image folder" in err[0]
+    )

@@ -212,7 +212,10 @@ def test_safe_file_name():
 
 
 def test_run_key_changes_with_config_and_input_and_planning_is_idempotent(tmp_path):
+    from tests.bad_images import noise_jpeg
+
     det = _write(tmp_path, [_img(1)], [_ann(1, 1)])
+    (tmp_path / "000001.jpg").write_bytes(noise_jpeg(100, 80))
     caps = tmp_path / "caps.json"
     caps.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a man on a chair"}]}))
     out = str(tmp_path / "out")
@@ -334,12 +337,25 @@ def test_size_mismatch_can_rescale_the_boxes_instead(tmp_path):
     assert out.counts["rescaled_images"] == 1 and out.counts["clipped_boxes"] == 1 and out.n_quarantined == 0
 
 
-def test_a_plan_is_keyed_by_its_image_root(tmp_path):
+def test_a_plan_is_keyed_by_its_image_root_and_a_root_without_the_images_is_refused(tmp_path):
+    from tasks.plan_run import run_context
+
     det = _write(tmp_path, [_img(1)], [_ann(1, 1)])
     caps = tmp_path / "caps.json"
     caps.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a man on a chair"}]}))
     out = str(tmp_path / "out")
-    wrong, _ = plan_run(det, str(tmp_path / "typo"), out, str(caps), "ds", PipelineConfig())
+    wrong = str(tmp_path / "typo")
+    with pytest.raises(
+        ValueError, match=r"none of the 1 images of .* can be used with --images .*typo \(1 missing_file;"
+    ):
+        plan_run(det, wrong, out, str(caps), "ds", PipelineConfig())
+    with pytest.raises(ValueError, match="is it the right image folder"):  # a rerun says the same
+        plan_run(det, wrong, out, str(caps), "ds", PipelineConfig())
     (tmp_path / "img").mkdir()
-    right, _ = plan_run(det, str(tmp_path / "img"), out, str(caps), "ds", PipelineConfig())
-    assert wrong.plan_key != right.plan_key  # the wrong folder's plan (everything missing) is never reused
+    from tests.bad_images import noise_jpeg
+
+    (tmp_path / "img" / "000001.jpg").write_bytes(noise_jpeg(100, 80))
+    right, plan = plan_run(det, str(tmp_path / "img"), out, str(caps), "ds", PipelineConfig())
+    assert plan.counts["images_planned"] == 1
+    # the wrong folder's plan (everything missing) is never reused for the right one
+    assert run_context(det, wrong, out, str(caps), "ds", PipelineConfig()).ctx.plan_key != right.plan_key
