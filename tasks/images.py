@@ -228,8 +228,8 @@ def decode_image(
     except OSError as e:
         raise BadImage("read_error", f"{type(e).__name__}: {e}") from e
     im = _open_image(io.BytesIO(blob), max_pixels, len(blob))
-    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone relaxed PIL globally: a truncated file would pass as grey
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; reltag needs truncated files to fail")
+    # PIL's default, restored in case a library relaxed it: a truncated file must fail, not decode as grey
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         im.load()
     except (OSError, SyntaxError, ValueError, EOFError) as e:

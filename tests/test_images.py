@@ -185,3 +185,15 @@ def test_check_header_on_object_storage(tmp_path):
     with pytest.raises(BadImage) as e:
         check_header("memory://hdr", "a/none.jpg")
     assert e.value.reason == "missing_file" and "memory://hdr/a/none.jpg" in e.value.detail
+
+
+def test_a_relaxed_pil_does_not_let_a_truncated_file_through(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from tests.bad_images import noise_jpeg
+
+    blob = noise_jpeg(64, 48)
+    (tmp_path / "cut.jpg").write_bytes(blob[: len(blob) // 3])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some training scripts set it
+    out, q = load_image(str(tmp_path), _rec("cut.jpg", 64, 48), stage="verify")
+    assert out is None and q.reason == "decode_error" and "truncated" in q.detail
