@@ -228,3 +228,34 @@ def test_an_image_folder_without_the_images_is_one_line_exit_2_before_any_flow(t
     assert (
         f"can be used with --images {tmp_path} (1 missing_file;" in err[0] and "right image folder" in err[0]
     )
+
+
+@pytest.mark.flow
+def test_malformed_records_no_longer_fail_the_run(prefect_harness, tmp_path, capsys):
+    """The issue's cases through the real flow: a negative width, a NaN coordinate, an id used twice in one image
+    (which made the match stage fail) and an `ignore` box; the run exits 0 and counts each reason."""
+    from benchmarks.synth import write_dataset
+    from flows.cli import main
+    from flows.status import find_runs
+
+    ds = write_dataset(str(tmp_path / "ds"), 3, seed=2)
+    doc = json.loads(open(ds["detections"]).read())
+    first = doc["annotations"][0]
+    doc["annotations"] += [
+        {**first, "id": 1001, "bbox": [10, 10, -5, 20]},
+        {**first, "id": 1002, "bbox": [10, math.nan, 5, 20]},
+        {**first, "id": first["id"], "bbox": [1, 1, 30, 30]},  # the same id again, same image
+        {**first, "id": 1003, "ignore": 1},
+    ]
+    with open(ds["detections"], "w") as f:
+        json.dump(doc, f)  # writes NaN, as Python does
+    out = str(tmp_path / "out")
+    rc = main(["run", "--annotations", ds["detections"], "--images", ds["images_root"], "--captions",
+               ds["captions"], "--out", out, "--dataset", "m"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    (run,) = find_runs(out)
+    stats = json.loads(open(run.run_stats).read())
+    assert stats["triplets"] > 0 and stats["images"] == 3
+    plan = stats["plan"]
+    assert plan["quarantined_bad_bbox"] == 2 and plan["quarantined_duplicate_annotation_id"] == 1
+    assert plan["dropped_ignore"] == 1 and plan["boxes_planned"] == len(doc["annotations"]) - 4
