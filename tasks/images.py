@@ -22,6 +22,7 @@ import fsspec
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from storage.paths import outside_root, unsafe_name
 from storage.records import ImageRecord, Quarantined
 
 #: Files larger than this are not read at all (a detection image is a few MB; 256 MiB is a broken file).
@@ -46,22 +47,6 @@ class BadImage(Exception):
 
 def _is_uri(path: str) -> bool:
     return "://" in path
-
-
-def unsafe_name(file_name: object) -> str | None:
-    """Why a file name from an input file may not be joined to the image root, or None when it is safe."""
-    if not isinstance(file_name, str) or not file_name.strip():
-        return f"file_name {file_name!r} is not a non-empty string"
-    if "\x00" in file_name:
-        return f"file_name {file_name!r} contains a NUL byte"
-    if _is_uri(file_name) or file_name.lower().startswith("file:"):
-        return f"file_name {file_name!r} is a URL, not a path relative to the image root"
-    norm = file_name.replace("\\", "/")
-    if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
-        return f"file_name {file_name!r} is absolute"
-    if ".." in norm.split("/"):
-        return f"file_name {file_name!r} contains '..' and would escape the image root"
-    return None
 
 
 def _quarantine(stage: str, record: ImageRecord, reason: str, detail: str) -> tuple[None, Quarantined]:
@@ -89,11 +74,13 @@ def _local_root(image_root: str) -> str | None:
 
 def _local_path(root: str, file_name: str) -> str:
     """The resolved path of a file under a local root; BadImage when it leaves the root or is no file."""
-    root_real = os.path.realpath(root)
     path = os.path.join(root, file_name)
+    real = outside_root(root, file_name)
+    if real is not None:
+        raise BadImage(
+            "unsafe_path", f"resolves to {real}, outside the image root {os.path.realpath(root)} (symlink?)"
+        )
     real = os.path.realpath(path)
-    if os.path.commonpath([root_real, real]) != root_real:
-        raise BadImage("unsafe_path", f"resolves to {real}, outside the image root {root_real} (symlink?)")
     if not os.path.isfile(real):
         raise BadImage("missing_file", f"{path} does not exist or is not a file")
     return real

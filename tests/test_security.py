@@ -156,3 +156,29 @@ def test_source_tree_never_trusts_remote_code_nor_unpickles():
     assert all("use_safetensors=True" in c for _, c in models), [
         x for x in models if "use_safetensors" not in x[1]
     ]
+
+
+def test_the_training_reader_refuses_names_that_leave_the_image_root(tmp_path):
+    from models.rlipv2.data import load_vg
+    from storage.paths import safe_local_path
+
+    src = json.loads((REPO / "examples" / "vg_tiny" / "relationships.json").read_text())
+    for name, message in [
+        ("../x.png", "contains '..'"),
+        ("/etc/passwd", "is absolute"),
+        ("s3://b/x.png", "is a URL"),
+    ]:
+        bad = [dict(src[0], file_name=name)] + src[1:]
+        (tmp_path / "rel.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=rf"image {src[0]['image_id']}: file_name .* {message}"):
+            load_vg(tmp_path / "rel.json")
+    # a symlink inside the root that points out of it: refused where the pixels are read (make_batch)
+    root = tmp_path / "root"
+    root.mkdir()
+    (tmp_path / "secret.png").write_bytes(b"x")
+    os.symlink(tmp_path / "secret.png", root / "a.png")
+    with pytest.raises(ValueError, match=r"file_name 'a.png' resolves to .*secret.png, outside the root"):
+        safe_local_path(str(root), "a.png")
+    assert safe_local_path(str(REPO / "examples" / "vg_tiny" / "images"), src[0]["file_name"]).endswith(
+        src[0]["file_name"]
+    )
