@@ -57,6 +57,7 @@ def verify_batch(
     stats = {
         "images": len(images),
         "verified": len(verified),
+        "verified_rate": round(len(verified) / len(images), 4) if images else 0.0,  # recomputed when merged
         "quarantined": len(quarantined),
         **{f"quarantined_{k}": n for k, n in sorted(reasons.items())},
         "converted_to_rgb": sum(n for m, n in modes.items() if m != "RGB"),
