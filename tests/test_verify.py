@@ -176,4 +176,5 @@ def test_default_path_quarantines_every_broken_image_and_labels_the_good_ones(
         stats["stages"]["verify"]["verified"] == 6
         and stats["stages"]["verify"]["quarantined_decode_error"] == 1
     )
+    assert stats["stages"]["verify"]["verified_rate"] == round(6 / 7, 4)  # merged over the batches of 5 and 2
     assert stats["stages"]["caption"]["images_captioned"] == 6
