@@ -65,7 +65,7 @@ def main() -> None:
     def params(out):
         return LabelParams(
             annotations=ds["detections"],
-            images=tmp,
+            images=ds["images_root"],
             out=os.path.join(tmp, out),
             captions=ds["captions"],
             config=cfg,
@@ -76,7 +76,7 @@ def main() -> None:
     label_dataset(
         LabelParams(
             annotations=warm["detections"],
-            images=tmp,
+            images=warm["images_root"],
             out=os.path.join(tmp, "warm-out"),
             captions=warm["captions"],
             config=cfg,

@@ -95,7 +95,7 @@ def main() -> None:
     def params(out):
         return LabelParams(
             annotations=ds["detections"],
-            images=tmp,
+            images=ds["images_root"],
             out=os.path.join(tmp, out),
             captions=ds["captions"],
             config=cfg,

@@ -468,7 +468,11 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         got_b = single_blis.parse_many(blk)
         tsb = time.perf_counter() - t0
-        for name, g in (("candidate", got), ("single-process candidate", got_s), ("BLIS single process", got_b)):
+        for name, g in (
+            ("candidate", got),
+            ("single-process candidate", got_s),
+            ("BLIS single process", got_b),
+        ):
             if g != expected:
                 bad = next(i for i, (x, e) in enumerate(zip(g, expected)) if x != e)
                 raise AssertionError(

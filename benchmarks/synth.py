@@ -118,7 +118,8 @@ _ADJ = ["", "", "small ", "red ", "old ", "white ", "wooden ", "large "]
 
 
 def write_dataset(folder: str, n_images: int, captions_per_image: int = 5, seed: int = 0) -> dict:
-    """A small labelled dataset with relation-bearing captions: detections.json + captions.json (oracle).
+    """A small labelled dataset with relation-bearing captions: detections.json + captions.json (oracle) and
+    the images (img/*.jpg, 640x480) under `folder`, which is the image root (returned as "images_root").
 
     Boxes are placed so that some pairs overlap and some do not; captions name classes present in the image.
     """
@@ -153,6 +154,17 @@ def write_dataset(folder: str, n_images: int, captions_per_image: int = 5, seed:
             text = f"A {rng.choice(_ADJ)}{rng.choice(sw)} {rng.choice(_RELATIONS)} a {rng.choice(_ADJ)}{rng.choice(ow)}."
             caps.append({"id": len(caps) + 1, "image_id": i, "caption": text.replace("  ", " ")})
     os.makedirs(folder, exist_ok=True)
+    # the images themselves (every run decodes them in its verify stage): one small grey 640x480 JPEG's bytes
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (640, 480), (128, 128, 128)).save(buf, format="JPEG", quality=50)
+    os.makedirs(os.path.join(folder, "img"), exist_ok=True)
+    for im in images:
+        with open(os.path.join(folder, im["file_name"]), "wb") as f:
+            f.write(buf.getvalue())
     det, cap = os.path.join(folder, "detections.json"), os.path.join(folder, "captions.json")
     with open(det, "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": cats}, f)
@@ -161,6 +173,7 @@ def write_dataset(folder: str, n_images: int, captions_per_image: int = 5, seed:
     return {
         "detections": det,
         "captions": cap,
+        "images_root": folder,
         "images": n_images,
         "boxes": len(anns),
         "captions_n": len(caps),

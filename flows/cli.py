@@ -19,6 +19,9 @@ OVERRIDES = {
     "shard_size": ("plan", "shard_size", int),
     "batch_size": ("plan", "batch_size", int),
     "box_policy": ("plan", "box_policy", str),
+    "max_pixels": ("plan", "max_pixels", int),
+    "size_mismatch": ("plan", "size_mismatch", str),
+    "image_threads": ("plan", "image_threads", int),
     "captioner": ("caption", "captioner", str),
     "caption_model": ("caption", "model", str),
     "caption_revision": ("caption", "model_revision", str),
@@ -189,6 +192,14 @@ def _run(params, stage_threads: int | None = None) -> int:
         validate_captions(
             params.captions, params.config
         )  # before Prefect: a bad file is one line, not retried
+
+        from tasks.plan_run import plan_run
+
+        # plan here, before Prefect starts: a bad detection or captions file is one line and exit 2, not a
+        # failed flow run (the flow's plan task then finds the plan and the run record written)
+        plan_run(
+            params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config
+        )
         from flows.label import run_in_process
 
         summary = run_in_process(params, stage_threads, check_finished=False)  # checked just above

@@ -164,3 +164,19 @@ class Quarantined:
     record: str  # file name, annotation id or caption reference that names the record
     reason: str  # short machine-countable reason, e.g. "bbox_outside_image"
     detail: str  # human-readable message with the offending values
+    values: str | None = None  # the record's values as read from the input (JSON), where there is one
+
+
+@dataclass(slots=True)
+class VerifiedImage:
+    """An image the verify stage decoded in full: what the file held (pixels are not stored)."""
+
+    image_id: int
+    file_name: str
+    width: int  # stored pixel grid (EXIF orientation not applied)
+    height: int
+    format: str  # JPEG, PNG, ...
+    mode: str  # the file's mode before conversion to RGB: RGB, L, CMYK, P, I;16, ...
+    exif_orientation: int  # 1 = as stored; 2..8 reported, never applied (boxes refer to the stored grid)
+    bytes: int
+    sha256: str  # of the file's bytes, as verified

@@ -153,6 +153,21 @@ QUARANTINE = pa.schema(
         ("record", pa.string(), False),
         ("reason", pa.string(), False),
         ("detail", pa.string(), False),
+        ("values", pa.string(), True),  # the record's values (JSON) where there is one
+    ]
+)
+
+VERIFIED = pa.schema(
+    [
+        ("image_id", pa.int64(), False),
+        ("file_name", pa.string(), False),
+        ("width", pa.int32(), False),
+        ("height", pa.int32(), False),
+        ("format", pa.string(), False),
+        ("mode", pa.string(), False),
+        ("exif_orientation", pa.int16(), False),
+        ("bytes", pa.int64(), False),
+        ("sha256", pa.string(), False),
     ]
 )
 
@@ -166,6 +181,7 @@ SCHEMAS: dict[type, pa.Schema] = {
     r.Triplet: TRIPLETS,
     r.Reject: REJECTS,
     r.Quarantined: QUARANTINE,
+    r.VerifiedImage: VERIFIED,
 }
 
 

@@ -21,6 +21,22 @@ class PlanConfig(_Frozen):
     box_policy: Literal["clip", "quarantine"] = Field(
         "clip", description="a box that leaves the image: clip it to the image, or quarantine the box"
     )
+    # image checks at planning (header only) and in the verify stage (full decode)
+    max_pixels: int = Field(
+        89_478_485,
+        ge=1,
+        le=178_956_970,
+        description="images with more pixels are quarantined (too_large); default = Pillow's decompression-bomb "
+        "limit, at most twice it (Pillow refuses to open bigger images at all)",
+    )
+    size_mismatch: Literal["quarantine", "rescale"] = Field(
+        "quarantine",
+        description="an image whose stored size differs from its annotated width/height: quarantine it "
+        "(size_mismatch), or rescale its boxes to the stored size (counted as rescaled_images)",
+    )
+    image_threads: int = Field(
+        16, ge=1, le=256, description="threads for header checks and decoding (does not change the output)"
+    )
 
 
 class CaptionConfig(_Frozen):
@@ -176,6 +192,7 @@ class PipelineConfig(_Frozen):
         d["caption"].pop("device")
         d["parse"].pop("processes")
         d["tag"].pop("device")
+        d["plan"].pop("image_threads")
         return d
 
 

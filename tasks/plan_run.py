@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from typing import NamedTuple
@@ -159,7 +160,7 @@ def run_context(
     if "oracle" in names and not captions and need_captions:
         raise ValueError("captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON)")
     ann_sha, ann_bytes = cached_checksum(annotations, out)
-    inputs = {"annotations_sha256": ann_sha}
+    inputs = {"annotations_sha256": ann_sha, "images_root": images}
     cap_sha = None
     if captions and "oracle" in names:
         cap_sha, _ = cached_checksum(captions, out)
@@ -195,7 +196,7 @@ def plan_run(
     if plan is None:  # this process holds the plan's lease: plan, then release it
         try:
             t0 = time.perf_counter()
-            outcome = plan_shards(annotations, layout, cfg.plan)
+            outcome = plan_shards(annotations, layout, cfg.plan, images_root=images)
             plan = PlanManifest(
                 plan_key=pkey,
                 dataset=dataset,
@@ -215,7 +216,10 @@ def plan_run(
             write_json(layout.fs, layout.plan_manifest, plan.to_dict())
         finally:
             leases(layout).release(PLAN_LEASE)
+    _some_image_usable(plan, annotations, images, layout)
     if record_run and not layout.fs.exists(layout.manifest):
+        if captions and "oracle" in captioner_names(cfg.caption):
+            check_captions(captions, annotations, layout, plan)  # once per run, before it is recorded
         record = RunRecord(
             run_key=run_key,
             dataset=dataset,
@@ -236,6 +240,66 @@ def plan_run(
 
 
 PLAN_LEASE = "plan"
+#: Below this share of planned images with captions, a warning says how many are covered.
+CAPTION_COVERAGE_WARNING = 0.5
+log = logging.getLogger("reltag.inputs")
+
+
+def _some_image_usable(plan: PlanManifest, annotations: str, images: str, layout) -> None:
+    """ValueError (one line) when the file has images and planning quarantined every one of them: a wrong
+    --images folder, or a dataset with no usable image, is an input error, not a run of nothing."""
+    c = plan.counts
+    if c.get("images_planned", 0) or not c.get("images_in_file", 0):
+        return
+    reasons = sorted(((k[len("quarantined_") :], v) for k, v in c.items() if k.startswith("quarantined_")),
+                     key=lambda kv: -kv[1])  # fmt: skip
+    why = ", ".join(f"{v} {k}" for k, v in reasons[:4]) or "no reason recorded"
+    raise ValueError(
+        f"none of the {c['images_in_file']} images of {annotations} can be used with --images {images} ({why}; "
+        f"{layout.quarantine('plan')} lists each): is it the right image folder?"
+    )
+
+
+def caption_image_ids(captions: str) -> set[int]:
+    """The image ids of a COCO-Captions file (streamed); ValueError in one line when it is not one."""
+    import fsspec
+    import ijson
+
+    ids: set[int] = set()
+    with fsspec.open(captions, "rb") as f:
+        try:
+            for v in ijson.items(f, "annotations.item.image_id"):
+                if isinstance(v, int) and not isinstance(v, bool):
+                    ids.add(v)
+        except ijson.common.JSONError as e:
+            first = " ".join(str(e).split("\n")[0].split())
+            raise ValueError(f"captions file {captions} is not valid JSON: {first}") from e
+    return ids
+
+
+def check_captions(captions: str, annotations: str, layout, plan: PlanManifest) -> int:
+    """How many planned images the captions file covers. None: ValueError (one line); under
+    CAPTION_COVERAGE_WARNING of them: a warning with the count (logger reltag.inputs, stderr by default)."""
+    import pyarrow.parquet as pq
+
+    have = caption_image_ids(captions)
+    planned = matched = 0
+    for sh in plan.shards:
+        with layout.fs.open(layout.images(sh.shard), "rb") as f:
+            ids = pq.read_table(f, columns=["image_id"]).column("image_id").to_pylist()
+        planned += len(ids)
+        matched += sum(1 for i in ids if i in have)
+    if planned and not matched:
+        raise ValueError(
+            f"captions file {captions}: none of its {len(have)} image ids matches any of the {planned} planned "
+            f"images of {annotations} (captions of another dataset or split?)"
+        )
+    if planned and matched < CAPTION_COVERAGE_WARNING * planned:
+        log.warning(
+            "warning: captions file %s covers only %d of %d planned images (%.1f%%); the others get no captions",
+            captions, matched, planned, 100.0 * matched / planned,
+        )  # fmt: skip
+    return matched
 
 
 def _planned_or_claim(layout) -> PlanManifest | None:

@@ -28,6 +28,7 @@ from storage.records import (
     Quarantined,
     TaggedRelation,
     Triplet,
+    VerifiedImage,
 )
 from tasks.config import PipelineConfig
 from tasks.context import RunContext, batch_images, load_pixels, plan_manifest, read_stage, vocabulary
@@ -35,7 +36,8 @@ from tasks.revisions import model_dir_revision
 from tasks.stats import Stats
 
 #: Bump when a stage's semantics change, so old results are never mixed with new ones.
-PIPELINE_VERSION = "3"  # 3: captions and triplets carry the captions file's annotation ids
+PIPELINE_VERSION = "4"  # 3: captions and triplets carry the captions file's annotation ids; 4: the verify
+# stage heads the chain and the plan checks image headers
 
 
 @dataclass(slots=True)
@@ -146,12 +148,23 @@ TAGGERS: dict[str, TaggerEntry] = {
 # -- the stages' batch functions -----------------------------------------------------------------------------
 
 
+def _verify(ctx: RunContext, shard: int, batch: int) -> StageOutput:
+    from tasks.verify import verify_batch
+
+    plan = ctx.config.plan
+    rows, quarantined, stats = verify_batch(
+        batch_images(ctx, shard, batch), ctx.images_root, plan.max_pixels, plan.image_threads
+    )
+    return StageOutput(rows, quarantined, stats)
+
+
 def _caption(ctx: RunContext, shard: int, batch: int) -> StageOutput:
     from tasks.caption import batch_seed, caption_batch
     from tasks.pipeline import captioners
+    from tasks.verify import verified_images
 
     out = caption_batch(
-        batch_images(ctx, shard, batch),
+        verified_images(ctx, shard, batch),  # only images the verify stage decoded in full
         list(captioners(ctx.config_json, ctx.captions_file)),
         ctx.images_root,
         batch_seed(ctx.key("caption"), shard, batch),  # the caption stage's key: reused captions, same seeds
@@ -249,8 +262,13 @@ def _no_revision(cfg: PipelineConfig, inputs: dict) -> str:
 
 #: The pipeline, in order. The last stage's key is the run key.
 STAGES: tuple[Stage, ...] = (
+    # every planned image decoded in full before any other stage sees it (tasks/verify.py)
     Stage(
-        "caption", None, Caption, "captions", "caption", _caption_settings, _caption_revision,
+        "verify", None, VerifiedImage, "verified", "plan", lambda cfg: {"max_pixels": cfg.plan.max_pixels},
+        _no_revision, compute=_verify, ratios={"verified_rate": ("verified", "images")},
+    ),
+    Stage(
+        "caption", "verify", Caption, "captions", "caption", _caption_settings, _caption_revision,
         device=_model_device("caption"), compute=_caption,
     ),
     Stage(
@@ -294,10 +312,12 @@ def _hash(obj) -> str:
 
 
 def plan_key(cfg: PipelineConfig, inputs: dict) -> str:
-    """The plan's key: plan settings and the annotation file's checksum."""
+    """The plan's key: plan settings, the annotation file's checksum and the image root (the plan checks the
+    images, so a plan made against one folder is not reused for another)."""
     return _hash(
-        {"stage": "plan", "settings": cfg.plan.model_dump(mode="json"),
-         "inputs": {"annotations_sha256": inputs["annotations_sha256"]}, "pipeline": PIPELINE_VERSION}
+        {"stage": "plan", "settings": cfg.plan.model_dump(mode="json", exclude={"image_threads"}),
+         "inputs": {"annotations_sha256": inputs["annotations_sha256"], "images_root": inputs.get("images_root")},
+         "pipeline": PIPELINE_VERSION}
     )  # fmt: skip
 
 

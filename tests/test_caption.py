@@ -144,11 +144,11 @@ def test_undecodable_images_quarantined_and_get_no_captions(tmp_path):
     assert cap.calls == [[1, 3]]
     assert {c.image_id for c in out.captions} == {1, 3}
     q = {x.record: x.reason for x in out.quarantine}
-    assert q == {"im2.png": "missing_file", "im4.png": "corrupt"}
+    assert q == {"im2.png": "missing_file", "im4.png": "decode_error"}
     assert all(x.stage == "caption" and x.record in x.detail for x in out.quarantine)
     assert out.stats["quarantined"] == 2 and out.stats["top_quarantine_reasons"] == {
         "missing_file": 1,
-        "corrupt": 1,
+        "decode_error": 1,
     }
 
 

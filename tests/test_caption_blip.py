@@ -230,7 +230,7 @@ def test_caption_batch_end_to_end_with_quarantine(blip_dir, photos, tmp_path):
     caps = build_captioners(cfg, None)
     out = caption_batch(batch, caps, str(tmp_path), seed=batch_seed("rk", 0, 0), cfg=cfg)
     assert [q.record for q in out.quarantine] == ["broken.jpg"]
-    assert out.quarantine[0].reason in ("corrupt", "truncated") and "broken.jpg" in out.quarantine[0].detail
+    assert out.quarantine[0].reason == "decode_error" and "broken.jpg" in out.quarantine[0].detail
     assert out.quarantine[0].image_id == 8 and out.quarantine[0].stage == "caption"
     assert sorted({c.image_id for c in out.captions}) == [7, 1000, 1001, 1002]
     for iid in (7, 1000, 1001, 1002):

@@ -79,7 +79,7 @@ def test_demo_sample_writes_readable_triplets(prefect_harness, tmp_path, capsys)
 
 def test_rerun_of_a_finished_run_does_nothing(prefect_harness, tmp_path):
     ds = write_dataset(str(tmp_path / "ds"), 30)
-    params = _params(tmp_path, ds["detections"], ds["captions"], str(tmp_path), batch_size=10)
+    params = _params(tmp_path, ds["detections"], ds["captions"], ds["images_root"], batch_size=10)
     from flows.label import label_dataset
 
     first = label_dataset(params)
@@ -98,9 +98,11 @@ def test_a_failed_batch_fails_the_flow_and_only_it_is_redone(prefect_harness, tm
     from flows.label import label_dataset
 
     ds = write_dataset(str(tmp_path / "ds"), 40, seed=3)
-    clean = _params(tmp_path, ds["detections"], ds["captions"], str(tmp_path), out="clean", batch_size=10)
+    clean = _params(tmp_path, ds["detections"], ds["captions"], ds["images_root"], out="clean", batch_size=10)
     label_dataset(clean)
-    params = _params(tmp_path, ds["detections"], ds["captions"], str(tmp_path), out="faulty", batch_size=10)
+    params = _params(
+        tmp_path, ds["detections"], ds["captions"], ds["images_root"], out="faulty", batch_size=10
+    )
 
     real = pipeline.compute
     calls = []
@@ -141,7 +143,9 @@ def test_label_shard_runs_one_shard_and_label_dataset_finishes_the_rest(prefect_
     from flows.label import label_dataset, label_shard
 
     ds = write_dataset(str(tmp_path / "ds"), 30, seed=4)
-    params = _params(tmp_path, ds["detections"], ds["captions"], str(tmp_path), shard_size=20, batch_size=10)
+    params = _params(
+        tmp_path, ds["detections"], ds["captions"], ds["images_root"], shard_size=20, batch_size=10
+    )
     label_shard(params, 1)
     (run,) = find_runs(params.out)
     st = run_status(run)
@@ -162,7 +166,7 @@ def test_changed_eta_redoes_only_threshold_and_write_and_equals_a_fresh_run(
     from flows.label import label_dataset
 
     ds = write_dataset(str(tmp_path / "ds"), 30, seed=4)
-    first = _params(tmp_path, ds["detections"], ds["captions"], str(tmp_path), batch_size=10)
+    first = _params(tmp_path, ds["detections"], ds["captions"], ds["images_root"], batch_size=10)
     label_dataset(first)
     cfg = first.config.model_copy(
         update={"threshold": first.config.threshold.model_copy(update={"eta": 0.5})}
@@ -195,7 +199,7 @@ def test_blip_settings_do_not_touch_a_human_caption_run(prefect_harness, tmp_pat
     from flows.label import label_dataset
 
     ds = write_dataset(str(tmp_path / "ds"), 20, seed=6)
-    first = _params(tmp_path, ds["detections"], ds["captions"], str(tmp_path), batch_size=10)
+    first = _params(tmp_path, ds["detections"], ds["captions"], ds["images_root"], batch_size=10)
     label_dataset(first)
     cap = first.config.caption.model_copy(update={"top_p": 0.5, "n_cap": 3, "model": "elsewhere/blip"})
     second = first.model_copy(update={"config": first.config.model_copy(update={"caption": cap})})
@@ -209,7 +213,7 @@ def test_blip_settings_do_not_touch_a_human_caption_run(prefect_harness, tmp_pat
 def test_cli_runs_lists_and_key_prefix_picks(prefect_harness, tmp_path, capsys):
     ds = write_dataset(str(tmp_path / "ds"), 12, seed=8)
     out = str(tmp_path / "out")
-    base = ["run", "--annotations", ds["detections"], "--images", str(tmp_path), "--captions", ds["captions"],
+    base = ["run", "--annotations", ds["detections"], "--images", ds["images_root"], "--captions", ds["captions"],
             "--out", out, "--dataset", "t"]  # fmt: skip
     assert main(base) == 0
     assert main([*base, "--eta", "0.6"]) == 0
@@ -240,7 +244,7 @@ def test_stages_of_consecutive_batches_run_side_by_side(prefect_harness, tmp_pat
     from flows.label import run_in_process
 
     ds = write_dataset(str(tmp_path / "ds"), 40, seed=9)
-    params = _params(tmp_path, ds["detections"], ds["captions"], str(tmp_path), batch_size=10)
+    params = _params(tmp_path, ds["detections"], ds["captions"], ds["images_root"], batch_size=10)
     real = pipeline.compute
     spans, lock = [], threading.Lock()
 

@@ -72,14 +72,19 @@ def test_truncated_jpeg_quarantined(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     out, q = load_image(str(tmp_path), _rec("cut.jpg", 64, 48))
     assert out is None
-    assert q.reason == "truncated" and q.record == "cut.jpg" and "cut.jpg" in q.detail
+    assert (
+        q.reason == "decode_error"
+        and "truncated" in q.detail
+        and q.record == "cut.jpg"
+        and "cut.jpg" in q.detail
+    )
     assert q.stage == "caption" and q.image_id == 7
 
 
 def test_corrupt_file_quarantined(tmp_path):
     (tmp_path / "junk.jpg").write_bytes(b"this is not an image at all" * 10)
     out, q = load_image(str(tmp_path), _rec("junk.jpg"), stage="tag")
-    assert out is None and q.reason == "corrupt" and q.stage == "tag" and "junk.jpg" in q.detail
+    assert out is None and q.reason == "decode_error" and q.stage == "tag" and "junk.jpg" in q.detail
 
 
 def test_missing_file_quarantined(tmp_path):
@@ -90,7 +95,7 @@ def test_missing_file_quarantined(tmp_path):
 def test_huge_image_quarantined_before_decoding(tmp_path):
     Image.new("RGB", (200, 100)).save(tmp_path / "big.png")
     out, q = load_image(str(tmp_path), _rec("big.png", 200, 100), max_pixels=10_000)
-    assert out is None and q.reason == "image_too_large"
+    assert out is None and q.reason == "too_large"
     assert "200x100" in q.detail and "big.png" in q.detail
 
 
@@ -114,7 +119,7 @@ def test_unsafe_names_refused(tmp_path, name):
     root.mkdir()
     Image.new("RGB", (32, 24)).save(tmp_path / "outside.png")
     out, q = load_image(str(root), _rec(name))
-    assert out is None and q.reason == "unsafe_path" and q.record == name
+    assert out is None and q.reason == "unsafe_file_name" and q.record == name
 
 
 def test_symlink_leaving_root_refused(tmp_path):
@@ -146,3 +151,49 @@ def test_fsspec_memory_uri_and_file_uri(tmp_path):
     (tmp_path / "y.png").write_bytes(buf.getvalue())
     out, q = load_image(f"file://{tmp_path}", _rec("y.png"))
     assert q is None and out.size == (32, 24)
+
+
+def test_check_header_reads_the_header_only(tmp_path):
+    from tasks.images import BadImage, check_header
+    from tests.bad_images import noise_jpeg, png_header
+
+    blob = noise_jpeg(64, 48)
+    (tmp_path / "cut.jpg").write_bytes(blob[: len(blob) // 3])
+    h = check_header(str(tmp_path), "cut.jpg")
+    assert (h.width, h.height, h.format, h.mode) == (64, 48, "JPEG", "RGB")
+    # 40,000 x 40,000 declared in 57 bytes: refused from the header, nothing allocated
+    (tmp_path / "huge.png").write_bytes(png_header(40_000, 40_000))
+    with pytest.raises(BadImage) as e:
+        check_header(str(tmp_path), "huge.png")
+    assert e.value.reason == "too_large" and "1600000000 pixels" in e.value.detail
+    (tmp_path / "big.png").write_bytes(png_header(300, 300))
+    with pytest.raises(BadImage, match=r"300x300 = 90000 pixels > limit 89999") as e:
+        check_header(str(tmp_path), "big.png", max_pixels=89_999)
+    assert check_header(str(tmp_path), "big.png", max_pixels=90_000).width == 300
+
+
+def test_check_header_on_object_storage(tmp_path):
+    from tasks.images import BadImage, check_header
+    from tests.bad_images import noise_jpeg
+
+    with fsspec.open("memory://hdr/a/x.jpg", "wb") as f:
+        f.write(noise_jpeg(40, 30))
+    assert (
+        check_header("memory://hdr", "a/x.jpg").width,
+        check_header("memory://hdr", "a/x.jpg").height,
+    ) == (40, 30)
+    with pytest.raises(BadImage) as e:
+        check_header("memory://hdr", "a/none.jpg")
+    assert e.value.reason == "missing_file" and "memory://hdr/a/none.jpg" in e.value.detail
+
+
+def test_a_relaxed_pil_does_not_let_a_truncated_file_through(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
+    from tests.bad_images import noise_jpeg
+
+    blob = noise_jpeg(64, 48)
+    (tmp_path / "cut.jpg").write_bytes(blob[: len(blob) // 3])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some training scripts set it
+    out, q = load_image(str(tmp_path), _rec("cut.jpg", 64, 48), stage="verify")
+    assert out is None and q.reason == "decode_error" and "truncated" in q.detail

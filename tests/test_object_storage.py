@@ -15,7 +15,7 @@ from tasks.stages import BATCH_STAGES
 
 def _run(ds, out):
     cfg = PipelineConfig(dataset="m", plan=PlanConfig(batch_size=10))
-    ctx, plan = plan_run(ds["detections"], "/nonexistent", out, ds["captions"], "m", cfg)
+    ctx, plan = plan_run(ds["detections"], ds["images_root"], out, ds["captions"], "m", cfg)
     for b in range(plan.shards[0].batches):
         for stage in BATCH_STAGES:
             run_batch_stage(ctx, stage, 0, b)

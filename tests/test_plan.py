@@ -55,12 +55,16 @@ def test_shards_are_cut_in_file_order_and_boxes_attached(tmp_path):
     assert layout.images(2).endswith("images/shard-00002.parquet")
 
 
-def test_crowd_and_zero_area_boxes_are_dropped_and_counted(tmp_path):
-    anns = [_ann(1, 1, crowd=1), _ann(2, 1, bbox=(5, 5, 0, 10)), _ann(3, 1, bbox=(5, 5, 10, -1)), _ann(4, 1)]
+def test_crowd_ignore_and_zero_area_boxes_are_dropped_and_counted_negative_ones_quarantined(tmp_path):
+    anns = [_ann(1, 1, crowd=1), _ann(2, 1, bbox=(5, 5, 0, 10)), _ann(3, 1, bbox=(5, 5, 10, -1)), _ann(4, 1),
+            {**_ann(5, 1), "ignore": 1}, {**_ann(6, 1), "ignore": 0}]  # fmt: skip
     layout, out = _plan(tmp_path, _write(tmp_path, [_img(1)], anns))
-    assert out.counts["dropped_crowd"] == 1
-    assert out.counts["dropped_zero_area"] == 2
-    assert [b.ann_id for b in shard_records(layout, 0)[0].boxes] == [4]
+    assert out.counts["dropped_crowd"] == 1 and out.counts["dropped_ignore"] == 1
+    assert out.counts["dropped_zero_area"] == 1 and out.counts["quarantined_bad_bbox"] == 1
+    assert [b.ann_id for b in shard_records(layout, 0)[0].boxes] == [4, 6]
+    (q,) = _quarantine(layout)
+    assert (q.reason, q.record, q.image_id) == ("bad_bbox", "annotation 3", 1)
+    assert "must not be negative" in q.detail and json.loads(q.values)["bbox"] == [5.0, 5.0, 10.0, -1.0]
 
 
 def test_file_order_and_class_order_recorded_for_reference_mode(tmp_path):
@@ -129,9 +133,9 @@ def test_box_entirely_outside_is_quarantined_even_when_clipping(tmp_path):
         (
             {"id": 5, "file_name": "../x.jpg", "width": 10, "height": 10},
             "unsafe_file_name",
-            "escapes the image root",
+            "contains '..'",
         ),
-        ({"id": 5, "file_name": "a/../../x.jpg", "width": 10, "height": 10}, "unsafe_file_name", "escapes"),
+        ({"id": 5, "file_name": "a/../../x.jpg", "width": 10, "height": 10}, "unsafe_file_name", "'..'"),
         (
             {"id": "5", "file_name": "a.jpg", "width": 10, "height": 10},
             "malformed_image",
@@ -165,12 +169,12 @@ def test_duplicate_image_id_keeps_first_and_quarantines_the_rest(tmp_path):
         (_ann(3, 42), "unknown_image_id", "refers to image 42"),
         (
             {"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3]},
-            "malformed_bbox",
+            "bad_bbox",
             "bbox of annotation 3 is [1, 2, 3]",
         ),
         (
             {"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, "a", 4]},
-            "malformed_bbox",
+            "bad_bbox",
             "4 finite numbers",
         ),
         ({"id": 3, "image_id": 1, "bbox": [1, 2, 3, 4]}, "malformed_annotation", "has category_id None"),
@@ -202,13 +206,16 @@ def test_categories_are_validated(tmp_path):
 def test_safe_file_name():
     assert safe_file_name("train/patch0/objects365_v1_00000001.jpg") is None
     assert "absolute" in safe_file_name("C:\\x.jpg")
-    assert "absolute" in safe_file_name("s3://bucket/x.jpg")
+    assert "URL" in safe_file_name("s3://bucket/x.jpg")
     assert "NUL" in safe_file_name("a\x00.jpg")
     assert "non-empty" in safe_file_name("")
 
 
 def test_run_key_changes_with_config_and_input_and_planning_is_idempotent(tmp_path):
+    from tests.bad_images import noise_jpeg
+
     det = _write(tmp_path, [_img(1)], [_ann(1, 1)])
+    (tmp_path / "000001.jpg").write_bytes(noise_jpeg(100, 80))
     caps = tmp_path / "caps.json"
     caps.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a man on a chair"}]}))
     out = str(tmp_path / "out")
@@ -263,3 +270,92 @@ def test_input_checksums_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
     _write(tmp_path, [_img(2)], [_ann(1, 2)])  # same path, new content
     os.utime(det, (1, 1))
     assert pr.cached_checksum(det, out) != first and len(calls) == 2
+
+
+# -- images checked at planning (header only, in threads) ----------------------------------------------------
+
+
+def _case_plan(tmp_path, names, **cfg):
+    from tests.bad_images import CASES, write_cases
+
+    root = str(tmp_path / "images")
+    write_cases(root)
+    images = [_img(i, *CASES[n][:2], f=n) for i, n in enumerate(names, start=1)]
+    anns = [_ann(10 + i, i, bbox=(2, 2, 20, 20)) for i in range(1, len(names) + 1)]
+    layout = RunLayout(str(tmp_path / "out"), "ds", "key")
+    out = plan_shards(_write(tmp_path, images, anns), layout, PlanConfig(**cfg), images_root=root)
+    return layout, out
+
+
+def test_plan_quarantines_images_that_fail_the_header_check_with_their_values(tmp_path):
+    from tests.bad_images import CASES
+
+    names = list(CASES)
+    layout, out = _case_plan(tmp_path, names, image_threads=4, shard_size=5)
+    got = {q.record: (q.reason, q.image_id) for q in _quarantine(layout)}
+    want = {n: (c[2], names.index(n) + 1) for n, c in CASES.items() if c[3] == "plan"}
+    assert got == want
+    planned = [r.file_name for s in range(len(out.shards)) for r in shard_records(layout, s)]
+    # cut_third.jpg has an intact header: planning keeps it, the verify stage decodes and quarantines it
+    assert planned == [n for n, c in CASES.items() if c[3] != "plan"]
+    assert out.counts["images_header_checked"] == len(CASES) and out.counts["images_planned"] == 7
+    for reason in ("missing_file", "unsafe_path", "decode_error", "too_large", "size_mismatch"):
+        assert out.counts[f"quarantined_{reason}"] == 1
+    assert out.counts["boxes_of_quarantined_images"] == 5
+    q = {q.record: q for q in _quarantine(layout)}
+    assert "stored size 60x40 != annotated 120x80" in q["small.jpg"].detail
+    assert json.loads(q["huge.png"].values) == {
+        "id": 11,
+        "file_name": "huge.png",
+        "width": 40000,
+        "height": 40000,
+    }
+    assert "outside the image root" in q["link_out.jpg"].detail
+
+
+def test_pixel_limit_is_a_plan_setting(tmp_path):
+    layout, out = _case_plan(tmp_path, ["good_a.jpg", "good_b.jpg"], max_pixels=64 * 48 - 1)
+    assert [q.reason for q in _quarantine(layout)] == ["too_large", "too_large"]
+    assert "64x48 = 3072 pixels > limit 3071" in _quarantine(layout)[0].detail
+
+
+def test_size_mismatch_can_rescale_the_boxes_instead(tmp_path):
+    from tests.bad_images import write_cases
+
+    root = str(tmp_path / "images")
+    write_cases(root)
+    # annotated on a 120x80 grid; the file holds 60x40 pixels: boxes halve, the box leaving the image is clipped
+    images = [_img(1, 120, 80, f="small.jpg")]
+    anns = [_ann(1, 1, bbox=(20, 20, 60, 40)), _ann(2, 1, bbox=(100, 70, 40, 20))]
+    layout = RunLayout(str(tmp_path / "out"), "ds", "key")
+    out = plan_shards(
+        _write(tmp_path, images, anns), layout, PlanConfig(size_mismatch="rescale"), images_root=root
+    )
+    (r,) = shard_records(layout, 0)
+    assert (r.width, r.height) == (60, 40)
+    assert [(b.x, b.y, b.w, b.h) for b in r.boxes] == [(10.0, 10.0, 30.0, 20.0), (50.0, 35.0, 10.0, 5.0)]
+    assert out.counts["rescaled_images"] == 1 and out.counts["clipped_boxes"] == 1 and out.n_quarantined == 0
+
+
+def test_a_plan_is_keyed_by_its_image_root_and_a_root_without_the_images_is_refused(tmp_path):
+    from tasks.plan_run import run_context
+
+    det = _write(tmp_path, [_img(1)], [_ann(1, 1)])
+    caps = tmp_path / "caps.json"
+    caps.write_text(json.dumps({"annotations": [{"image_id": 1, "caption": "a man on a chair"}]}))
+    out = str(tmp_path / "out")
+    wrong = str(tmp_path / "typo")
+    with pytest.raises(
+        ValueError, match=r"none of the 1 images of .* can be used with --images .*typo \(1 missing_file;"
+    ):
+        plan_run(det, wrong, out, str(caps), "ds", PipelineConfig())
+    with pytest.raises(ValueError, match="is it the right image folder"):  # a rerun says the same
+        plan_run(det, wrong, out, str(caps), "ds", PipelineConfig())
+    (tmp_path / "img").mkdir()
+    from tests.bad_images import noise_jpeg
+
+    (tmp_path / "img" / "000001.jpg").write_bytes(noise_jpeg(100, 80))
+    right, plan = plan_run(det, str(tmp_path / "img"), out, str(caps), "ds", PipelineConfig())
+    assert plan.counts["images_planned"] == 1
+    # the wrong folder's plan (everything missing) is never reused for the right one
+    assert run_context(det, wrong, out, str(caps), "ds", PipelineConfig()).ctx.plan_key != right.plan_key

@@ -31,8 +31,28 @@ def test_every_schema_matches_its_record_type():
 def test_records_round_trip_through_arrow():
     im = r.ImageRecord(7, "a.jpg", 10, 20, 0, [r.Box(1, 3, "cup", 1.5, 2.0, 3.0, 4.0)])
     assert schemas.from_table(schemas.to_table([im], r.ImageRecord), r.ImageRecord) == [im]
-    t = r.Triplet(1, 2, 3, 4, 5, "a", "b", [0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0], "on", "on", 0.5, 1.0, 0.5, 1.0, 1,
-                  [0, 3], 2, "greedy_overlap", "k")
+    t = r.Triplet(
+        1,
+        2,
+        3,
+        4,
+        5,
+        "a",
+        "b",
+        [0.0, 0.0, 1.0, 1.0],
+        [1.0, 1.0, 2.0, 2.0],
+        "on",
+        "on",
+        0.5,
+        1.0,
+        0.5,
+        1.0,
+        1,
+        [0, 3],
+        2,
+        "greedy_overlap",
+        "k",
+    )
     assert schemas.from_table(schemas.to_table([t], r.Triplet), r.Triplet) == [t]
 
 
@@ -106,7 +126,9 @@ def test_sweep_removes_only_temporaries_of_dead_writers_on_this_host(tmp_path):
     fs = fsspec.filesystem("file")
     d = tmp_path / "run" / "parses" / "shard-00000"
     d.mkdir(parents=True)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     dead_pid = int(dead.stdout)  # exited: its temporaries are stale (as after a kill -9)
     mine = _tmp_name(str(d / "batch-00000.parquet"))  # a live writer: this process
     stale = str(d / f".batch-00000.parquet.tmp-{_host()}-{dead_pid}-0123abcd")
@@ -118,7 +140,9 @@ def test_sweep_removes_only_temporaries_of_dead_writers_on_this_host(tmp_path):
         os.path.basename(p) for p in (mine, other_host, "batch-00001.parquet", ".hidden")
     )
     assert sweep_stale_temporaries(fs, str(tmp_path / "missing")) == []
-    assert sweep_stale_temporaries(fsspec.filesystem("memory"), "/run") == []  # object stores: nothing to sweep
+    assert (
+        sweep_stale_temporaries(fsspec.filesystem("memory"), "/run") == []
+    )  # object stores: nothing to sweep
 
 
 def test_write_json_is_stable(tmp_path):

@@ -5,4 +5,12 @@ from models.rlipv2.config import RLIPv2Config
 from models.rlipv2.model import DecoderOutput, EncodedImages, RLIPv2ParSeD
 from models.rlipv2.tagger import Scores, Tagger, load_tagger
 
-__all__ = ["DecoderOutput", "EncodedImages", "RLIPv2Config", "RLIPv2ParSeD", "Scores", "Tagger", "load_tagger"]
+__all__ = [
+    "DecoderOutput",
+    "EncodedImages",
+    "RLIPv2Config",
+    "RLIPv2ParSeD",
+    "Scores",
+    "Tagger",
+    "load_tagger",
+]

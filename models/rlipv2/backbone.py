@@ -24,7 +24,7 @@ def load_imagenet_resnet(backbone: Backbone, name_or_dir: str) -> None:
     """Start the ResNet from ImageNet weights of a transformers ResNet (hub id or local dir), for training."""
     from transformers import ResNetModel
 
-    hf = ResNetModel.from_pretrained(name_or_dir)
+    hf = ResNetModel.from_pretrained(name_or_dir, use_safetensors=True)  # never a pickled .bin
     depths = tuple(len(getattr(backbone.body, f"layer{i}")) for i in range(1, 5))
     mapped = hf_resnet_to_torchvision(hf.state_dict(), depths)
     missing, unexpected = backbone.body.load_state_dict(mapped, strict=False)

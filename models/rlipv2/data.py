@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 
+from storage.paths import unsafe_name
 from storage.relations import ImageRelations, RelationReader
 
 
@@ -86,6 +87,9 @@ def load_vg(annotation_file: str | Path) -> list[VGImage]:
                     f"image {im['image_id']}: relationship {r.subject_id} -{r.predicate}-> {r.object_id} names an "
                     f"object that is not in the image (objects {sorted(ids)})"
                 )
+        why = unsafe_name(im.get("file_name"))
+        if why:
+            raise ValueError(f"image {im['image_id']}: {why}")
         images.append(VGImage(im["image_id"], im["file_name"], im["width"], im["height"], objs, rels))
     return images
 

@@ -32,7 +32,7 @@ def build_roberta(cfg: RLIPv2Config, pretrained: bool) -> nn.Module:
 
     if pretrained and cfg.text_config is None:
         return RobertaModel.from_pretrained(
-            cfg.text_model, add_pooling_layer=True, attn_implementation="eager"
+            cfg.text_model, add_pooling_layer=True, attn_implementation="eager", use_safetensors=True
         )
     return RobertaModel(roberta_config(cfg), add_pooling_layer=True)
 

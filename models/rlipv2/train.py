@@ -25,6 +25,7 @@ from models.rlipv2.matcher import hungarian_match
 from models.rlipv2.model import RLIPv2ParSeD
 from models.rlipv2.preprocess import preprocess_image
 from models.rlipv2.tagger import entity_texts, pad_images
+from storage.paths import safe_local_path
 
 
 def tiny_config(**overrides) -> RLIPv2Config:
@@ -101,7 +102,8 @@ def make_batch(
     copies = cfg.dn_groups if denoise else 1
     pixels, ents, per_image = [], [], []
     for im in images:
-        pixels.append(preprocess_image(Image.open(Path(image_root) / im.file_name), cfg))
+        path = safe_local_path(str(image_root), im.file_name)  # never outside image_root ('..', symlinks)
+        pixels.append(preprocess_image(Image.open(path), cfg))
         labels = [o.name for o in im.objects]
         ent = entity_texts(model, labels)
         ents.append(ent)
