@@ -265,7 +265,7 @@ STAGES: tuple[Stage, ...] = (
     # every planned image decoded in full before any other stage sees it (tasks/verify.py)
     Stage(
         "verify", None, VerifiedImage, "verified", "plan", lambda cfg: {"max_pixels": cfg.plan.max_pixels},
-        _no_revision, compute=_verify, ratios={"verified_rate": ("verified", "images")},
+        _no_revision, compute=_verify,
     ),
     Stage(
         "caption", "verify", Caption, "captions", "caption", _caption_settings, _caption_revision,

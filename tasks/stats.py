@@ -504,11 +504,16 @@ class Stats(Mapping):
 # -- the audit of a shard or a run -------------------------------------------------------------------------
 
 #: plan quarantine reasons that drop an image (the others drop annotations, counted by the plan)
-_IMAGE_REASONS = ("malformed_image", "missing_size", "unsafe_file_name", "duplicate_image_id")
+_IMAGE_REASONS = (
+    "malformed_image", "missing_size", "unsafe_file_name", "duplicate_image_id",
+    # the header checks (tasks/images.py)
+    "missing_file", "unsafe_path", "read_error", "file_too_large", "decode_error", "too_large", "size_mismatch",
+)  # fmt: skip
 
 #: (funnel step, label, stage, statistic counted)
 FUNNEL: tuple[tuple[str, str, str, str], ...] = (
     ("images", "images (planned)", "shard", "images"),
+    ("verified", "images decoded in full", "verify", "verified"),
     ("captions", "captions", "caption", "captions"),
     ("unique_captions", "unique captions (N_Unique)", "caption", "unique_captions"),
     ("relations", "relations (parsed)", "parse", "relations"),
@@ -551,6 +556,7 @@ def funnel(stages: Mapping[str, Stats], plan_counts: Mapping | None = None) -> l
     plan_counts = plan_counts or {}
     dropped: dict[str, dict] = {
         "images": {r: plan_counts.get(f"quarantined_{r}", 0) for r in _IMAGE_REASONS},
+        "verified": _tally(stages, "verify", "quarantine_reasons"),
         "captions": {
             **_tally(stages, "caption", "quarantine_reasons"),
             "no_captions": _n(stages, "caption", "images_without_captions"),

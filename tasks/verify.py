@@ -14,11 +14,11 @@ every reltag stage decodes, so boxes and pixels stay aligned; rotating would mis
 
 from __future__ import annotations
 
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from storage.records import ImageRecord, Quarantined, VerifiedImage
 from tasks.images import BadImage, decode_image, quarantine_row
+from tasks.stats import Count, Ratio, Stats, Tally
 
 
 def _verify_one(image_root: str, record: ImageRecord, max_pixels: int) -> VerifiedImage | Quarantined:
@@ -52,20 +52,16 @@ def verify_batch(
         results = [_verify_one(image_root, im, max_pixels) for im in images]
     verified = [r for r in results if isinstance(r, VerifiedImage)]
     quarantined = [r for r in results if isinstance(r, Quarantined)]
-    reasons = Counter(q.reason for q in quarantined)
-    modes = Counter(v.mode for v in verified)
-    stats = {
-        "images": len(images),
-        "verified": len(verified),
-        "verified_rate": round(len(verified) / len(images), 4) if images else 0.0,  # recomputed when merged
-        "quarantined": len(quarantined),
-        **{f"quarantined_{k}": n for k, n in sorted(reasons.items())},
-        "converted_to_rgb": sum(n for m, n in modes.items() if m != "RGB"),
-        "exif_rotated": sum(1 for v in verified if v.exif_orientation not in (0, 1)),
-        "bytes_decoded": sum(v.bytes for v in verified),
-        "top_quarantine_reasons": dict(reasons),
-        "top_modes": dict(modes),
-    }
+    # quarantine counts and reasons are added for every stage by run_batch_stage
+    stats = Stats(
+        images=Count(len(images)),
+        verified=Count(len(verified)),
+        verified_rate=Ratio(len(verified), len(images)),
+        converted_to_rgb=Count(sum(1 for v in verified if v.mode != "RGB")),
+        exif_rotated=Count(sum(1 for v in verified if v.exif_orientation not in (0, 1))),
+        bytes_decoded=Count(sum(v.bytes for v in verified)),
+        top_modes=Tally.of(v.mode for v in verified),
+    )
     return verified, quarantined, stats
 
 

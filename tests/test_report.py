@@ -29,6 +29,7 @@ SYNONYMS = (
 )
 FUNNEL = (
     "images",
+    "verified",
     "captions",
     "unique_captions",
     "relations",
@@ -87,6 +88,7 @@ def derive_stats(run) -> dict:
     """The statistics keys the report reads, worked out plainly from the run's own Parquet files and plan (the
     fixture for runs made before run.json held them)."""
     images = _rows(run.images(0))
+    verified = _rows(run.stage_batch("verify", 0, 0))
     caps = _rows(run.stage_batch("caption", 0, 0))
     parses = _rows(run.stage_batch("parse", 0, 0))
     cands = _rows(run.stage_batch("match", 0, 0))
@@ -103,6 +105,7 @@ def derive_stats(run) -> dict:
     pairs = {(c["image_id"], c["subject_ann_id"], c["object_ann_id"]) for c in cands}
     funnel_counts = [
         len(images),
+        len(verified),
         len(caps),
         len(unique),
         len(parses),
@@ -111,7 +114,7 @@ def derive_stats(run) -> dict:
         len(tags),
         len(trips),
     ]
-    dropped = [{}, {}, {"duplicate": len(caps) - len(unique)},
+    dropped = [{}, {}, {}, {"duplicate": len(caps) - len(unique)},
                {"no_relation": sum((c["image_id"], c["caption_id"]) not in with_rel for c in unique)},
                {"unmatched": len(parses) - len(matched)}, {}, {}, dict(Counter(r["reason"] for r in rejects))]  # fmt: skip
     funnel = [

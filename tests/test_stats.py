@@ -267,6 +267,7 @@ def test_threshold_audit_stats_pinned():
 def test_funnel_rows_and_drops_pinned():
     stages = {
         "shard": Stats(images=Count(5)),
+        "verify": Stats(verified=Count(4), quarantine_reasons=Tally({"decode_error": 1})),
         "caption": Stats(
             captions=Count(19),
             unique_captions=Count(17),
@@ -285,9 +286,17 @@ def test_funnel_rows_and_drops_pinned():
         "tag": Stats(tag_rows=Count(11)),
         "threshold": Stats(accepted=Count(7), reject_reasons=Tally({"below_eta": 4})),
     }
-    f = funnel(stages, {"quarantined_duplicate_image_id": 2, "quarantined_bbox_outside_image": 3})
+    f = funnel(
+        stages,
+        {
+            "quarantined_duplicate_image_id": 2,
+            "quarantined_bbox_outside_image": 3,
+            "quarantined_missing_file": 1,
+        },
+    )
     assert [(r["stage"], r["count"], r["dropped"]) for r in f] == [
-        ("images", 5, {"duplicate_image_id": 2}),
+        ("images", 5, {"duplicate_image_id": 2, "missing_file": 1}),  # not the boxes' bbox_outside_image
+        ("verified", 4, {"decode_error": 1}),
         ("captions", 19, {"no_captions": 1, "unreadable_image": 1}),
         ("unique_captions", 17, {"duplicate": 2}),
         ("relations", 30, {"no_relation": 2, "not_parsed": 1}),
@@ -369,6 +378,7 @@ def test_run_audit_matches_an_independent_computation_from_the_parquet_outputs(
     counts = {r["stage"]: r["count"] for r in run["funnel"]}
     assert counts == {
         "images": 5,
+        "verified": len(_read(_files(base, "verified"))),
         "captions": len(captions),
         "unique_captions": sum(not c["is_duplicate"] for c in captions),
         "relations": len(parses),

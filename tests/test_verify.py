@@ -39,7 +39,7 @@ def test_truncated_jpeg_passes_a_header_check_and_fails_full_decoding(tmp_path):
         "image file is truncated" in q.detail and f"({len(blob) // 3} bytes)" in q.detail
     )  # the decoder's words
     assert json.loads(q.values) == {"id": 1, "file_name": "cut.jpg", "width": 64, "height": 48}
-    assert stats["quarantined_decode_error"] == 1 and stats["verified"] == 0
+    assert stats["images"] == 1 and stats["verified"] == 0  # its reason is counted by run_batch_stage
 
 
 def test_odd_modes_and_exif_rotation_are_kept_and_reported(tmp_path):
@@ -174,7 +174,7 @@ def test_default_path_quarantines_every_broken_image_and_labels_the_good_ones(
     assert stats["plan"]["quarantined_decode_error"] == 1 and stats["plan"]["images_planned"] == 7
     assert (
         stats["stages"]["verify"]["verified"] == 6
-        and stats["stages"]["verify"]["quarantined_decode_error"] == 1
+        and stats["stages"]["verify"]["quarantine_reasons"] == {"decode_error": 1}
     )
     assert stats["stages"]["verify"]["verified_rate"] == round(6 / 7, 4)  # merged over the batches of 5 and 2
     assert stats["stages"]["caption"]["images_captioned"] == 6
