@@ -172,9 +172,8 @@ def test_default_path_quarantines_every_broken_image_and_labels_the_good_ones(
     assert stats["plan"]["quarantined_missing_file"] == 1 and stats["plan"]["quarantined_too_large"] == 1
     assert stats["plan"]["quarantined_size_mismatch"] == 1 and stats["plan"]["quarantined_unsafe_path"] == 1
     assert stats["plan"]["quarantined_decode_error"] == 1 and stats["plan"]["images_planned"] == 7
-    assert (
-        stats["stages"]["verify"]["verified"] == 6
-        and stats["stages"]["verify"]["quarantine_reasons"] == {"decode_error": 1}
-    )
+    assert stats["stages"]["verify"]["verified"] == 6 and stats["stages"]["verify"]["quarantine_reasons"] == {
+        "decode_error": 1
+    }
     assert stats["stages"]["verify"]["verified_rate"] == round(6 / 7, 4)  # merged over the batches of 5 and 2
     assert stats["stages"]["caption"]["images_captioned"] == 6
