@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import fsspec
 from fsspec.core import url_to_fs
 
+from storage.retry import retrying
+
 
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
@@ -52,7 +54,8 @@ class RunLayout:
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        return url_to_fs(self.root)[0]
+        """The root's filesystem, its idempotent operations retried on transient errors (storage.retry)."""
+        return retrying(url_to_fs(self.root)[0])
 
     @property
     def base(self) -> str:

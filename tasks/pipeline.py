@@ -15,7 +15,7 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from storage import schemas
+from storage import retry, schemas
 from storage.atomic import write_json, write_table
 from storage.lease import Leases
 from storage.ledger import Ledger, Unit
@@ -107,7 +107,7 @@ def run_batch_stage(ctx: RunContext, name: str, shard: int, batch: int) -> dict:
         return done
     st = stage(name)
     t0 = time.perf_counter()
-    with leases(layout).keep_alive(lease_name(layout, unit)):
+    with leases(layout).keep_alive(lease_name(layout, unit)), retry.counting() as retries:
         try:
             out = compute(ctx, name, shard, batch)
             fs = layout.fs
@@ -139,6 +139,7 @@ def run_batch_stage(ctx: RunContext, name: str, shard: int, batch: int) -> dict:
             "seconds": round(time.perf_counter() - t0, 4),
             "items": len(batch_images(ctx, shard, batch)),
             "stats": stats,
+            "storage_retries": retries.retries,  # transient storage errors retried (storage/retry.py)
         }
         return _record(ledger, unit, info)
 
@@ -178,11 +179,13 @@ def finalize_shard(ctx: RunContext, shard: int, n_batches: int) -> dict:
     done = claim_or_wait(layout, ledger, unit)  # the ledger record if the shard is written (by anyone)
     if done is not None:
         return done
-    with leases(layout).keep_alive(lease_name(layout, unit)):
-        return _finalize(ctx, layout, ledger, unit, shard, n_batches)
+    with leases(layout).keep_alive(lease_name(layout, unit)), retry.counting() as retries:
+        return _finalize(ctx, layout, ledger, unit, shard, n_batches, retries)
 
 
-def _finalize(ctx: RunContext, layout, ledger: Ledger, unit: Unit, shard: int, n_batches: int) -> dict:
+def _finalize(
+    ctx: RunContext, layout, ledger: Ledger, unit: Unit, shard: int, n_batches: int, retries: retry.RetryCount
+) -> dict:
     import pyarrow as pa
 
     tables = []
@@ -219,5 +222,5 @@ def _finalize(ctx: RunContext, layout, ledger: Ledger, unit: Unit, shard: int, n
         "stages": per_stage,
     }
     write_json(layout.fs, layout.shard_stats(shard), stats)
-    info = {"rows": n, "bytes": nbytes, "stats": {"triplets": n}}
+    info = {"rows": n, "bytes": nbytes, "stats": {"triplets": n}, "storage_retries": retries.retries}
     return _record(ledger, unit, info)
