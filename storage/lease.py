@@ -387,6 +387,7 @@ class Leases:
                     os.unlink(tmp)
                 raise
             return
+
         def put() -> None:
             with self.fs.open(path, "wb") as f:  # one PUT on object stores: never a partial object
                 f.write(blob)

@@ -88,7 +88,9 @@ class RetryPolicy:
 
     def __post_init__(self):
         if self.attempts < 1 or self.base < 0 or self.factor < 1 or self.cap < 0 or not 0 <= self.jitter <= 1:
-            raise ValueError(f"RetryPolicy needs attempts >= 1, base >= 0, factor >= 1, cap >= 0, 0 <= jitter <= 1: {self}")
+            raise ValueError(
+                f"RetryPolicy needs attempts >= 1, base >= 0, factor >= 1, cap >= 0, 0 <= jitter <= 1: {self}"
+            )
 
     def delay(self, retry: int, rng: random.Random | None = None) -> float:
         """Seconds to wait before retry number `retry` (0 = the first retry)."""
@@ -270,7 +272,11 @@ class RetryingFileSystem:
     def open(self, path, mode="rb", **kwargs):
         if mode in ("rb", "r"):
             blob = self.cat_file(path)
-            return io.BytesIO(blob) if mode == "rb" else io.StringIO(blob.decode(kwargs.get("encoding") or "utf-8"))
+            return (
+                io.BytesIO(blob)
+                if mode == "rb"
+                else io.StringIO(blob.decode(kwargs.get("encoding") or "utf-8"))
+            )
         return self.fs.open(path, mode, **kwargs)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from storage.records import ImageRecord, Quarantined
+from storage.retry import retrying
 
 #: Files larger than this are not read at all (a detection image is a few MB; 256 MiB is a broken file).
 MAX_BYTES = 256 * 1024 * 1024
@@ -50,13 +51,12 @@ def _read_bytes(image_root: str, file_name: str, max_bytes: int) -> tuple[bytes 
         url = image_root.rstrip("/") + "/" + file_name.replace("\\", "/")
         fs, path = fsspec.core.url_to_fs(url)
         try:
-            size = fs.size(path)
+            size = retrying(fs).size(path)
         except FileNotFoundError:
             return None, "missing_file", f"{url} does not exist"
         if size is not None and size > max_bytes:
             return None, "file_too_large", f"{url} has {size} bytes > limit {max_bytes}"
-        with fs.open(path, "rb") as f:
-            return f.read(), "", ""
+        return retrying(fs).cat_file(path), "", ""  # a throttled read is retried, not quarantined
     root = image_root[len("file://") :] if image_root.startswith("file://") else image_root
     root_real = os.path.realpath(root)
     path = os.path.join(root, file_name)
