@@ -330,6 +330,8 @@ class Leases:
                 # a retry after a transient error: the first PUT may have landed before its answer was lost
                 return retry.call("cat_file", self.fs.cat_file, path) == blob
             except OSError as e:
+                if retry.is_transient(e):
+                    raise  # retried by retry.call below; a retry that meets the object reads it back (above)
                 # Some stores report the failed precondition (HTTP 412) as a plain OSError, and a retried PUT
                 # can fail on the object its own first attempt created: decide by what is there now.
                 try:
