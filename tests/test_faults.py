@@ -304,3 +304,57 @@ def test_cuda_oom_in_the_captioner_halves_the_micro_batch_and_gives_the_same_cap
     vision.forward = always
     with pytest.raises(torch.cuda.OutOfMemoryError):  # at one image there is nothing left to halve
         caption_batch(images, [cap], str(tmp_path), seed=7, cfg=cfg)
+
+
+# -- CUDA out of memory in the tagger --------------------------------------------------------------------------
+
+
+def test_cuda_oom_in_the_tagger_halves_the_groups_per_forward_and_gives_the_same_scores():
+    import torch
+
+    from tasks.config import TagConfig
+    from tasks.rtagger import tag_batch_rtagger
+    from tests.test_rtagger import _candidates, _image
+    from tests.test_rtagger import runner as runner_fixture
+
+    runner = runner_fixture.__wrapped__()
+    im, px = _image(1, 9)
+    cands = _candidates(im, 64)
+    cfg = TagConfig(tagger="rtagger", n_q=2)  # 64 pairs in 32 groups of 2: 2 forwards of 16 groups
+    ref, ref_stats = tag_batch_rtagger([im], [px], cands, runner, cfg)
+    model = runner.model
+    real, groups = model.decode, []
+
+    def decode(state, img_index, *a, **k):
+        groups.append(len(img_index))
+        if len(groups) <= 2:  # the first two decoder forwards run out of GPU memory
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return real(state, img_index, *a, **k)
+
+    model.decode = decode
+    try:
+        rows, stats = tag_batch_rtagger([im], [px], cands, runner, cfg)
+        assert groups == [16, 8] + [4] * 8  # 16 groups: OOM, 8: OOM, then 4 per forward
+        assert stats["oom_halvings"] == 2 and ref_stats["oom_halvings"] == 0
+        assert stats["groups"] == ref_stats["groups"] == 32 and stats["tag_rows"] == len(ref) == len(cands)
+        key = lambda r: (r.subject_ann_id, r.object_ann_id, r.relation)  # noqa: E731
+        got = {key(r): r for r in rows}
+        # Each group is decoded on its own, but a smaller decoder batch may round differently in float32:
+        # the scores agree to ~1e-8 here, not bit for bit (see the report: an OOM-halved batch's triplets equal
+        # an uninterrupted run's in every row and rank, their confidences to within float rounding).
+        worst = 0.0
+        for r in ref:
+            g = got[key(r)]
+            assert g.relation_rank == r.relation_rank
+            for f in ("p_subject", "p_object", "p_relation", "confidence"):
+                worst = max(worst, abs(getattr(g, f) - getattr(r, f)))
+        assert worst < 1e-6, worst
+
+        def always(*a, **k):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+        model.decode = always
+        with pytest.raises(torch.cuda.OutOfMemoryError):  # at one group per forward nothing is left to halve
+            tag_batch_rtagger([im], [px], cands, runner, cfg)
+    finally:
+        del model.decode
