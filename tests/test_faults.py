@@ -269,6 +269,8 @@ def test_without_retries_the_flaky_store_fails_the_run(dataset, flaky, monkeypat
 
 
 def test_cuda_oom_in_the_captioner_halves_the_micro_batch_and_gives_the_same_captions(tmp_path):
+    """tests/test_caption*.py raise the OOM from a wrapper around the captioner; here it comes from inside the
+    real (tiny) BLIP, its vision encoder's forward, as it would on a GPU, twice in a row, then always."""
     import torch
 
     from models.captioners.blip import BlipCaptioner
