@@ -320,7 +320,7 @@ def test_cuda_oom_in_the_tagger_halves_the_groups_per_forward_and_gives_the_same
     from tests.test_rtagger import runner as runner_fixture
 
     runner = runner_fixture.__wrapped__()
-    im, px = _image(1, 9)
+    im, px = _image(1, 9, width=64, height=48)
     cands = _candidates(im, 64)
     cfg = TagConfig(tagger="rtagger", n_q=2)  # 64 pairs in 32 groups of 2: 2 forwards of 16 groups
     ref, ref_stats = tag_batch_rtagger([im], [px], cands, runner, cfg)
