@@ -95,7 +95,8 @@ def local_run(prefect_harness, tmp_path_factory):
     return _files(fsspec.filesystem("file"), out, ".parquet")
 
 
-def test_default_run_on_s3_equals_a_local_run_byte_for_byte(s3, local_run, tmp_path):
+def test_default_run_on_s3_equals_a_local_run_byte_for_byte(s3, local_run, tmp_path, capsys):
+    from flows.cli import main
     from flows.label import run_in_process
 
     fs, _ = s3
@@ -114,6 +115,12 @@ def test_default_run_on_s3_equals_a_local_run_byte_for_byte(s3, local_run, tmp_p
     assert all(json.loads(m)["storage_retries"] == 0 for m in markers.values())
     fs.invalidate_cache()
     assert not [p for p in fs.find(f"{BUCKET}/out-flow") if ".tmp-" in p]  # one PUT per file, no temporaries
+    # the run's status and statistics are read from the store as well
+    capsys.readouterr()
+    assert main(["status", "--out", out, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["complete"] is True
+    assert main(["stats", "--out", out]) == 0
+    assert json.loads(capsys.readouterr().out)["triplets"] == 14
     # file:// URIs for all four locations give the same bytes as well
     file_out = str(tmp_path / "file-out")
     run_in_process(_local_params(file_out, scheme="file://"))
