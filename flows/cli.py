@@ -182,6 +182,30 @@ def cmd_plan(args) -> int:
     return 0
 
 
+#: exit status of a run stopped by SIGTERM (128 + 15, as a shell reports a process killed by it)
+TERMINATED = 143
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler's stop, `kill`, a pod's eviction) stops the run cleanly: the main thread raises
+    SystemExit(143), so the flow unwinds, units in flight finish and are recorded (queued ones never start,
+    and anything cut short has no ledger record), and Prefect's temporary server is shut down with the process.
+    A second SIGTERM ends the process at once (still safe: nothing unrecorded is ever read as done)."""
+    import signal
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, lambda *_: os._exit(TERMINATED))
+        print(
+            "reltag run: SIGTERM: stopping; units in flight finish or stay unrecorded, "
+            "rerun the same command to resume",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(TERMINATED)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def _run(params, stage_threads: int | None = None) -> int:
     from flows.status import finished_summary
 
@@ -594,6 +618,8 @@ def one_line(e: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
+    if argv is None and args.cmd in ("run", "demo"):  # the command line, not a test calling main([...])
+        _stop_on_sigterm()
     try:
         return args.func(args)
     except BrokenPipeError:  # `reltag stats ... | head`: the reader left; nothing to report

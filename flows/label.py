@@ -17,19 +17,18 @@ from storage.manifest import PlanManifest
 from tasks.context import plan_manifest
 from tasks.pipeline import RunContext, finalize_shard, rollup_stats, run_batch_stage
 from tasks.plan_run import plan_run
-from tasks.schedule import DONE, FAILED, BatchBoard, run_stage
+from tasks.schedule import DONE, FAILED, BatchBoard, run_stage, worth_retrying
 from tasks.stages import BATCH_STAGES
 from tasks.stages import stage as get_stage
 
 
 def _io_error_only(task, task_run, state) -> bool:
-    """Retry on I/O errors only; never around a model bug, a bad input or an out-of-memory error."""
+    """Retry on passing I/O errors only (tasks.schedule.worth_retrying); never on a full disk, a missing file,
+    a model bug, a bad input or an out-of-memory error."""
     try:
         state.result()
-    except OSError:
-        return True
-    except BaseException:
-        return False
+    except BaseException as e:
+        return worth_retrying(e)
     return False
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import posixpath
@@ -13,6 +14,8 @@ from contextlib import contextmanager
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from storage.retry import retrying, unwrap
 
 #: Parquet settings of every file reltag writes (zstd; statistics on; no wall-clock metadata, so reruns are byte-identical).
 PARQUET_OPTS = dict(compression="zstd", compression_level=3, use_dictionary=True, write_statistics=True)
@@ -48,8 +51,7 @@ def sweep_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> list[st
     beside this one (another process, another machine on a shared disk) keeps its temporaries. Object
     stores are skipped: an upload that never completed leaves no object there.
     """
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if "file" not in protocols or not fs.exists(root):
+    if not is_local(fs) or not fs.exists(root):
         return []
     host, removed = _host(), []
     for path in fs.find(root):
@@ -63,30 +65,58 @@ def sweep_stale_temporaries(fs: fsspec.AbstractFileSystem, root: str) -> list[st
     return removed
 
 
+#: Protocols whose PUT makes an object appear whole or not at all (a multipart upload too, at its completion):
+#: a file is written there in one upload to its final name, without a temporary object and a copy.
+ATOMIC_PUT_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "memory"})
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    return (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+
+
+def is_local(fs) -> bool:
+    return "file" in _protocols(fs) or "local" in _protocols(fs)
+
+
 @contextmanager
 def atomic_open(fs: fsspec.AbstractFileSystem, path: str, mode: str = "wb"):
-    """Open a temporary sibling of `path`; on clean exit close it and rename it over `path`.
+    """A file to write `path` through; `path` appears only complete, on clean exit, never half-written.
 
-    On an exception the temporary file is removed and `path` is untouched.
+    Local disk: a temporary sibling, flushed, fsynced, closed and renamed over `path`. Object stores
+    (ATOMIC_PUT_PROTOCOLS): the bytes are gathered in memory and uploaded in one PUT to `path` on exit,
+    retried on transient errors (storage.retry); an upload that never completes leaves no object. Other
+    filesystems: a temporary sibling, then a rename. On an exception `path` is untouched and no temporary is
+    left (a killed writer's local temporaries are removed by sweep_stale_temporaries).
     """
-    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    if "b" not in mode or "w" not in mode:
+        raise ValueError(f"atomic_open writes bytes from the start ('wb'), not mode {mode!r} ({path})")
+    if not is_local(fs) and set(_protocols(fs)) & ATOMIC_PUT_PROTOCOLS:
+        buf = io.BytesIO()
+        yield buf
+        retrying(fs).pipe_file(path, buf.getvalue())
+        return
+    retrying(fs).makedirs(posixpath.dirname(path), exist_ok=True)
+    raw = unwrap(fs)
     tmp = _tmp_name(path)
-    f = fs.open(tmp, mode)
+    f = raw.open(tmp, mode)
     try:
         yield f
         if hasattr(f, "flush"):
             f.flush()
-        if hasattr(f, "fileno") and "b" in mode:
+        if hasattr(f, "fileno"):
             try:
                 os.fsync(f.fileno())
-            except (OSError, ValueError, NotImplementedError):
-                pass  # not a local file: the object store's PUT is the durable step
+            except (OSError, ValueError, NotImplementedError, io.UnsupportedOperation):
+                pass  # not a local file: the store's upload at close is the durable step
         f.close()
-        fs.mv(tmp, path)
+        if is_local(raw):
+            raw.mv(tmp, path)
+        else:
+            retrying(fs).mv(tmp, path)
     except BaseException:
         f.close()
         try:
-            fs.rm(tmp)
+            raw.rm(tmp)
         except FileNotFoundError:
             pass
         raise
@@ -118,10 +148,14 @@ class ParquetBatchWriter:
     def __exit__(self, exc_type, exc, tb):
         try:
             self._w.close()
-        finally:
-            self._cm.__exit__(exc_type, exc, tb)
+            size = self._f.tell()
+        except BaseException as e:
+            if not self._cm.__exit__(type(e), e, e.__traceback__):
+                raise
+            return False
+        self._cm.__exit__(exc_type, exc, tb)
         if exc_type is None:
-            self.bytes = self.fs.size(self.path)
+            self.bytes = size
         return False
 
 
@@ -142,5 +176,5 @@ def write_json(fs: fsspec.AbstractFileSystem, path: str, obj) -> None:
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str):
-    with fs.open(path, "rb") as f:
-        return json.loads(f.read())
+    """The JSON document at `path`, read whole (retried on transient errors)."""
+    return json.loads(retrying(fs).cat_file(path))

@@ -15,6 +15,12 @@
 A stage's key hashes its own output-changing settings, its model revision and its upstream stage's key
 (tasks/stages.py), so runs that agree up to a stage share that stage's outputs in place; the run key is the
 key of the last stage. Folder names per stage come from the stage registry through `folders`.
+
+Object stores: the root (like the annotations, captions and images) may be any fsspec URL (s3://, gs://,
+file://). Endpoint and credentials come from the environment every worker process shares, never from the run's
+config: fsspec's per-protocol settings (FSSPEC_S3_ENDPOINT_URL=http://host:9000, or FSSPEC_S3='{"endpoint_url":
+..., "key": ...}', or a JSON file in ~/.config/fsspec/) become S3FileSystem(endpoint_url=...) arguments, and
+botocore reads AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3 and the AWS_* credentials itself.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from dataclasses import dataclass
 
 import fsspec
 from fsspec.core import url_to_fs
+
+from storage.retry import retrying
 
 
 def shard_name(shard: int) -> str:
@@ -52,7 +60,8 @@ class RunLayout:
 
     @property
     def fs(self) -> fsspec.AbstractFileSystem:
-        return url_to_fs(self.root)[0]
+        """The root's filesystem, its idempotent operations retried on transient errors (storage.retry)."""
+        return retrying(url_to_fs(self.root)[0])
 
     @property
     def base(self) -> str:

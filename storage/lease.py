@@ -19,7 +19,9 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
+from storage import retry
 from storage.atomic import _alive, _host, _tmp_name
+from storage.retry import unwrap
 
 #: A lease of unit `name` lives at `<lease_dir>/<name>.lease.json`.
 LEASE_SUFFIX = ".lease.json"
@@ -142,6 +144,7 @@ class Leases:
     ):
         if not ttl > 0:
             raise ValueError(f"lease ttl must be > 0 seconds, got {ttl}")
+        fs = unwrap(fs)  # lease operations are retried here, each in the way that is safe for it
         self.fs = fs
         self.backend = _backend(fs)
         self.lease_dir = fs._strip_protocol(lease_dir).rstrip("/") or "/"
@@ -313,20 +316,32 @@ class Leases:
                 raise
             os.close(fd)
             return True
-        try:
-            with self.fs.open(path, "xb") as f:
-                f.write(blob)
-        except FileExistsError:
-            return False
-        except OSError as e:
-            # Some stores report the failed precondition (HTTP 412) as a plain OSError, and a retried PUT
-            # can fail on the object its own first attempt created: decide by what is there now.
+        tries = 0
+
+        def attempt() -> bool:
+            nonlocal tries
+            tries += 1
             try:
-                there = self.fs.cat_file(path)
-            except FileNotFoundError:
-                raise e from None  # nothing there: a real failure of the PUT
-            return there == blob
-        return True
+                with self.fs.open(path, "xb") as f:
+                    f.write(blob)
+            except FileExistsError:
+                if tries == 1:
+                    return False
+                # a retry after a transient error: the first PUT may have landed before its answer was lost
+                return retry.call("cat_file", self.fs.cat_file, path) == blob
+            except OSError as e:
+                if retry.is_transient(e):
+                    raise  # retried by retry.call below; a retry that meets the object reads it back (above)
+                # Some stores report the failed precondition (HTTP 412) as a plain OSError, and a retried PUT
+                # can fail on the object its own first attempt created: decide by what is there now.
+                try:
+                    there = retry.call("cat_file", self.fs.cat_file, path)
+                except FileNotFoundError:
+                    raise e from None  # nothing there: a real failure of the PUT (retried when transient)
+                return there == blob
+            return True
+
+        return retry.call("create", attempt)
 
     def _read(self, path: str) -> tuple[LeaseInfo, bytes, str] | None:
         try:
@@ -334,7 +349,7 @@ class Leases:
                 with open(path, "rb") as f:
                     blob = f.read()
             else:
-                blob = self.fs.cat_file(path)
+                blob = retry.call("cat_file", self.fs.cat_file, path)
         except FileNotFoundError:
             return None
         info, pidns = self._parse(blob, path)
@@ -344,7 +359,7 @@ class Leases:
         try:
             if self.backend == "local":
                 return os.stat(path).st_mtime
-            meta = self.fs.info(path)
+            meta = retry.call("info", self.fs.info, path)
         except FileNotFoundError:
             return time.time()
         for key in ("mtime", "LastModified", "last_modified", "created"):
@@ -374,15 +389,19 @@ class Leases:
                     os.unlink(tmp)
                 raise
             return
-        with self.fs.open(path, "wb") as f:  # one PUT on object stores: never a partial object
-            f.write(blob)
+
+        def put() -> None:
+            with self.fs.open(path, "wb") as f:  # one PUT on object stores: never a partial object
+                f.write(blob)
+
+        retry.call("overwrite", put)
 
     def _remove(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             if self.backend == "local":
                 os.unlink(path)
             else:
-                self.fs.rm_file(path)
+                retry.call("rm_file", self.fs.rm_file, path)
 
     def _take_over(self, path: str, stale_blob: bytes, now: float) -> bool:
         """Replace the stale lease whose bytes are `stale_blob`; True iff this holder now holds it."""

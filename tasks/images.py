@@ -24,6 +24,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from storage.paths import outside_root, unsafe_name
 from storage.records import ImageRecord, Quarantined
+from storage.retry import retrying
 
 #: Files larger than this are not read at all (a detection image is a few MB; 256 MiB is a broken file).
 MAX_BYTES = 256 * 1024 * 1024
@@ -101,11 +102,15 @@ def _open_file(image_root: str, file_name: str, max_bytes: int, block_size: int 
             url = image_root.rstrip("/") + "/" + file_name.replace("\\", "/")
             fs, path = fsspec.core.url_to_fs(url)
             try:
-                size = fs.size(path)
+                size = retrying(fs).size(path)  # a throttled look is retried, not quarantined
             except FileNotFoundError:
                 raise BadImage("missing_file", f"{url} does not exist") from None
-            kw = {"block_size": block_size} if block_size else {}
-            f = None if size is not None and size > max_bytes else fs.open(path, "rb", **kw)
+            if size is not None and size > max_bytes:
+                f = None
+            elif block_size:  # the header alone: ranged reads
+                f = fs.open(path, "rb", block_size=block_size)
+            else:  # the whole file, read under retry
+                f = retrying(fs).open(path, "rb")
     except OSError as e:
         raise BadImage("read_error", f"{type(e).__name__}: {e}") from e
     if f is None:

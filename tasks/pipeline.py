@@ -16,7 +16,7 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from storage import schemas
+from storage import retry, schemas
 from storage.atomic import read_json, write_json, write_table
 from storage.layout import shard_name
 from storage.lease import Leases
@@ -110,7 +110,7 @@ def run_batch_stage(ctx: RunContext, name: str, shard: int, batch: int) -> dict:
         return done
     st = stage(name)
     t0 = time.perf_counter()
-    with leases(layout).keep_alive(lease_name(layout, unit)):
+    with leases(layout).keep_alive(lease_name(layout, unit)), retry.counting() as retries:
         try:
             out = compute(ctx, name, shard, batch)
             fs = layout.fs
@@ -143,6 +143,7 @@ def run_batch_stage(ctx: RunContext, name: str, shard: int, batch: int) -> dict:
             "seconds": round(time.perf_counter() - t0, 4),
             "items": len(batch_images(ctx, shard, batch)),
             "stats": stats.dump(),  # typed (tasks.stats): the shard's write merges them
+            "storage_retries": retries.retries,  # transient storage errors retried (storage/retry.py)
         }
         return _record(ledger, unit, info)
 
@@ -155,11 +156,13 @@ def finalize_shard(ctx: RunContext, shard: int, n_batches: int) -> dict:
     done = claim_or_wait(layout, ledger, unit)  # the ledger record if the shard is written (by anyone)
     if done is not None:
         return done
-    with leases(layout).keep_alive(lease_name(layout, unit)):
-        return _finalize(ctx, layout, ledger, unit, shard, n_batches)
+    with leases(layout).keep_alive(lease_name(layout, unit)), retry.counting() as retries:
+        return _finalize(ctx, layout, ledger, unit, shard, n_batches, retries)
 
 
-def _finalize(ctx: RunContext, layout, ledger: Ledger, unit: Unit, shard: int, n_batches: int) -> dict:
+def _finalize(
+    ctx: RunContext, layout, ledger: Ledger, unit: Unit, shard: int, n_batches: int, retries: retry.RetryCount
+) -> dict:
     import pyarrow as pa
 
     tables = []
@@ -210,7 +213,7 @@ def _finalize(ctx: RunContext, layout, ledger: Ledger, unit: Unit, shard: int, n
         "state": {"shard": own.dump(), "stages": {name: s.dump() for name, s in per_stage.items()}},
     }
     write_json(layout.fs, layout.shard_stats(shard), stats)
-    info = {"rows": n, "bytes": nbytes, "stats": {"triplets": n}}
+    info = {"rows": n, "bytes": nbytes, "stats": {"triplets": n}, "storage_retries": retries.retries}
     return _record(ledger, unit, info)
 
 

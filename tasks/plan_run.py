@@ -27,10 +27,13 @@ def cached_checksum(path: str, cache_root: str) -> tuple[str, int]:
 
     from fsspec.core import url_to_fs
 
+    from storage.retry import retrying
+
     fs, p = url_to_fs(path)
-    info = fs.info(p)
+    info = retrying(fs).info(p)
     stamp = [info.get("size"), str(info.get("mtime") or info.get("LastModified") or info.get("ETag") or "")]
     out_fs, out_base = url_to_fs(cache_root)
+    out_fs = retrying(out_fs)
     cache_path = posixpath.join(out_base, "_checksums.json")
     cache = read_json(out_fs, cache_path) if out_fs.exists(cache_path) else {}
     hit = cache.get(path)

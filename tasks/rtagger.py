@@ -113,6 +113,7 @@ def tag_batch_rtagger(
     in several slots keeps its highest confidence, as the reference's deduplication does.
     Output per row: p_subject and p_object (top-1 softmax over the class keys + "no objects"), p_relation
     (sigmoid), confidence = their product (paper Sec. 4.2.2; threshold.rule relation_only uses p_relation).
+    A CUDA out-of-memory error halves the decoder groups per forward and retries (stats["oom_halvings"]).
     """
     t0 = time.perf_counter()
     if len(images) != len(pixels):
@@ -129,6 +130,7 @@ def tag_batch_rtagger(
     keys, box_key = _class_keys(vocabulary, [by_id[i][0] for i in by_image])
     rows: list[TaggedRelation] = []
     enc_passes = dec_groups = n_slots = 0
+    oom = {"groups_per_forward": GROUPS_PER_FORWARD, "oom_halvings": 0}
     hits0, miss0 = model.phrase_cache.hits, model.phrase_cache.misses
     for image_id in sorted(by_image):
         im, px = by_id[image_id]
@@ -172,8 +174,8 @@ def tag_batch_rtagger(
                 forwards.append((slots, texts, [len(g.slots) for g in chunk], own))
         best: dict[tuple[int, int, str], TaggedRelation] = {}
         for slots, texts, sizes, own in forwards:
-            scores, counters = tag_image(
-                model, pixels_t, boxes, labels, [(index[s], index[o]) for s, o in slots], texts,
+            scores, counters = _tag_image_halving(
+                oom, model, pixels_t, boxes, labels, [(index[s], index[o]) for s, o in slots], texts,
                 n_q=cfg.n_q, class_keys=keys, group_sizes=sizes,
             )  # fmt: skip
             enc_passes += counters["encoder_passes"]
@@ -212,8 +214,27 @@ def tag_batch_rtagger(
         encoder_passes=Count(enc_passes),
         phrase_cache_hits=Count(model.phrase_cache.hits - hits0),
         phrase_cache_misses=Count(model.phrase_cache.misses - miss0),
+        oom_halvings=Count(
+            oom["oom_halvings"]
+        ),  # CUDA out-of-memory errors met by halving groups per forward
         seconds=Seconds.of(time.perf_counter() - t0),
     )
+
+
+def _tag_image_halving(state: dict, *args, **kwargs):
+    """tag_image with state["groups_per_forward"] decoder groups per forward; a CUDA out-of-memory error halves
+    it (for this and the batch's later forwards) and retries, counted in state["oom_halvings"]. At one group
+    per forward the error is raised: the unit fails like any other and the flow redoes it later."""
+    while True:
+        try:
+            return tag_image(*args, groups_per_forward=state["groups_per_forward"], **kwargs)
+        except torch.OutOfMemoryError:
+            if state["groups_per_forward"] == 1:
+                raise
+            state["groups_per_forward"] = max(1, state["groups_per_forward"] // 2)
+            state["oom_halvings"] += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def _row(image_id, s, o, text, matched, lemmas, ps, po, pr) -> TaggedRelation:

@@ -7,8 +7,8 @@ at most one batch in flight, and a stage's batches are written in order.
 
 Failures keep today's semantics: a unit that fails is recorded failed in the ledger (run_batch_stage), its
 stage goes on with the next batch, the later stages of that batch do not run (`not_run`), and the shard is
-not written; a rerun redoes only what is not done. I/O errors (OSError) are retried in place with backoff;
-nothing else is retried (a model bug, a bad input, an out-of-memory error).
+not written; a rerun redoes only what is not done. Passing I/O errors are retried in place with backoff
+(`worth_retrying`); nothing else is (a full disk, a missing file, a model bug, a bad input, out of memory).
 
 Workers only ever wait on stages listed before them, so any number of threads >= 1 finishes: with one
 thread the workers simply run one after another, stage by stage.
@@ -16,6 +16,7 @@ thread the workers simply run one after another, stage by stage.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,21 @@ PENDING, DONE, FAILED, NOT_RUN = "pending", "done", "failed", "not_run"
 
 #: Seconds between the tries of a unit that failed with an I/O error (three retries).
 IO_RETRY_DELAYS: tuple[float, ...] = (2.0, 5.0, 15.0)
+
+#: I/O errors that waiting does not cure: a full disk or quota, a read-only file system.
+_LASTING_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS") if hasattr(errno, n))
+
+
+def worth_retrying(e: BaseException) -> bool:
+    """An I/O error that may go away by itself (a dropped connection, a busy store); not a missing file, a
+    permission error or a full disk, nor any error that is not an OSError (a model bug, a bad input, OOM)."""
+    if not isinstance(e, OSError):
+        return False
+    if isinstance(
+        e, FileNotFoundError | FileExistsError | PermissionError | IsADirectoryError | NotADirectoryError
+    ):
+        return False
+    return e.errno not in _LASTING_ERRNOS
 
 
 class BatchBoard:
@@ -127,8 +143,8 @@ def _with_io_retries(fn, delays: Sequence[float], sleep, res: StageResult):
     for attempt in range(len(delays) + 1):
         try:
             return fn()
-        except OSError:
-            if attempt == len(delays):
+        except OSError as e:
+            if attempt == len(delays) or not worth_retrying(e):
                 raise
             res.io_retries += 1
             sleep(delays[attempt])

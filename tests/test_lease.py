@@ -327,9 +327,16 @@ class _OldS3FS(AbstractFileSystem):
     protocol = "s3"
 
 
-_OldS3FS.__module__ = "s3fs.core"  # s3fs is not installed here: its version reads as 0
+_OldS3FS.__module__ = "s3fs.core"
 
 
-def test_object_store_without_conditional_small_puts_is_refused_with_the_version_to_upgrade_to():
-    with pytest.raises(NotImplementedError, match=r"s3fs 0 does not make .*upgrade to s3fs>=2025\.7\.0"):
+def test_object_store_without_conditional_small_puts_is_refused_with_the_version_to_upgrade_to(monkeypatch):
+    import importlib.metadata
+
+    real = importlib.metadata.version
+    # the s3 extra installs a current s3fs: pretend an old one is installed
+    monkeypatch.setattr(importlib.metadata, "version", lambda p: "2025.3.0" if p == "s3fs" else real(p))
+    with pytest.raises(
+        NotImplementedError, match=r"s3fs 2025\.3\.0 does not make .*upgrade to s3fs>=2025\.7\.0"
+    ):
         Leases(_OldS3FS(), "bucket/leases")

@@ -150,3 +150,166 @@ def test_write_json_is_stable(tmp_path):
     write_json(fs, str(tmp_path / "a.json"), {"b": 1, "a": [1, 2]})
     write_json(fs, str(tmp_path / "b.json"), {"a": [1, 2], "b": 1})
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+# -- object stores and retries (storage/atomic.py, storage/retry.py) ----------------------------------------------
+
+
+def test_object_store_writes_one_object_and_a_failed_write_leaves_none():
+    from tests.flaky_fs import FlakyMemoryFileSystem
+
+    FlakyMemoryFileSystem.reset()
+    fs = FlakyMemoryFileSystem()
+    table = schemas.to_table([r.Quarantined("plan", 1, "image 1", "x", "y")], r.Quarantined)
+    rows, nbytes = write_table(fs, "/b/q.parquet", table, schemas.QUARANTINE)
+    assert fs.find("/b") == ["/b/q.parquet"] and nbytes == len(fs.cat_file("/b/q.parquet")) and rows == 1
+    with pytest.raises(RuntimeError, match="boom"):
+        with ParquetBatchWriter(fs, "/b/r.parquet", schemas.QUARANTINE) as w:
+            w.write(table)
+            raise RuntimeError("boom")
+    assert fs.find("/b") == ["/b/q.parquet"]  # nothing uploaded, no temporary object
+
+
+class _ClientError(Exception):
+    """Shaped like botocore's ClientError (matched by class name and response, not imported)."""
+
+    def __init__(self, code: str, status: int):
+        super().__init__(code)
+        self.response = {"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}
+
+
+_ClientError.__name__ = "ClientError"
+
+
+class EndpointConnectionError(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "error, transient",
+    [
+        (ConnectionResetError(104, "Connection reset by peer"), True),
+        (BrokenPipeError(), True),
+        (TimeoutError("read timed out"), True),
+        (OSError(16, "Please reduce your request rate."), True),  # s3fs: SlowDown -> OSError(EBUSY)
+        (OSError(121, "We encountered an internal error."), True),  # s3fs: InternalError -> EREMOTEIO
+        (_ClientError("SlowDown", 503), True),
+        (_ClientError("ThrottlingException", 400), True),
+        (_ClientError("AccessDenied", 403), False),
+        (_ClientError("NoSuchKey", 404), False),
+        (EndpointConnectionError("Could not connect"), True),
+        (OSError(28, "No space left on device"), False),  # a full disk stays full
+        (OSError(5, "Input/output error"), False),
+        (FileNotFoundError(2, "gone"), False),
+        (PermissionError(13, "denied"), False),
+        (ValueError("bad"), False),
+    ],
+)
+def test_transient_errors_are_told_from_permanent_ones(error, transient):
+    from storage.retry import is_transient
+
+    assert is_transient(error) is transient
+
+
+def test_transient_cause_makes_a_wrapper_transient():
+    from storage.retry import is_transient
+
+    try:
+        try:
+            raise ConnectionResetError("reset")
+        except ConnectionResetError as e:
+            raise RuntimeError("upload failed") from e
+    except RuntimeError as wrapped:
+        assert is_transient(wrapped)
+
+
+def test_backoff_doubles_up_to_the_cap_with_jitter_below():
+    import random
+
+    from storage.retry import RetryPolicy
+
+    p = RetryPolicy(attempts=6, base=0.2, factor=2.0, cap=1.0, jitter=0.0)
+    assert [p.delay(k) for k in range(5)] == [0.2, 0.4, 0.8, 1.0, 1.0]
+    j = RetryPolicy(base=0.2, factor=2.0, cap=1.0, jitter=0.5)
+    rng = random.Random(0)
+    for k, full in enumerate([0.2, 0.4, 0.8, 1.0]):
+        assert full / 2 <= j.delay(k, rng) <= full
+    with pytest.raises(ValueError, match="attempts >= 1"):
+        RetryPolicy(attempts=0)
+
+
+def test_call_retries_transient_errors_counts_them_and_gives_up_with_a_note():
+    from storage import retry
+
+    p = retry.RetryPolicy(attempts=4, base=1.0, factor=2.0, cap=10.0, jitter=0.0)
+    waits, tries = [], []
+
+    def flaky():
+        tries.append(1)
+        if len(tries) < 3:
+            raise ConnectionResetError("reset")
+        return "ok"
+
+    before = retry.total_retries()
+    with retry.counting() as c:
+        assert retry.call("cat_file", flaky, policy=p, sleep=waits.append) == "ok"
+    assert waits == [1.0, 2.0] and c.retries == 2 and c.by_op == {"cat_file": 2}
+    assert retry.total_retries() - before == 2
+
+    def never():
+        raise TimeoutError("timed out")
+
+    waits.clear()
+    with pytest.raises(TimeoutError) as e:
+        retry.call("info", never, policy=p, sleep=waits.append)
+    assert waits == [1.0, 2.0, 4.0] and "failed 4 times" in e.value.__notes__[0]
+
+    def denied():
+        tries.append(1)
+        raise PermissionError("denied")
+
+    tries.clear()
+    with pytest.raises(PermissionError):
+        retry.call("info", denied, policy=p, sleep=waits.append)
+    assert len(tries) == 1  # a permanent error is not retried
+
+
+def test_retrying_exists_does_not_read_a_transient_error_as_absent():
+    """fsspec's AbstractFileSystem.exists answers False on any error: a throttled HEAD of a ledger record
+    would read as 'not done'. The retrying filesystem retries it and answers True."""
+    from storage.retry import RetryingFileSystem, RetryPolicy
+    from tests.flaky_fs import FlakyMemoryFileSystem
+
+    FlakyMemoryFileSystem.reset()
+    fs = FlakyMemoryFileSystem()
+    fs.pipe_file("/b/done.json", b"{}")
+    fs.fail_every(1, budget=1)  # the next request fails
+    assert fsspec.AbstractFileSystem.exists(fs, "/b/done.json") is False  # what fsspec's default would say
+    fs.fail_every(1, budget=1)
+    wrapped = RetryingFileSystem(fs, RetryPolicy(base=0.0))
+    assert wrapped.exists("/b/done.json") is True and fs.failures == 1
+    assert wrapped.exists("/b/missing.json") is False
+    fs.fail_every(1, budget=1)
+    assert wrapped.open("/b/done.json", "rb").read() == b"{}"  # reads retried too
+    FlakyMemoryFileSystem.reset()
+
+
+def test_ledger_on_a_flaky_store_records_each_unit_once():
+    from storage import retry
+    from tests.flaky_fs import FlakyMemoryFileSystem
+
+    fsspec.register_implementation("flakymem", FlakyMemoryFileSystem, clobber=True)
+    FlakyMemoryFileSystem.reset()
+    fast = retry.RetryPolicy(base=0.0)
+    old, retry.POLICY = retry.POLICY, fast
+    try:
+        FlakyMemoryFileSystem.fail_every(2, budget=6)
+        ledger = Ledger(RunLayout("flakymem://bucket/out", "d", "k"))
+        for b in range(4):
+            ledger.record_done(Unit("caption", 0, b), {"rows": b})
+        assert FlakyMemoryFileSystem.failures == 6  # every other request failed, six times
+        assert sorted(ledger.snapshot()["done"]) == [f"caption/shard-00000/batch-0000{b}" for b in range(4)]
+        assert [ledger.read(Unit("caption", 0, b))["rows"] for b in range(4)] == [0, 1, 2, 3]
+    finally:
+        retry.POLICY = old
+        FlakyMemoryFileSystem.reset()
