@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from typing import NamedTuple
@@ -144,6 +145,16 @@ class RunInputs(NamedTuple):
     captions_sha256: str | None
 
 
+def canonical_root(root: str) -> str:
+    """The image root as the plan key sees it: a local folder (plain or file://) as its absolute real path,
+    so that `imgs`, `./imgs`, `/data/imgs` and `file:///data/imgs` are one plan; any other URI as given."""
+    if root.startswith("file://"):
+        root = root[len("file://") :]
+    elif "://" in root:
+        return root.rstrip("/")
+    return os.path.realpath(root)
+
+
 def run_context(
     annotations: str,
     images: str,
@@ -163,7 +174,7 @@ def run_context(
     if "oracle" in names and not captions and need_captions:
         raise ValueError("captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON)")
     ann_sha, ann_bytes = cached_checksum(annotations, out)
-    inputs = {"annotations_sha256": ann_sha, "images_root": images}
+    inputs = {"annotations_sha256": ann_sha, "images_root": canonical_root(images)}
     cap_sha = None
     if captions and "oracle" in names:
         cap_sha, _ = cached_checksum(captions, out)

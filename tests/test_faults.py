@@ -43,7 +43,7 @@ def run_units(ds, out: str, cfg: PipelineConfig = CFG) -> tuple[object, list[str
     """Every unit of the run in this process, in order, as the flow's run_shard does: a failed unit stops the
     later stages of its batch, the other batches go on, a shard is written only when all its units are done.
     Returns (context, failed units as 'stage/shard-XXXXX/batch-XXXXX: error')."""
-    ctx, plan = plan_run(ds["detections"], "/nonexistent", out, ds["captions"], "f", cfg)
+    ctx, plan = plan_run(ds["detections"], ds["images_root"], out, ds["captions"], "f", cfg)
     failed = []
     for sh in plan.shards:
         ok = True
@@ -140,7 +140,7 @@ def test_disk_full_while_writing_a_batch_fails_the_unit_and_a_rerun_completes(
 
 def _cli(ds, out):
     return [
-        sys.executable, "-m", "flows.cli", "run", "--annotations", ds["detections"], "--images", "/nonexistent",
+        sys.executable, "-m", "flows.cli", "run", "--annotations", ds["detections"], "--images", ds["images_root"],
         "--captions", ds["captions"], "--out", out, "--dataset", "f", "--shard-size", "20", "--batch-size", "10",
     ]  # fmt: skip
 
@@ -175,7 +175,7 @@ def test_sigterm_stops_a_run_cleanly_and_the_rerun_completes(dataset, clean, tmp
     assert subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True).returncode == 1
     at_stop = len(markers())
     assert 3 <= at_stop < N_UNITS
-    ctx, _ = plan_run(dataset["detections"], "/nonexistent", out, dataset["captions"], "f", CFG)
+    ctx, _ = plan_run(dataset["detections"], dataset["images_root"], out, dataset["captions"], "f", CFG)
     ledger = Ledger(ctx.layout)
     for unit in ledger.snapshot()["done"]:  # every recorded unit's output is complete and readable
         stage, shard, batch = unit.split("/")

@@ -101,12 +101,31 @@ def test_io_errors_are_retried_in_place_and_other_errors_are_not():
     assert res.done == [0] and res.failed == [(1, "RuntimeError: model bug")]
 
 
+def _raises(error):
+    def unit(b):
+        raise error
+
+    return unit
+
+
 def test_io_errors_past_the_last_retry_fail_the_unit():
     board = BatchBoard(("caption",), 1)
-    res = run_stage(
-        board, "caption", lambda b: (_ for _ in ()).throw(OSError(28, "No space left")), sleep=lambda s: None
-    )
-    assert res.failed == [(0, "OSError: [Errno 28] No space left")] and res.io_retries == 3
+    res = run_stage(board, "caption", _raises(TimeoutError("timed out")), sleep=lambda s: None)
+    assert res.failed == [(0, "TimeoutError: timed out")] and res.io_retries == 3
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        FileNotFoundError(2, "No such file"),
+        PermissionError(13, "denied"),
+    ],
+)
+def test_a_full_disk_a_missing_file_or_a_permission_error_is_not_retried(error):
+    board = BatchBoard(("caption",), 1)
+    res = run_stage(board, "caption", _raises(error), sleep=lambda s: None)
+    assert res.io_retries == 0 and len(res.failed) == 1
 
 
 def test_a_worker_that_dies_leaves_nothing_waiting_forever():
