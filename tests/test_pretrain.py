@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +243,59 @@ def test_two_gloo_processes_see_disjoint_data_and_keep_identical_weights(tmp_pat
     st = load_training_state(tmp_path / "out" / "checkpoints" / "step-00000002" / "train_state.pt")
     assert len(st["rng"]) == 2 and st["world_size"] == 2
     assert not torch.equal(st["rng"][0]["torch"], st["rng"][1]["torch"])  # seed + rank, as the reference
+
+
+# ---------------------------------------------------------------------------------------------- the flow
+@pytest.mark.flow
+@pytest.mark.slow
+def test_pretrain_flow_trains_resumes_and_publishes_artifacts(prefect_harness, tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from flows.pretrain import PretrainParams, pretrain_flow
+
+    settings = PretrainSettings(tiny=True, batch_size=2, max_steps=3, checkpoint_every=2, deterministic=True)
+    params = PretrainParams(sources=[VG], out=str(tmp_path), settings=settings, label_run="testkey")
+    first = pretrain_flow(params)
+    run_dir = tmp_path / params.identity()
+    assert first["run_dir"] == str(run_dir) and first["steps"] == 3 and first["resumed_from"] is None
+    assert first["checkpoints"] == ["step-00000002", "step-00000003"]
+    # a rerun with more steps resumes from the last checkpoint (max_steps is not part of the run's identity)
+    more = PretrainParams(
+        sources=[VG], out=str(tmp_path), settings=replace(settings, max_steps=4), label_run="k"
+    )
+    assert more.identity() == params.identity()
+    second = pretrain_flow(more)
+    assert second["resumed_from"] == 3 and second["steps"] == 4
+    with get_client(sync_client=True) as client:
+        arts = {}
+        for a in sorted(client.read_artifacts(), key=lambda a: a.created):  # the newest version of each key
+            arts[a.key] = a
+    table = arts["pretrain-loss"].data
+    rows = json.loads(table) if isinstance(table, str) else table
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    hist = json.loads((run_dir / "history.json").read_text())
+    assert [r["loss"] for r in rows] == [round(h["loss"], 6) for h in hist]
+    assert "step-00000004" in arts["pretrain-checkpoints"].data
+
+
+def test_loss_rows_sample_the_curve_and_keep_the_last_step():
+    from flows.pretrain import loss_rows
+
+    hist = [{"step": i, "epoch": 0, "loss": float(i), "loss_l1": 0.0, "loss_giou": 0.0, "loss_cls": 0.0,
+             "loss_rel": 0.0, "loss_noobj": 0.0, "lr": 1e-4} for i in range(1, 1002)]  # fmt: skip
+    rows = loss_rows(hist, max_rows=200)
+    assert [r["step"] for r in rows][:3] == [6, 12, 18] and rows[-1]["step"] == 1001 and len(rows) == 167
+    assert loss_rows([]) == []
+
+
+def test_torchrun_command_carries_every_setting():
+    from flows.pretrain import PretrainParams, torchrun_command
+    from models.rlipv2.pretrain import main  # noqa: F401  (the module torchrun runs)
+
+    p = PretrainParams(sources=[VG], out="/tmp/x", nproc_per_node=2,
+                       settings=PretrainSettings(tiny=True, lr=3e-4, max_steps=5, device="cuda"))  # fmt: skip
+    cmd = torchrun_command(p, "/tmp/x/run")
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[cmd.index("--lr") + 1] == "0.0003" and cmd[cmd.index("--max-steps") + 1] == "5"
+    assert "--tiny" in cmd and "--deterministic" not in cmd and "--dropout" not in cmd
+    assert cmd[cmd.index("--source") + 1] == VG and cmd[cmd.index("--device") + 1] == "cuda"
