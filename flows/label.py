@@ -357,6 +357,12 @@ def start_pretraining(ctx: RunContext, out: str, via: str = "flow") -> str | Non
     values = {"run_key": ctx.run_key, "run_dir": layout.base, "run_record": layout.manifest, "out": out,
               "dataset": ctx.dataset}  # fmt: skip
     params = trigger_parameters(trig.parameters, values)
-    fr = run_deployment(trig.deployment, parameters=params, timeout=0, idempotency_key=ctx.run_key)
+    try:
+        fr = run_deployment(trig.deployment, parameters=params, timeout=0, idempotency_key=ctx.run_key)
+    except Exception as e:
+        raise RuntimeError(
+            f"run {ctx.run_key} is complete ({layout.base}), but starting {trig.deployment} failed: "
+            f"{type(e).__name__}: {e}; rerun to retry the trigger (it starts nothing twice)"
+        ) from e
     log.info("run %s: %s flow run %s (%s)", ctx.run_key, trig.deployment, fr.name, fr.id)
     return str(fr.id)
