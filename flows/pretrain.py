@@ -150,10 +150,22 @@ def _train_torchrun(params: PretrainParams, run_dir: str) -> dict:
     rc = proc.wait()
     if rc != 0:
         raise RuntimeError(f"torchrun exited with {rc}; last output:\n" + "\n".join(tail))
-    return {"total_steps": None, "resumed_from": None}
+    import re
+
+    m = re.search(r"^(\d+) steps \(resumed from (None|\d+)\)", "\n".join(tail), re.M)  # rank 0's last line
+    resumed = None if m is None or m[2] == "None" else int(m[2])
+    return {"total_steps": int(m[1]) if m else None, "resumed_from": resumed}
 
 
-@flow(name="pretrain", flow_run_name="pretrain {params.label_run}", log_prints=True)
+def _pretrain_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters.get("params")
+    p = p if isinstance(p, PretrainParams) else PretrainParams.model_validate(p)
+    return f"pretrain {p.label_run}" if p.label_run else f"pretrain {p.identity()}"
+
+
+@flow(name="pretrain", flow_run_name=_pretrain_run_name, log_prints=True)
 def pretrain_flow(params: PretrainParams) -> dict:
     """Pre-train RLIPv2-ParSeD on the sources; a rerun resumes from the last checkpoint of the same settings."""
     from prefect.concurrency.sync import concurrency
@@ -222,7 +234,15 @@ def publish_artifacts(history: list[dict], checkpoints: list[dict], run_dir: str
     )  # fmt: skip
 
 
-@flow(name="pretrain-on-label", flow_run_name="pretrain on {label_flow_run}")
+def _hook_run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return "pretrain on " + str(flow_run.parameters.get("label_flow_run", "")).removeprefix(
+        "prefect.flow-run."
+    )
+
+
+@flow(name="pretrain-on-label", flow_run_name=_hook_run_name)
 def pretrain_on_label(label_flow_run: str) -> str | None:
     """Started by the deployment trigger on a labelling flow run's Completed event: reads that flow run's
     parameters, and when its config has `trigger: {via: event}` and the run is finished, starts the trigger's
@@ -250,3 +270,50 @@ def pretrain_on_label(label_flow_run: str) -> str | None:
         params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config
     ).ctx
     return start_pretraining(ctx, params.out, via="event")
+
+
+def params_from_cli(args) -> PretrainParams:
+    """PretrainParams from `reltag pretrain` flags: --settings (YAML/JSON mapping of PretrainSettings fields)
+    with --steps, --device, --tiny on top. Raises ValueError (pydantic's included) on a bad value."""
+    import dataclasses
+    import json
+
+    data: dict = {}
+    if args.settings:
+        text = Path(args.settings).read_text()
+        if args.settings.endswith((".yaml", ".yml")):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"settings file {args.settings} must hold a mapping, not {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(PretrainSettings)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"settings file {args.settings}: unknown fields {unknown}; known: {sorted(known)}"
+            )
+    for flag, field in (("steps", "max_steps"), ("device", "device")):
+        if getattr(args, flag) is not None:
+            data[field] = getattr(args, flag)
+    if args.tiny:
+        data["tiny"] = True
+    for src in args.source:
+        if "://" not in src and not os.path.exists(src):
+            raise ValueError(f"source {src!r} does not exist")
+    return PretrainParams(
+        sources=args.source, out=args.out, settings=data, nproc_per_node=args.nproc_per_node,
+        log_every=args.log_every,
+    )  # fmt: skip
+
+
+def run_in_process(params: PretrainParams) -> dict:
+    """Run the `pretrain` flow here (a temporary Prefect server when PREFECT_API_URL is unset, as `reltag run`)."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if PREFECT_API_URL.value():
+        return pretrain_flow(params)
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return pretrain_flow(params)

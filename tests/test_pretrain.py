@@ -299,3 +299,36 @@ def test_torchrun_command_carries_every_setting():
     assert cmd[cmd.index("--lr") + 1] == "0.0003" and cmd[cmd.index("--max-steps") + 1] == "5"
     assert "--tiny" in cmd and "--deterministic" not in cmd and "--dropout" not in cmd
     assert cmd[cmd.index("--source") + 1] == VG and cmd[cmd.index("--device") + 1] == "cuda"
+
+
+def test_cli_refuses_bad_input_in_one_line_before_prefect_starts(tmp_path, capsys):
+    from flows.cli import main
+
+    assert main(["pretrain", "--source", str(tmp_path / "nope.json"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"reltag pretrain: error: source '{tmp_path / 'nope.json'}' does not exist"
+    bad = tmp_path / "s.yaml"
+    bad.write_text("batch_size: 0\n")
+    assert main(["pretrain", "--source", VG, "--out", str(tmp_path), "--settings", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("reltag pretrain: error: ") and "batch_size must be >= 1, got 0" in err
+    assert len(err.splitlines()) == 1
+    bad.write_text("learning_rate: 0.1\n")
+    assert main(["pretrain", "--source", VG, "--out", str(tmp_path), "--settings", str(bad)]) == 2
+    assert "unknown fields ['learning_rate']" in capsys.readouterr().err
+
+
+@pytest.mark.flow
+@pytest.mark.slow
+def test_pretrain_flow_launches_torchrun_for_several_processes(prefect_harness, tmp_path):
+    from flows.pretrain import PretrainParams, pretrain_flow
+    from models.rlipv2.checkpoint import load_training_state
+
+    params = PretrainParams(sources=[VG], out=str(tmp_path), nproc_per_node=2,
+                            settings=PretrainSettings(tiny=True, batch_size=1, max_steps=1))  # fmt: skip
+    res = pretrain_flow(params)
+    assert res["steps"] == 1 and res["resumed_from"] is None and res["checkpoints"] == ["step-00000001"]
+    st = load_training_state(
+        tmp_path / params.identity() / "checkpoints" / "step-00000001" / "train_state.pt"
+    )
+    assert st["world_size"] == 2 and len(st["rng"]) == 2 and st["steps_per_epoch"] == 2  # 4 images, 2 ranks
