@@ -12,7 +12,14 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from models.rlipv2.pretrain import HISTORY, CheckpointStore, PretrainSettings, StepInfo, run_identity
+from models.rlipv2.pretrain import (
+    LOSS_LOG,
+    CheckpointStore,
+    LossLog,
+    PretrainSettings,
+    StepInfo,
+    run_identity,
+)
 
 
 class PretrainParams(BaseModel):
@@ -24,7 +31,7 @@ class PretrainParams(BaseModel):
         min_length=1, description="finished runs / VG-format relationship files to mix"
     )
     out: str = Field(
-        description="output root; training goes to <out>/<identity>/ (checkpoints/, history.json)"
+        description="output root; training goes to <out>/<identity>/ (checkpoints/, loss_log.jsonl)"
     )
     settings: PretrainSettings = PretrainSettings()
     nproc_per_node: int = Field(
@@ -170,8 +177,6 @@ def pretrain_flow(params: PretrainParams) -> dict:
     """Pre-train RLIPv2-ParSeD on the sources; a rerun resumes from the last checkpoint of the same settings."""
     from prefect.concurrency.sync import concurrency
 
-    from storage.atomic import read_json
-
     t0 = time.perf_counter()
     run_dir = params.run_dir()
     log = get_run_logger()
@@ -182,9 +187,7 @@ def pretrain_flow(params: PretrainParams) -> dict:
             info = train(params, run_dir)
     else:
         info = train(params, run_dir)
-    import fsspec
-
-    history = read_json(fsspec.filesystem("file"), os.path.join(run_dir, HISTORY))
+    history = LossLog.read(os.path.join(run_dir, LOSS_LOG))
     checkpoints = CheckpointStore(run_dir).index()["checkpoints"]
     publish_artifacts(history, checkpoints, run_dir)
     return {

@@ -20,6 +20,7 @@ import torch
 from models.rlipv2.pretrain import (
     CheckpointStore,
     EpochBatches,
+    LossLog,
     PretrainSettings,
     VGFileDataset,
     batch_predicates,
@@ -156,7 +157,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_the_uninterrupted_losses(tm
         _train_cmd(tmp_path / "ref"), env=_env(), capture_output=True, text=True, timeout=300
     )
     assert ref.returncode == 0, ref.stderr[-3000:]
-    expected = json.loads((tmp_path / "ref" / "history.json").read_text())
+    expected = LossLog.read(tmp_path / "ref" / "loss_log.jsonl")
     assert [h["step"] for h in expected] == list(range(1, 9))
     assert expected[3]["lr"] == pytest.approx(1e-3) and expected[4]["lr"] == pytest.approx(1e-4)
 
@@ -171,7 +172,11 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_the_uninterrupted_losses(tm
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=30) == -signal.SIGKILL
     kept = [c["step"] for c in CheckpointStore(out).index()["checkpoints"]]
-    assert kept and kept[-1] < 8 and not (out / "history.json").exists()  # killed before the end
+    assert kept and kept[-1] < 8  # killed before the end
+    logged = LossLog.read(out / "loss_log.jsonl")
+    assert logged and logged[-1]["step"] < 8
+    with open(out / "loss_log.jsonl", "a") as f:  # as if killed in the middle of writing a line
+        f.write('{"step": 99, "lo')
     # a checkpoint killed half-way (not in the index) must never be read: plant garbage where the next one goes
     nxt = out / "checkpoints" / f"step-{kept[-1] + 3:08d}"
     nxt.mkdir(parents=True, exist_ok=True)
@@ -181,7 +186,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_the_uninterrupted_losses(tm
     rerun = subprocess.run(_train_cmd(out), env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {kept[-1]})" in rerun.stdout
-    got = json.loads((out / "history.json").read_text())
+    got = LossLog.read(out / "loss_log.jsonl")
     strip = [{k: v for k, v in h.items() if k != "seconds"} for h in got]
     want = [{k: v for k, v in h.items() if k != "seconds"} for h in expected]
     assert strip == want  # every loss term, grad norm and lr bit for bit
@@ -273,7 +278,7 @@ def test_pretrain_flow_trains_resumes_and_publishes_artifacts(prefect_harness, t
     table = arts["pretrain-loss"].data
     rows = json.loads(table) if isinstance(table, str) else table
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    hist = json.loads((run_dir / "history.json").read_text())
+    hist = LossLog.read(run_dir / "loss_log.jsonl")
     assert [r["loss"] for r in rows] == [round(h["loss"], 6) for h in hist]
     assert "step-00000004" in arts["pretrain-checkpoints"].data
 

@@ -39,7 +39,7 @@ from models.rlipv2.train import detect_loss, make_batch, tiny_config
 CHECKPOINTS = "checkpoints"
 INDEX = "index.json"
 STATE_NAME = "train_state.pt"
-HISTORY = "history.json"
+LOSS_LOG = "loss_log.jsonl"
 
 
 @dataclass(frozen=True)
@@ -369,6 +369,47 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+class LossLog:
+    """`<out>/loss_log.jsonl`: one JSON line per step (rank 0 writes), flushed and fsynced before a checkpoint's
+    index entry is written. On resume it is cut back to the checkpoint's step: lines a killed run wrote after its
+    last checkpoint (those steps are computed again), and a line cut half-way by the kill, are dropped."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.f = None
+
+    @staticmethod
+    def read(path: str | Path) -> list[dict]:
+        recs = []
+        if Path(path).is_file():
+            with open(path) as f:
+                for line in f:
+                    if not line.endswith("\n"):  # the last line of a killed writer
+                        break
+                    recs.append(json.loads(line))
+        return recs
+
+    def open(self, upto: int) -> None:
+        from storage.atomic import atomic_open
+
+        keep = [r for r in self.read(self.path) if r["step"] <= upto]
+        with atomic_open(_local_fs(), str(self.path), "wb") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in keep).encode())
+        self.f = open(self.path, "a")
+
+    def append(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec) + "\n")
+
+    def sync(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        if self.f is not None:
+            self.f.close()
+            self.f = None
+
+
 # ------------------------------------------------------------------------------------------------- loop
 @dataclass
 class StepInfo:
@@ -423,7 +464,8 @@ def pretrain(
     Every `checkpoint_every` steps and at the end: weights (safetensors) + config + tokenizer + the training
     state (optimizer, scheduler, RNG of torch/numpy/python per rank, step, epoch, position in the epoch, the
     loss history), then the index. Killed at any moment, a rerun continues from the last indexed checkpoint and
-    computes the same losses as an uninterrupted run (in deterministic mode; tested on CPU).
+    computes the same losses as an uninterrupted run (in deterministic mode; tested on CPU). Losses go to
+    `<out>/loss_log.jsonl`, one line per step; the result's history holds the steps of this call.
     Under torchrun (WORLD_SIZE > 1) each process trains on its shard; rank 0 writes.
     """
     import torch.distributed as dist
@@ -483,14 +525,18 @@ def pretrain(
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"][rank])
-        step, history = int(state["step"]), list(state["history"])
+        step = int(state["step"])
     else:
         seed = settings.seed + rank  # as the reference: seed + rank for everything after the model
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
-        step, history = 0, []
+        step = 0
     resumed_from = step if state is not None else None
+    history: list[dict] = []  # the steps of this call (the whole run's are in the loss log)
+    log = LossLog(out / LOSS_LOG)
+    if rank == 0:
+        log.open(step)
     objective: nn.Module = DetectionObjective(model)
     if distributed:
         objective = nn.parallel.DistributedDataParallel(
@@ -511,9 +557,10 @@ def pretrain(
             st = {
                 "step": step, "epoch": epoch, "position": pos, "steps_per_epoch": steps_per_epoch,
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
-                "history": history, "identity": identity, "world_size": world,
+                "identity": identity, "world_size": world,
             }  # fmt: skip
             info = {"epoch": epoch, "loss": history[-1]["loss"] if history else None}
+            log.sync()  # every step up to this one is on disk before the index names the checkpoint
             entry = store.save(model, st, identity, settings.keep_checkpoints, info)
             if on_checkpoint is not None:
                 on_checkpoint(entry)
@@ -559,16 +606,15 @@ def pretrain(
                 "seconds": round(time.perf_counter() - t0, 4),
             }
             history.append(rec)
+            if rank == 0:
+                log.append(rec)
             if on_step is not None:
                 on_step(StepInfo(rec, [im.image_id for im in records], model, total, rank))
             if step % settings.checkpoint_every == 0 or step == total:
                 checkpoint()
             if step >= total:
                 break
-    if rank == 0:
-        from storage.atomic import write_json
-
-        write_json(_local_fs(), str(out / HISTORY), history)
+    log.close()
     model.eval()
     return PretrainResult(str(out), total, resumed_from, history, store.index()["checkpoints"], identity)
 
@@ -579,7 +625,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--source", action="append", required=True, help="a VG-format relationships JSON (repeat)"
     )
-    ap.add_argument("--out", required=True, help="training folder: checkpoints/, history.json")
+    ap.add_argument("--out", required=True, help="training folder: checkpoints/, loss_log.jsonl")
     for f in dataclasses.fields(PretrainSettings):
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
