@@ -214,12 +214,12 @@ def loss_rows(history: list[dict], max_rows: int = 200) -> list[dict]:
 
 
 def checkpoints_markdown(checkpoints: list[dict], run_dir: str) -> str:
-    lines = [f"### Checkpoints of `{run_dir}`", "", "| step | epoch | loss | revision | folder | saved |",
+    lines = [f"### Checkpoints of `{run_dir}`", "", "| step | epochs done | loss | revision | folder | saved |",
              "|---:|---:|---:|---|---|---|"]  # fmt: skip
     for c in checkpoints:
         loss = "" if c.get("loss") is None else f"{c['loss']:.4f}"
         lines.append(
-            f"| {c['step']} | {c.get('epoch', '')} | {loss} | `{c['revision']}` | "
+            f"| {c['step']} | {c.get('epochs_done', '')} | {loss} | `{c['revision']}` | "
             f"`{os.path.join(run_dir, 'checkpoints', c['dir'])}` | {c['saved_at']} |"
         )
     return "\n".join(lines) + "\n"

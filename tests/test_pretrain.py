@@ -337,3 +337,25 @@ def test_pretrain_flow_launches_torchrun_for_several_processes(prefect_harness, 
         tmp_path / params.identity() / "checkpoints" / "step-00000001" / "train_state.pt"
     )
     assert st["world_size"] == 2 and len(st["rng"]) == 2 and st["steps_per_epoch"] == 2  # 4 images, 2 ranks
+
+
+def test_checkpoint_store_keeps_the_newest_and_removes_what_the_index_does_not_list(tmp_path):
+    from models.rlipv2.checkpoint import load_checkpoint, load_training_state
+    from models.rlipv2.model import RLIPv2ParSeD
+    from models.rlipv2.tokenizer import build_word_tokenizer
+    from models.rlipv2.train import tiny_config
+
+    model = RLIPv2ParSeD(tiny_config(), build_word_tokenizer(["a b"]))
+    store = CheckpointStore(tmp_path)
+    assert store.latest() is None and store.index() == {"identity": None, "checkpoints": []}
+    orphan = tmp_path / "checkpoints" / "step-00000001"  # e.g. left by a save killed after its index
+    orphan.mkdir(parents=True)
+    for step in (2, 4, 6):
+        store.save(model, {"step": step}, "id", keep=2, info={"loss": float(step)})
+    assert [c["step"] for c in store.index()["checkpoints"]] == [4, 6] and store.index()["identity"] == "id"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "index.json", "step-00000004", "step-00000006"
+    ]  # fmt: skip
+    assert load_training_state(store.path(store.latest()) / "train_state.pt") == {"step": 6}
+    again = load_checkpoint(store.path(store.latest()))
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values()))

@@ -351,11 +351,13 @@ class CheckpointStore:
         entries = [e for e in idx["checkpoints"] if e["step"] != step]
         entry = {"step": step, "dir": name, "revision": revision, "saved_at": _now()} | info
         entries.append(entry)
-        drop, entries = entries[:-keep], entries[-keep:]
+        entries = entries[-keep:]
         fs = _local_fs()
         write_json(fs, str(self.index_path), {"identity": identity, "checkpoints": entries})
-        for e in drop:  # only after the index no longer lists them
-            fs.rm(str(self.root / e["dir"]), recursive=True)
+        listed = {e["dir"] for e in entries}
+        for old in self.root.glob("step-*"):  # only after the index no longer lists them; also what a save
+            if old.is_dir() and old.name not in listed:  # killed between its index and this clean-up left
+                fs.rm(str(old), recursive=True)
         return entry
 
 
@@ -462,8 +464,8 @@ def pretrain(
     checkpoints of the same run (same sources, settings and number of processes), else start fresh.
 
     Every `checkpoint_every` steps and at the end: weights (safetensors) + config + tokenizer + the training
-    state (optimizer, scheduler, RNG of torch/numpy/python per rank, step, epoch, position in the epoch, the
-    loss history), then the index. Killed at any moment, a rerun continues from the last indexed checkpoint and
+    state (optimizer, scheduler, RNG of torch/numpy/python per rank, step, epoch, position in the epoch), then
+    the index. Killed at any moment, a rerun continues from the last indexed checkpoint and
     computes the same losses as an uninterrupted run (in deterministic mode; tested on CPU). Losses go to
     `<out>/loss_log.jsonl`, one line per step; the result's history holds the steps of this call.
     Under torchrun (WORLD_SIZE > 1) each process trains on its shard; rank 0 writes.
@@ -477,6 +479,8 @@ def pretrain(
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if settings.deterministic:
+        if device.type == "cuda":  # cuBLAS refuses deterministic mode without a fixed workspace
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     out = Path(out)
     identity = run_identity(sources, settings, world)
@@ -559,7 +563,7 @@ def pretrain(
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rngs,
                 "identity": identity, "world_size": world,
             }  # fmt: skip
-            info = {"epoch": epoch, "loss": history[-1]["loss"] if history else None}
+            info = {"epochs_done": epoch, "loss": history[-1]["loss"] if history else None}
             log.sync()  # every step up to this one is on disk before the index names the checkpoint
             entry = store.save(model, st, identity, settings.keep_checkpoints, info)
             if on_checkpoint is not None:
@@ -640,7 +644,8 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(a, f.name) is not None
     }
     settings = PretrainSettings(**over)
-    res = pretrain(a.source, a.out, settings, on_step=_print_step)
+    sources = [s if "://" in s else os.path.abspath(s) for s in a.source]  # the run's identity uses them
+    res = pretrain(sources, a.out, settings, on_step=_print_step)
     if int(os.environ.get("RANK", "0")) == 0:
         last = res.history[-1]["loss"] if res.history else float("nan")
         print(f"{res.total_steps} steps (resumed from {res.resumed_from}); last loss {last:.4f}; {res.out}")
