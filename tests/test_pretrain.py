@@ -98,6 +98,11 @@ def test_vg_sources_shard_disjointly_and_cover_every_image():
 def test_open_sources_refuses_what_it_cannot_read(tmp_path):
     with pytest.raises(ValueError, match="not a VG-format relationships .json"):
         open_sources([str(tmp_path / "runs" / "abc.json")], PretrainSettings())
+    record = tmp_path / "runs" / "0123456789abcdef.json"
+    record.parent.mkdir()
+    record.write_text(json.dumps({"run_key": "0123456789abcdef", "chain": []}))
+    with pytest.raises(ValueError, match="not a VG-format relationships file .a JSON list of images."):
+        open_sources([str(record)], PretrainSettings())
     with pytest.raises(ValueError, match="overlap_filter needs the triplet reader"):
         VGFileDataset([VG], overlap_filter=True)
     seen = {}

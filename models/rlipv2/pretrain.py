@@ -140,6 +140,13 @@ class VGFileDataset(torch.utils.data.Dataset):
                     f"source {src!r}: not a VG-format relationships .json file (labelling runs are read by "
                     "models.rlipv2.data.RelationDataset)"
                 )
+            with open(path, "rb") as f:
+                head = f.read(256).lstrip()
+            if not head.startswith(b"["):  # e.g. a labelling run's record, runs/<run-key>.json
+                raise ValueError(
+                    f"source {src!r}: not a VG-format relationships file (a JSON list of images); labelling runs "
+                    "are read by models.rlipv2.data.RelationDataset"
+                )
             for im in load_vg(path):
                 if not im.relationships:
                     continue
