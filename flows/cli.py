@@ -415,6 +415,7 @@ def _add_pretrain_parser(sub) -> None:
     )
     p.add_argument("--steps", type=int, help="stop after this many steps in total (default: all epochs)")
     p.add_argument("--device", help="cpu, cuda, ...")
+    p.add_argument("--batch-size", type=int, help="images per process and step (default 8)")
     p.add_argument("--tiny", action="store_true", help="the tiny test architecture (offline demo)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs); > 1 launches torchrun")
     p.add_argument("--log-every", type=int, default=50)

@@ -277,7 +277,7 @@ def pretrain_on_label(label_flow_run: str) -> str | None:
 
 def params_from_cli(args) -> PretrainParams:
     """PretrainParams from `reltag pretrain` flags: --settings (YAML/JSON mapping of PretrainSettings fields)
-    with --steps, --device, --tiny on top. Raises ValueError (pydantic's included) on a bad value."""
+    with --steps, --device, --batch-size, --tiny on top. Raises ValueError (pydantic's included) on a bad value."""
     import dataclasses
     import json
 
@@ -298,7 +298,7 @@ def params_from_cli(args) -> PretrainParams:
             raise ValueError(
                 f"settings file {args.settings}: unknown fields {unknown}; known: {sorted(known)}"
             )
-    for flag, field in (("steps", "max_steps"), ("device", "device")):
+    for flag, field in (("steps", "max_steps"), ("device", "device"), ("batch_size", "batch_size")):
         if getattr(args, flag) is not None:
             data[field] = getattr(args, flag)
     if args.tiny:
