@@ -191,6 +191,7 @@ def label_dataset(params: LabelParams) -> dict:
         summary = read_json(ctx.layout.fs, ctx.layout.run_stats)
         publish(ctx, summary)
         summary["seconds"] = round(time.perf_counter() - t0, 3)
+        start_pretraining(ctx, params.out)  # idempotent: a trigger lost to a crash is made up for here
         return summary
     with show_progress(plan.images, BATCH_STAGES):
         for sh in plan.shards:
@@ -202,6 +203,7 @@ def label_dataset(params: LabelParams) -> dict:
         raise RuntimeError("; ".join(failures))
     summary = rollup(ctx, plan)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
+    start_pretraining(ctx, params.out)
     return summary
 
 
@@ -258,6 +260,7 @@ def label_dataset_fanout(
         )
     summary = rollup(ctx, plan)
     summary["seconds"] = round(time.perf_counter() - t0, 3)
+    start_pretraining(ctx, params.out)
     return summary
 
 
@@ -315,3 +318,54 @@ def publish(ctx: RunContext, summary: dict) -> None:
         )
     except Exception as e:  # the API may be down; run.json holds everything the artifacts show
         get_run_logger().error("could not publish the run's artifacts: %s: %s", type(e).__name__, e)
+
+
+def trigger_parameters(template, values: dict[str, str]):
+    """The trigger's parameters with {run_key} {run_dir} {run_record} {out} {dataset} filled in (in every string,
+    at any depth); other braces are left as they are."""
+    if isinstance(template, str):
+        for k, v in values.items():
+            template = template.replace("{" + k + "}", v)
+        return template
+    if isinstance(template, dict):
+        return {k: trigger_parameters(v, values) for k, v in template.items()}
+    if isinstance(template, list):
+        return [trigger_parameters(v, values) for v in template]
+    return template
+
+
+def start_pretraining(ctx: RunContext, out: str, via: str = "flow") -> str | None:
+    """Start the config's `trigger` deployment for this finished run, once per run key: the flow run is
+    created with idempotency_key = run key, so the server returns the existing flow run to every later call
+    (a rerun of the finished run, a second worker finishing the same run, the event trigger). Returns its id.
+
+    Does nothing without a trigger section, when the trigger is `via` the other path, or without a Prefect
+    server (PREFECT_API_URL unset: the temporary server of `reltag run` dies with the process).
+    """
+    trig = ctx.config.trigger
+    if trig is None or trig.via != via:
+        return None
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    log = get_run_logger()
+    if not PREFECT_API_URL.value():
+        log.warning(
+            "run %s: trigger %s skipped: no Prefect server (PREFECT_API_URL unset)",
+            ctx.run_key,
+            trig.deployment,
+        )
+        return None
+    layout = ctx.layout
+    values = {"run_key": ctx.run_key, "run_dir": layout.base, "run_record": layout.manifest, "out": out,
+              "dataset": ctx.dataset}  # fmt: skip
+    params = trigger_parameters(trig.parameters, values)
+    try:
+        fr = run_deployment(trig.deployment, parameters=params, timeout=0, idempotency_key=ctx.run_key)
+    except Exception as e:
+        raise RuntimeError(
+            f"run {ctx.run_key} is complete ({layout.base}), but starting {trig.deployment} failed: "
+            f"{type(e).__name__}: {e}; rerun to retry the trigger (it starts nothing twice)"
+        ) from e
+    log.info("run %s: %s flow run %s (%s)", ctx.run_key, trig.deployment, fr.name, fr.id)
+    return str(fr.id)

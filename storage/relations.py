@@ -34,6 +34,7 @@ from storage.atomic import read_json
 from storage.layout import RunLayout, shard_name
 from storage.ledger import Ledger, Unit
 from storage.manifest import PlanManifest, RunRecord
+from storage.paths import unsafe_name
 
 RULES = ("relation_only", "paper")
 
@@ -261,6 +262,13 @@ class VGSource:
         self.fs, self.path = url_to_fs(self.uri)
         if not self.fs.exists(self.path):
             raise FileNotFoundError(f"VG file {self.uri} does not exist")
+        with self.fs.open(self.path, "rb") as f:
+            head = f.read(256).lstrip()
+        if not head.startswith(b"["):
+            raise ValueError(
+                f"{self.uri} is not a VG-format relationships file (a JSON list of images); a labelling run is "
+                "named by its plan folder (the path `reltag run` prints) or <plan folder>/runs/<run key>.json"
+            )
 
     def __str__(self) -> str:
         return f"VG file {self.uri}"
@@ -618,6 +626,9 @@ class RelationReader:
                         f"{src}: image {im['image_id']}: relationship {r.subject_id} -{r.relation}-> {r.object_id} "
                         f"names an object that is not in the image (objects {sorted(ids)})"
                     )
+            why = unsafe_name(str(im["file_name"]))
+            if why:  # the file's images stay under its folder: no '..', absolute paths or URLs
+                raise ValueError(f"{src}: image {im['image_id']}: {why}")
             file_name = posixpath.join(base, im["file_name"])
             yield ImageRelations(
                 str(src), int(im["image_id"]), src.fs.unstrip_protocol(file_name) if "://" in src.uri else file_name,

@@ -161,6 +161,27 @@ class ThresholdConfig(_Frozen):
     )
 
 
+class TriggerConfig(_Frozen):
+    """What to start when a labelling run completes: a deployment (the `pretrain` flow by default), once per run.
+
+    String values in `parameters` may name the finished run: {run_key}, {run_dir} (the run's folder),
+    {run_record} (its runs/<run-key>.json), {out} (the output root), {dataset}. The flow run is created with
+    idempotency key = the run key, so a rerun of a finished run, or several workers finishing one run, start
+    one flow run in all. `via`: "flow" = the labelling flow starts it when it completes; "event" = the
+    `pretrain-on-label` deployment's trigger (prefect.yaml, on prefect.flow-run.Completed) starts it.
+    Not part of any stage key: it changes no output of the labelling.
+    """
+
+    deployment: str = Field("pretrain/pretrain", description="flow-name/deployment-name to start")
+    parameters: dict = Field(
+        default_factory=lambda: {
+            "params": {"sources": ["{run_record}"], "out": "{out}/_pretrain", "label_run": "{run_key}"}
+        },
+        description="the deployment's parameters; placeholders {run_key} {run_dir} {run_record} {out} {dataset}",
+    )
+    via: Literal["flow", "event"] = "flow"
+
+
 class PipelineConfig(_Frozen):
     """Every stage's config; its hash (with model revisions and the input checksum) is the run key."""
 
@@ -171,6 +192,7 @@ class PipelineConfig(_Frozen):
     match: MatchConfig = MatchConfig()
     tag: TagConfig = TagConfig()
     threshold: ThresholdConfig = ThresholdConfig()
+    trigger: TriggerConfig | None = None  # what starts after the run (no stage reads it; in no key)
 
     @model_validator(mode="after")
     def _checkpoint_for_rtagger(self):
@@ -193,6 +215,7 @@ class PipelineConfig(_Frozen):
         d["parse"].pop("processes")
         d["tag"].pop("device")
         d["plan"].pop("image_threads")
+        d.pop("trigger", None)  # what runs afterwards changes nothing written
         return d
 
 

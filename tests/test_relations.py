@@ -526,7 +526,7 @@ def test_make_batch_takes_the_items_unchanged():
     freq = ds.class_frequencies()
     preds = freq["relationship_names"]
     model = SimpleNamespace(cfg=tiny_config(entity_names=freq["object_names"]))
-    batch = make_batch(model, got, "/", preds, torch.Generator().manual_seed(0), denoise=False)
+    batch = make_batch(model, got, None, preds, torch.Generator().manual_seed(0), denoise=False)
     assert batch.n_pairs == [len(i.pairs) for i in got] and batch.pixels.shape[0] == len(got) == 4
     for b, it in enumerate(got):
         ordered = sorted(it.pairs)

@@ -88,3 +88,26 @@ def state_revision(model: RLIPv2ParSeD) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def save_training_state(state: dict, path: str | Path) -> None:
+    """torch.save of the training state (optimizer, scheduler, RNG, step, data position, history), written
+    under a temporary name and renamed. Only tensors, numbers, strings, lists and dicts: it loads with
+    torch.load(weights_only=True), so resuming never unpickles code."""
+    import io
+
+    import fsspec
+
+    from storage.atomic import atomic_open
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    with atomic_open(fsspec.filesystem("file"), str(path), "wb") as f:
+        f.write(buf.getvalue())
+
+
+def load_training_state(path: str | Path) -> dict:
+    """The state saved by save_training_state, loaded with weights_only=True (no arbitrary unpickling)."""
+    if not Path(path).is_file():
+        raise ValueError(f"training state {str(path)!r} does not exist")
+    return torch.load(str(path), map_location="cpu", weights_only=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,17 +93,27 @@ class TrainBatch:
 def make_batch(
     model: RLIPv2ParSeD,
     images: list[VGImage],
-    image_root: str | Path,
+    image_root: str | Path | None,
     predicates: list[str],
     generator: torch.Generator | None = None,
     denoise: bool = True,
 ) -> TrainBatch:
-    """Build queries and targets: the annotated pairs of each image, dn_groups noised copies each (Appendix E)."""
+    """Build queries and targets: the annotated pairs of each image, dn_groups noised copies each (Appendix E).
+
+    image_root: the folder the records' file names are relative to (never left: '..', symlinks), or None for
+    records whose file names a reader has already resolved and checked (RelationDataset, VGFileDataset)."""
     cfg = model.cfg
     copies = cfg.dn_groups if denoise else 1
     pixels, ents, per_image = [], [], []
     for im in images:
-        path = safe_local_path(str(image_root), im.file_name)  # never outside image_root ('..', symlinks)
+        if image_root is None:
+            if not os.path.isabs(im.file_name):
+                raise ValueError(
+                    f"image {im.image_id}: {im.file_name!r} is not a resolved path (give image_root)"
+                )
+            path = im.file_name
+        else:
+            path = safe_local_path(str(image_root), im.file_name)  # never outside image_root ('..', symlinks)
         pixels.append(preprocess_image(Image.open(path), cfg))
         labels = [o.name for o in im.objects]
         ent = entity_texts(model, labels)
