@@ -6,7 +6,7 @@ what pycocotools' COCO() does (and what the RLIPv2 scripts use). Both run in fre
 each process's own high-water mark (VmHWM, which exec resets; ru_maxrss can carry the parent's).
 
 Image checks ("header_checks", "decodes" in the results): the same images checked by one thread (baseline:
-check_header / decode one after the other) and by the planner's thread pool (PlanConfig.image_threads). The
+check_header / decode one after the other) and by the planner's object-store pool (PlanConfig.header_threads). The
 header files are hard links of a few 640x480 JPEGs (each name is resolved, opened and parsed on its own; the
 bytes are in the page cache, as they are right after a copy: a cold disk or object storage adds latency that
 threads hide better than shown here).
@@ -192,7 +192,8 @@ def main() -> None:
             print(json.dumps(results[-1]))
         from tasks.config import PlanConfig
 
-        threads = PlanConfig().image_threads
+        # the pool size the planner uses on object stores; on local disk it checks headers in one thread
+        threads = PlanConfig().header_threads("s3://bucket/images")
         n_h, n_d = (5_000, 200) if args.quick else (50_000, 1_000)
         checks = image_checks(tmp, n_h, n_d, threads, repeats=max(3, args.repeats))
         print(json.dumps(checks))

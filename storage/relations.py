@@ -35,6 +35,7 @@ from storage.layout import RunLayout, shard_name
 from storage.ledger import Ledger, Unit
 from storage.manifest import PlanManifest, RunRecord
 from storage.paths import unsafe_name
+from storage.records import Box
 
 RULES = ("relation_only", "paper")
 
@@ -46,17 +47,8 @@ class RunNotFinished(ValueError):
     """The run's ledger says some of it is not written yet."""
 
 
-@dataclass(slots=True)
-class RelBox:
-    """One annotated box of an image: x, y, w, h in pixels as planned (not clamped). category_id -1: VG."""
-
-    ann_id: int
-    category_id: int
-    label: str
-    x: float
-    y: float
-    w: float
-    h: float
+#: One annotated box of an image: x, y, w, h in pixels as planned (not clamped); category_id -1 for VG files.
+RelBox = Box
 
 
 @dataclass(slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -34,9 +35,23 @@ class PlanConfig(_Frozen):
         description="an image whose stored size differs from its annotated width/height: quarantine it "
         "(size_mismatch), or rescale its boxes to the stored size (counted as rescaled_images)",
     )
-    image_threads: int = Field(
-        16, ge=1, le=256, description="threads for header checks and decoding (does not change the output)"
+    image_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="threads for header checks and decoding (does not change the output); default: header "
+        "checks in one thread on local disk (Python-bound: a pool was 0.3x here) and 16 on object stores "
+        "(latency-bound), decoding in one thread per core",
     )
+
+    def header_threads(self, images_root: str) -> int:
+        if self.image_threads is not None:
+            return self.image_threads
+        local = "://" not in images_root or images_root.startswith("file://")
+        return 1 if local else 16
+
+    def decode_threads(self) -> int:
+        return self.image_threads if self.image_threads is not None else max(1, os.cpu_count() or 1)
 
 
 class CaptionConfig(_Frozen):

@@ -275,7 +275,11 @@ def plan_shards(
     tmp = tempfile.mkdtemp(prefix="reltag-plan-", dir=spill_dir)
     quarantine = _Quarantine(fs, layout.quarantine("plan"))
     counts: Counter = Counter()
-    pool = ThreadPoolExecutor(cfg.image_threads, "reltag-header") if images_root is not None else None
+    pool = (
+        ThreadPoolExecutor(cfg.header_threads(images_root), "reltag-header")
+        if images_root is not None
+        else None
+    )
     try:
         # -- pass 1: images, in file order; shard = position // shard_size ----------------------------------
         ids = []

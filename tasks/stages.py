@@ -153,7 +153,7 @@ def _verify(ctx: RunContext, shard: int, batch: int) -> StageOutput:
 
     plan = ctx.config.plan
     rows, quarantined, stats = verify_batch(
-        batch_images(ctx, shard, batch), ctx.images_root, plan.max_pixels, plan.image_threads
+        batch_images(ctx, shard, batch), ctx.images_root, plan.max_pixels, plan.decode_threads()
     )
     return StageOutput(rows, quarantined, stats)
 
