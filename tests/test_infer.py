@@ -7,6 +7,7 @@ import json
 from importlib import resources
 
 import pytest
+from PIL import Image
 
 from models.matcher import Vocabulary, identify_vocabulary
 from tasks.config import PipelineConfig, check_tagger_numbering, fill_inferred
@@ -156,7 +157,7 @@ def test_fill_inferred_only_what_was_not_given():
 def _write(tmp_path, categories, name="det.json"):
     img = tmp_path / "images"
     img.mkdir(exist_ok=True)
-    (img / "a.jpg").write_bytes(b"x")
+    Image.new("RGB", (100, 100), (90, 120, 150)).save(img / "a.jpg")  # a real image: planning checks it
     det = tmp_path / name
     det.write_text(json.dumps({
         "images": [{"id": 1, "file_name": "a.jpg", "width": 100, "height": 100}],

@@ -151,7 +151,7 @@ def _cli(tmp_path, monkeypatch, det_text, caps=None):
     cap = tmp_path / "caps.json"
     cap.write_text(json.dumps(caps or {"annotations": [{"image_id": 1, "caption": "a man"}]}))
     return main(["run", "--annotations", str(det), "--images", str(tmp_path), "--captions", str(cap),
-                 "--out", str(tmp_path / "out")])  # fmt: skip
+                 "--out", str(tmp_path / "out"), "--vocabulary", "o365", "--dataset", "m"])  # fmt: skip (no inference)
 
 
 GOOD = {"images": [_img(1)], "annotations": [_ann(1, 1)], "categories": CATS}
