@@ -240,6 +240,13 @@ class RunSource:
             )
 
 
+def is_json_list(fs, path: str) -> bool:
+    """Whether a JSON file holds a list (a VG-format relationships file) rather than an object (e.g. a
+    labelling run's record), from its first bytes."""
+    with fs.open(path, "rb") as f:
+        return f.read(256).lstrip().startswith(b"[")
+
+
 @dataclass
 class VGSource:
     """A VG-format relationships JSON (examples/vg_tiny): a list of images with `image_id`, `file_name`, `width`,
@@ -254,9 +261,7 @@ class VGSource:
         self.fs, self.path = url_to_fs(self.uri)
         if not self.fs.exists(self.path):
             raise FileNotFoundError(f"VG file {self.uri} does not exist")
-        with self.fs.open(self.path, "rb") as f:
-            head = f.read(256).lstrip()
-        if not head.startswith(b"["):
+        if not is_json_list(self.fs, self.path):
             raise ValueError(
                 f"{self.uri} is not a VG-format relationships file (a JSON list of images); a labelling run is "
                 "named by its plan folder (the path `reltag run` prints) or <plan folder>/runs/<run key>.json"
@@ -336,24 +341,14 @@ _TRIPLET_COLS = [
 _BOX_COLS = ["subject_box", "object_box"]
 
 
-def _rg_max(md, rg: int, name: str):
-    """The row group's max statistic of a column (None when absent)."""
+def _rg_stat(md, rg: int, name: str, which: str):
+    """The row group's `which` ("min" or "max") statistic of a column (None when absent)."""
     meta = md.row_group(rg)
     for i in range(meta.num_columns):
         c = meta.column(i)
         if c.path_in_schema == name:
             st = c.statistics
-            return st.max if st is not None and st.has_min_max else None
-    return None
-
-
-def _rg_min(md, rg: int, name: str):
-    meta = md.row_group(rg)
-    for i in range(meta.num_columns):
-        c = meta.column(i)
-        if c.path_in_schema == name:
-            st = c.statistics
-            return st.min if st is not None and st.has_min_max else None
+            return getattr(st, which) if st is not None and st.has_min_max else None
     return None
 
 
@@ -440,7 +435,7 @@ class RelationReader:
                         )
                     seen.add(i)
                     last = i
-                mx = _rg_max(md, rg, "p_relation")
+                mx = _rg_stat(md, rg, "p_relation", "max")
                 if mx is not None and float(mx) < self.eta:
                     continue  # statistics: no row of this group can pass (rule values <= p_relation)
                 t = pf.read_row_group(rg, columns=cols)
@@ -531,10 +526,10 @@ class RelationReader:
             pf = pq.ParquetFile(f)
             md = pf.metadata
             for rg in range(pf.num_row_groups):
-                mn, mx = _rg_min(md, rg, "image_id"), _rg_max(md, rg, "image_id")
+                mn, mx = _rg_stat(md, rg, "image_id", "min"), _rg_stat(md, rg, "image_id", "max")
                 if mn is not None and (mx < lo or mn > hi):
                     continue
-                pmax = _rg_max(md, rg, "p_relation")
+                pmax = _rg_stat(md, rg, "p_relation", "max")
                 if pmax is not None and float(pmax) < self.eta:
                     continue
                 t = pf.read_row_group(rg, columns=cols)
@@ -640,7 +635,7 @@ def iter_kept_rows(
             pf = pq.ParquetFile(f)
             md = pf.metadata
             for rg in range(pf.num_row_groups):
-                pmax = _rg_max(md, rg, "p_relation")
+                pmax = _rg_stat(md, rg, "p_relation", "max")
                 if pmax is not None and float(pmax) < eta:
                     continue
                 t = pf.read_row_group(rg, columns=columns)

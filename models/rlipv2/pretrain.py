@@ -35,6 +35,7 @@ from models.rlipv2.config import RLIPv2Config
 from models.rlipv2.data import VGImage, load_vg
 from models.rlipv2.model import RLIPv2ParSeD
 from models.rlipv2.train import detect_loss, make_batch, tiny_config
+from storage.relations import is_json_list
 
 CHECKPOINTS = "checkpoints"
 INDEX = "index.json"
@@ -140,9 +141,7 @@ class VGFileDataset(torch.utils.data.Dataset):
                     f"source {src!r}: not a VG-format relationships .json file (labelling runs are read by "
                     "models.rlipv2.data.RelationDataset)"
                 )
-            with open(path, "rb") as f:
-                head = f.read(256).lstrip()
-            if not head.startswith(b"["):  # e.g. a labelling run's record, runs/<run-key>.json
+            if not is_json_list(_local_fs(), str(path)):  # e.g. a labelling run's record, runs/<run-key>.json
                 raise ValueError(
                     f"source {src!r}: not a VG-format relationships file (a JSON list of images); labelling runs "
                     "are read by models.rlipv2.data.RelationDataset"
@@ -200,10 +199,7 @@ class RunDataset(torch.utils.data.Dataset):
 
 def _is_vg_file(src: str) -> bool:
     path = Path(src)
-    if path.suffix != ".json" or not path.is_file():
-        return False
-    with open(path, "rb") as f:
-        return f.read(256).lstrip().startswith(b"[")
+    return path.suffix == ".json" and path.is_file() and is_json_list(_local_fs(), str(path))
 
 
 DatasetFactory = Callable[..., torch.utils.data.Dataset]
