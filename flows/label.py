@@ -274,12 +274,9 @@ def run_in_process(
     (the CLI has already asked).
 
     Without a configured Prefect API (PREFECT_API_URL unset) Prefect starts a temporary server that lives
-    and dies with this process; flow-run heartbeats (which let a real server mark a crashed run) then serve
-    nothing and cost about a second per flow run (Prefect joins its heartbeat thread, which sleeps in 1 s
-    steps), so they are switched off. With a real server, Prefect's settings are left as they are.
+    and dies with this process; flow-run heartbeats are off there (flows.local.temporary_server_settings).
     """
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
-
+    from flows.local import temporary_server_settings
     from flows.status import finished_summary
 
     t0 = time.perf_counter()
@@ -292,9 +289,7 @@ def run_in_process(
         if stage_threads < 1:
             raise ValueError(f"stage_threads must be >= 1, got {stage_threads}")
         flow_fn = label_dataset.with_options(task_runner=ThreadPoolTaskRunner(max_workers=stage_threads))
-    if PREFECT_API_URL.value():
-        return flow_fn(params)
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with temporary_server_settings():
         return flow_fn(params)
 
 

@@ -314,9 +314,7 @@ def params_from_cli(args) -> PretrainParams:
 
 def run_in_process(params: PretrainParams) -> dict:
     """Run the `pretrain` flow here (a temporary Prefect server when PREFECT_API_URL is unset, as `reltag run`)."""
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from flows.local import temporary_server_settings
 
-    if PREFECT_API_URL.value():
-        return pretrain_flow(params)
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    with temporary_server_settings():
         return pretrain_flow(params)
