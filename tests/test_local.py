@@ -13,8 +13,11 @@ from flows.local import temporary_server_settings
 
 
 def test_heartbeats_off_on_the_temporary_server_and_back_after():
-    assert not PREFECT_API_URL.value()  # no server configured: as `reltag run` on a fresh machine
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):
+    # no server configured, as `reltag run` on a fresh machine (the session's test harness may have set one)
+    with temporary_settings(
+        updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}, restore_defaults={PREFECT_API_URL}
+    ):
+        assert not PREFECT_API_URL.value()
         with temporary_server_settings():
             assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None
             first = get_current_settings()
@@ -30,7 +33,7 @@ def test_heartbeats_off_on_the_temporary_server_and_back_after():
 
 def test_a_real_server_keeps_its_heartbeats():
     with temporary_settings(
-        updates={PREFECT_API_URL: "http://127.0.0.1:6000/api", PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}
+        updates={PREFECT_API_URL: "http://127.0.0.1:4200/api", PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}
     ):
         with temporary_server_settings():
             assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() == 30
