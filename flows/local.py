@@ -7,7 +7,8 @@ import contextlib
 import threading
 
 _lock = threading.Lock()
-#: id(settings) -> (those settings, the same without heartbeats); a process has one or two settings objects
+#: id(settings) -> (those settings, the same without heartbeats); a process has one or two settings objects.
+#: Holding the settings keeps their id from being reused while the entry exists.
 _no_heartbeats: dict[int, tuple[object, object]] = {}
 
 
@@ -31,7 +32,7 @@ def temporary_server_settings():
     ctx = prefect.context.get_settings_context()
     with _lock:
         cached = _no_heartbeats.get(id(ctx.settings))
-        if cached is None or cached[0] is not ctx.settings:
+        if cached is None:
             if len(_no_heartbeats) >= 8:  # settings replaced many times (tests): keep memory bounded
                 _no_heartbeats.clear()
             off = ctx.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
