@@ -112,7 +112,8 @@ class PretrainSettings:
 class VGFileDataset(torch.utils.data.Dataset):
     """VG-format relationship files (models/rlipv2/data.py) as one dataset, with RelationDataset's signature.
 
-    The stand-in until the triplet reader (RelationDataset) is merged: images with no relation are dropped, the
+    What open_sources reads when every source is a VG-format file (with a labelling run among them, RunDataset
+    reads all of them through the triplet reader instead): images with no relation are dropped, the
     first `max_relations` relations of an image are kept in file order, images are sharded by position
     (image i of the concatenated files goes to rank i % world_size). Human-labelled VG rows carry no
     confidence, so eta and rule change nothing here (as in the reference, which keeps every VG relation).
