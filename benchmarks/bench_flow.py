@@ -51,8 +51,8 @@ class Compute:
     """Wall time spent inside the wrapped functions (from any thread), summed; installed on the modules that
     call them, so the plain loop and the flows are measured alike."""
 
-    NAMES = (("tasks.pipeline", "run_batch_stage"), ("tasks.pipeline", "finalize_shard"),
-             ("tasks.pipeline", "rollup_stats"), ("tasks.plan_run", "plan_run"),
+    NAMES = (("tasks.run.pipeline", "run_batch_stage"), ("tasks.run.pipeline", "finalize_shard"),
+             ("tasks.run.pipeline", "rollup_stats"), ("tasks.run.start", "plan_run"),
              ("flows.label", "run_batch_stage"), ("flows.label", "finalize_shard"),
              ("flows.label", "rollup_stats"), ("flows.label", "plan_run"))  # fmt: skip
 
@@ -91,9 +91,9 @@ class Compute:
 def plain_loop(params) -> None:
     """Every unit of the run, in order, then the run's statistics (run.json: the run is finished), without
     Prefect."""
-    import tasks.pipeline as pipeline
-    import tasks.plan_run as planning
-    from tasks.stages import BATCH_STAGES
+    import tasks.run.pipeline as pipeline
+    import tasks.run.start as planning
+    from tasks.run.registry import BATCH_STAGES
 
     ctx, plan = planning.plan_run(
         params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config

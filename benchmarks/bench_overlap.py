@@ -51,8 +51,8 @@ def install_device_like_oracle(seconds: float) -> None:
     """Replace the oracle entry of the captioner registry in this process (benchmark only)."""
     import dataclasses
 
-    import tasks.caption as caption
-    import tasks.pipeline as pipeline
+    import tasks.stages.caption as caption
+    import tasks.run.pipeline as pipeline
 
     entry = caption.CAPTIONERS["oracle"]
     caption.CAPTIONERS["oracle"] = dataclasses.replace(

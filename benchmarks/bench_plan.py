@@ -30,7 +30,7 @@ CANDIDATE = r"""
 import sys, time
 from storage.layout import RunLayout
 from tasks.config import PlanConfig
-from tasks.plan import plan_shards
+from tasks.stages.plan import plan_shards
 t = time.perf_counter()
 out = plan_shards(sys.argv[1], RunLayout(sys.argv[2], "bench", "k"), PlanConfig(shard_size=1000))
 dt = time.perf_counter() - t
@@ -87,7 +87,7 @@ def image_checks(tmp: str, n_headers: int, n_decodes: int, threads: int, repeats
 
     from storage.records import ImageRecord
     from tasks.images import check_header
-    from tasks.verify import verify_batch
+    from tasks.stages.verify import verify_batch
 
     root = os.path.join(tmp, "images")
     os.makedirs(root)

@@ -10,7 +10,7 @@ boxes and its kept rows; the counts of images and rows are asserted equal.
 - reader: `storage.relations.RelationReader` (row group by row group, column projection, statistics);
 - dataset: `models.rlipv2.data.RelationDataset` (the reader plus the per-image reference steps: cap, clamp, texts,
   multi-hot pairs), single process;
-- export: `tasks.export.export_vg_json` (the reader, every image written to the JSON as it comes, atomic rename).
+- export: `tasks.audit.export.export_vg_json` (the reader, every image written to the JSON as it comes, atomic rename).
 Each runs in a fresh subprocess; peak RSS is that process's VmHWM, and `rss_after_imports_mb` its VmRSS before
 reading (torch's import dominates the dataset's). Two sizes show how memory grows with the dataset.
 """
@@ -66,7 +66,7 @@ EXPORT = (
     PRELUDE
     + r"""
 import json
-from tasks.export import export_vg_json
+from tasks.audit.export import export_vg_json
 after = rss("VmRSS:")
 t = time.perf_counter()
 c = export_vg_json(sys.argv[1], sys.argv[1] + ".export.json", eta=0.2, rule="relation_only")
@@ -231,7 +231,7 @@ def main() -> None:
         "baseline": {"name": "pandas read_parquet of every file, filter, groupby", **big["baseline"]},
         "candidate": {"name": "storage.relations.RelationReader (streaming row groups)", **big["reader"]},
         "dataset": {"name": "models.rlipv2.data.RelationDataset, one process", **big["dataset"]},
-        "export": {"name": "tasks.export.export_vg_json (streamed JSON, atomic)", **big["export"]},
+        "export": {"name": "tasks.audit.export.export_vg_json (streamed JSON, atomic)", **big["export"]},
         "rss_growth_mb": {
             "reader": growth("reader"),
             "dataset": growth("dataset"),

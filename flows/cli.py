@@ -119,7 +119,7 @@ def _params(args, run: bool = True, dataset: str | None = None):
     that have no synonym list. dataset: the name used when neither the config nor a flag gives one."""
     from flows.params import LabelParams
     from tasks.config import PipelineConfig, check_tagger_numbering, fill_inferred
-    from tasks.plan_run import cached_categories, check_inputs
+    from tasks.run.start import cached_categories, check_inputs
 
     data = config_data(args.config, args)
     if dataset is not None and data.get("dataset") is None:
@@ -155,8 +155,8 @@ def _warn_without_synonyms(cmd: str, categories: list[dict], vocabulary: str, sh
 
 
 def cmd_plan(args) -> int:
-    from tasks.caption import captioner_names
-    from tasks.plan_run import plan_run, validate_captions
+    from tasks.stages.caption import captioner_names
+    from tasks.run.start import plan_run, validate_captions
 
     p = _params(args, run=False)
     validate_captions(p.captions, p.config)
@@ -211,13 +211,13 @@ def _run(params, stage_threads: int | None = None) -> int:
 
     summary = finished_summary(params)  # a finished run is answered from the ledger, before Prefect loads
     if summary is None:
-        from tasks.plan_run import validate_captions
+        from tasks.run.start import validate_captions
 
         validate_captions(
             params.captions, params.config
         )  # before Prefect: a bad file is one line, not retried
 
-        from tasks.plan_run import plan_run
+        from tasks.run.start import plan_run
 
         # plan here, before Prefect starts: a bad detection or captions file is one line and exit 2, not a
         # failed flow run (the flow's plan task then finds the plan and the run record written)
@@ -405,8 +405,8 @@ def cmd_show(args) -> int:
     from storage import schemas
     from storage.records import Triplet
     from tasks.images import load_image
-    from tasks.plan import shard_records
-    from tasks.visualize import contact_sheet, draw_triplets
+    from tasks.stages.plan import shard_records
+    from tasks.audit.visualize import contact_sheet, draw_triplets
 
     run = _one_run(args)
     if run is None:
@@ -451,7 +451,7 @@ def cmd_show(args) -> int:
 def cmd_export(args) -> int:
     """Write a finished run's relations at an eta and rule: the reference's VG-style JSON or flat Parquet."""
     from storage.relations import RunSource
-    from tasks.export import export_parquet, export_vg_json
+    from tasks.audit.export import export_parquet, export_vg_json
 
     if args.image_paths and args.format != "vg-json":
         raise ValueError("--image-paths goes with --format vg-json")

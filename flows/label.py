@@ -14,16 +14,16 @@ from flows.status import WRITE, is_finished, unwritten_shards
 from storage.atomic import read_json, sweep_stale_temporaries
 from storage.ledger import Ledger, Unit
 from storage.manifest import PlanManifest
-from tasks.context import plan_manifest
-from tasks.pipeline import RunContext, finalize_shard, rollup_stats, run_batch_stage
-from tasks.plan_run import plan_run
-from tasks.schedule import DONE, FAILED, BatchBoard, run_stage, worth_retrying
-from tasks.stages import BATCH_STAGES
-from tasks.stages import stage as get_stage
+from tasks.run.context import plan_manifest
+from tasks.run.pipeline import RunContext, finalize_shard, rollup_stats, run_batch_stage
+from tasks.run.start import plan_run
+from tasks.run.schedule import DONE, FAILED, BatchBoard, run_stage, worth_retrying
+from tasks.run.registry import BATCH_STAGES
+from tasks.run.registry import stage as get_stage
 
 
 def _io_error_only(task, task_run, state) -> bool:
-    """Retry on passing I/O errors only (tasks.schedule.worth_retrying); never on a full disk, a missing file,
+    """Retry on passing I/O errors only (tasks.run.schedule.worth_retrying); never on a full disk, a missing file,
     a model bug, a bad input or an out-of-memory error."""
     try:
         state.result()
@@ -80,7 +80,7 @@ def _unit_logged(ctx: RunContext, stage: str, shard: int):
 
 @task(name="stage", task_run_name="{stage} shard-{shard:05d}", cache_policy=None, persist_result=False)
 def stage_task(ctx: RunContext, stage: str, shard: int, board: BatchBoard) -> dict:
-    """One stage over every batch of a shard, in order, each batch once its input is written (tasks.schedule).
+    """One stage over every batch of a shard, in order, each batch once its input is written (tasks.run.schedule).
     Fails, after going through every batch, when a unit failed; I/O errors are retried per unit in place."""
     log = get_run_logger()
 
@@ -113,7 +113,7 @@ def write_shard_task(ctx: RunContext, shard: int, n_batches: int) -> dict:
 def run_shard(ctx: RunContext, shard: int, n_batches: int, n_total: int, snap: dict[str, set[str]]) -> dict:
     """Every stage over every batch of one shard, then the shard's triplet file.
 
-    One task run per stage (tasks.schedule): each takes the batches in order and starts batch b as soon as
+    One task run per stage (tasks.run.schedule): each takes the batches in order and starts batch b as soon as
     the stage above has written it, so with the flow's thread pool batch b+1 captions (on the GPU) while
     batch b is parsed, matched and thresholded (on the CPU). A unit that fails does not stop the others: its
     stage goes on with the next batch, the failed batch's later stages do not run. The shard's triplet file is

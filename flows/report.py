@@ -1,5 +1,5 @@
 """`reltag report`: read a finished run (record, statistics, triplets, image records), build its audit page or the
-comparison of two runs (tasks/report.py), write it atomically under <plan folder>/report/ and print the path."""
+comparison of two runs (tasks/audit/report.py), write it atomically under <plan folder>/report/ and print the path."""
 
 from __future__ import annotations
 
@@ -44,8 +44,8 @@ def load_run(run: RunLayout, top: int = 6, per_group: int = 3):
     import pyarrow.parquet as pq
 
     from storage import schemas
-    from tasks.plan import shard_records
-    from tasks.report import PICK_COLUMNS, RunData, gallery_image_ids, gallery_picks
+    from tasks.stages.plan import shard_records
+    from tasks.audit.report import PICK_COLUMNS, RunData, gallery_image_ids, gallery_picks
 
     check_finished(run)
     slim = read_triplets(run, PICK_COLUMNS)
@@ -88,7 +88,7 @@ def write_page(run: RunLayout, name: str, text: str) -> str:
 
 def build_report(run: RunLayout, top: int = 6, per_group: int = 3) -> str:
     """Write the run's audit page; returns its path."""
-    from tasks.report import report_html
+    from tasks.audit.report import report_html
 
     data = load_run(run, top, per_group)
     page = report_html(data, _loader(data.record.inputs.get("images_root", "")), top, per_group)
@@ -97,7 +97,7 @@ def build_report(run: RunLayout, top: int = 6, per_group: int = 3) -> str:
 
 def build_compare(a: RunLayout, b: RunLayout, examples: int = 50) -> tuple[str, dict]:
     """Write the comparison page of two finished runs (under run A's plan folder); returns (path, counts)."""
-    from tasks.report import DIFF_COLUMNS, compare_html, diff_triplets
+    from tasks.audit.report import DIFF_COLUMNS, compare_html, diff_triplets
 
     for r in (a, b):
         check_finished(r)

@@ -10,7 +10,7 @@ from storage.atomic import read_json
 from storage.layout import RunLayout
 from storage.ledger import Ledger, Unit
 from storage.manifest import PlanManifest, RunRecord
-from tasks.stages import STAGES, folders
+from tasks.run.registry import STAGES, folders
 
 WRITE = STAGES[-1].name  # the shard-level stage that writes the product
 
@@ -88,7 +88,7 @@ def run_status(layout: RunLayout) -> dict:
 def finished_summary(params) -> dict | None:
     """The run's summary if it is complete (its statistics written and every shard's write unit recorded),
     else None. Reads checksums (cached), the plan and one ledger listing; starts nothing."""
-    from tasks.plan_run import run_context
+    from tasks.run.start import run_context
 
     ctx = run_context(
         params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config

@@ -19,7 +19,7 @@ commented out), and that is the default here.
 CLIP does not score the subject and object classes: the boxes are ground truth, so callers set p_subject =
 p_object = 1.0 and the confidence is p_relation.
 
-No Prefect here; `tasks/clip_tag.py` turns candidates into rows.
+No Prefect here; `tasks/stages/tag/clip.py` turns candidates into rows.
 """
 
 from __future__ import annotations

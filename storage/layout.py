@@ -13,7 +13,7 @@
 ```
 
 A stage's key hashes its own output-changing settings, its model revision and its upstream stage's key
-(tasks/stages.py), so runs that agree up to a stage share that stage's outputs in place; the run key is the
+(tasks/run/registry.py), so runs that agree up to a stage share that stage's outputs in place; the run key is the
 key of the last stage. Folder names per stage come from the stage registry through `folders`.
 
 Object stores: the root (like the annotations, captions and images) may be any fsspec URL (s3://, gs://,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from storage.records import Caption, ImageRecord
 from storage.schemas import from_table, to_table
-from tasks.caption import batch_seed, build_captioners, caption_batch
+from tasks.stages.caption import batch_seed, build_captioners, caption_batch
 from tasks.config import CaptionConfig
 
 

@@ -15,7 +15,7 @@ from models.captioners.blip2 import Blip2Captioner
 from models.captioners.sampling import generation_processors, image_seed
 from storage.records import Caption, ImageRecord
 from storage.schemas import to_table
-from tasks.caption import batch_seed, build_captioners, caption_batch
+from tasks.stages.caption import batch_seed, build_captioners, caption_batch
 from tasks.config import CaptionConfig
 from tests.tiny_models import SIZE, build_tiny_blip, build_tiny_blip2, draw_images
 
@@ -371,7 +371,7 @@ def test_rerun_in_a_fresh_process_writes_the_same_captions(blip_dir, photos):
     code = f"""
 import json, sys
 from storage.records import ImageRecord
-from tasks.caption import batch_seed, build_captioners, caption_batch
+from tasks.stages.caption import batch_seed, build_captioners, caption_batch
 from tasks.config import CaptionConfig
 from tests.tiny_models import SIZE, build_tiny_blip, build_tiny_blip2, draw_images
 cfg = CaptionConfig.model_validate_json({cfg.model_dump_json()!r})

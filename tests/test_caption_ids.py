@@ -10,7 +10,7 @@ import pytest
 from flows.cli import EXAMPLES, main
 from models.captioners.oracle import OracleCaptioner
 from storage.records import ImageRecord
-from tasks.caption import caption_batch
+from tasks.stages.caption import caption_batch
 
 CAPTIONS = EXAMPLES / "sample_captions.json"
 

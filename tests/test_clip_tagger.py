@@ -26,9 +26,9 @@ from models.clip_tagger import (
     union_box,
 )
 from storage.records import Box, Candidate, ImageRecord
-from tasks.clip_tag import tag_batch_clip
+from tasks.stages.tag.clip import tag_batch_clip
 from tasks.config import PipelineConfig, TagConfig, ThresholdConfig
-from tasks.threshold import threshold_batch
+from tasks.stages.threshold import threshold_batch
 
 SIZE = 32  # the tiny vision encoder's input side
 
@@ -290,8 +290,8 @@ def test_tag_batch_clip_names_bad_inputs(scorer):
 
 
 def test_clip_model_revision_enters_the_run_key(clip_dir, tmp_path):
-    from tasks.revisions import revisions
-    from tasks.stages import chain
+    from tasks.run.revisions import revisions
+    from tasks.run.registry import chain
 
     def keys(c):
         return {link.stage: link.key for link in chain(c, {"annotations_sha256": "x"})[1]}

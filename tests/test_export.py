@@ -133,7 +133,7 @@ def test_export_round_trip_with_the_cap_duplicates_and_clamping(tmp_path):
     plan = make_run(tmp_path, [([img(1, boxes), img(2, boxes)], rows)])
     src = RunSource(plan, "run0")
     dest = str(tmp_path / "out" / "rel.json")
-    from tasks.export import export_vg_json
+    from tasks.audit.export import export_vg_json
 
     paths = str(tmp_path / "out" / "image_id_to_filepath.json")
     counts = export_vg_json(src, dest, 0.2, "relation_only", image_paths=paths)
@@ -185,7 +185,7 @@ def test_parquet_export_loads_in_hf_datasets_and_duckdb(tmp_path):
 
 
 def test_a_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
-    import tasks.export as ex
+    import tasks.audit.export as ex
 
     b = [(1, PERSON, 0, 0, 5, 5), (2, HAT, 0, 0, 5, 5)]
     plan = make_run(

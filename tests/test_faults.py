@@ -23,9 +23,9 @@ from benchmarks.synth import write_dataset
 from storage import retry
 from storage.ledger import Ledger, Unit
 from tasks.config import ParseConfig, PipelineConfig, PlanConfig
-from tasks.pipeline import finalize_shard, run_batch_stage
-from tasks.plan_run import plan_run
-from tasks.stages import BATCH_STAGES
+from tasks.run.pipeline import finalize_shard, run_batch_stage
+from tasks.run.start import plan_run
+from tasks.run.registry import BATCH_STAGES
 from tests.flaky_fs import FlakyMemoryFileSystem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,7 +274,7 @@ def test_cuda_oom_in_the_captioner_halves_the_micro_batch_and_gives_the_same_cap
     import torch
 
     from models.captioners.blip import BlipCaptioner
-    from tasks.caption import caption_batch
+    from tasks.stages.caption import caption_batch
     from tasks.config import CaptionConfig
     from tests.tiny_models import SIZE, build_tiny_blip, draw_images
 
@@ -315,7 +315,7 @@ def test_cuda_oom_in_the_tagger_halves_the_groups_per_forward_and_gives_the_same
     import torch
 
     from tasks.config import TagConfig
-    from tasks.rtagger import tag_batch_rtagger
+    from tasks.stages.tag.rtagger import tag_batch_rtagger
     from tests.test_rtagger import _candidates, _image
     from tests.test_rtagger import runner as runner_fixture
 

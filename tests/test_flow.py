@@ -14,7 +14,7 @@ from flows.cli import EXAMPLES, main
 from flows.params import LabelParams
 from flows.status import find_runs, run_status
 from tasks.config import PipelineConfig, PlanConfig
-from tasks.stages import BATCH_STAGES
+from tasks.run.registry import BATCH_STAGES
 
 pytestmark = [pytest.mark.flow]
 
@@ -94,7 +94,7 @@ def test_rerun_of_a_finished_run_does_nothing(prefect_harness, tmp_path):
 
 
 def test_a_failed_batch_fails_the_flow_and_only_it_is_redone(prefect_harness, tmp_path, monkeypatch):
-    import tasks.pipeline as pipeline
+    import tasks.run.pipeline as pipeline
     from flows.label import label_dataset
 
     ds = write_dataset(str(tmp_path / "ds"), 40, seed=3)
@@ -162,7 +162,7 @@ def test_changed_eta_redoes_only_threshold_and_write_and_equals_a_fresh_run(
 ):
     """Keys chain per stage: eta changes the threshold stage's key and the run's, so captions, parses,
     candidates and tags are reused in place; the triplets equal a fresh run's byte for byte."""
-    import tasks.pipeline as pipeline
+    import tasks.run.pipeline as pipeline
     from flows.label import label_dataset
 
     ds = write_dataset(str(tmp_path / "ds"), 30, seed=4)
@@ -195,7 +195,7 @@ def test_changed_eta_redoes_only_threshold_and_write_and_equals_a_fresh_run(
 def test_blip_settings_do_not_touch_a_human_caption_run(prefect_harness, tmp_path, monkeypatch):
     """With human captions only, sampling settings are not the caption stage's settings: same keys, nothing
     redone."""
-    import tasks.pipeline as pipeline
+    import tasks.run.pipeline as pipeline
     from flows.label import label_dataset
 
     ds = write_dataset(str(tmp_path / "ds"), 20, seed=6)
@@ -240,7 +240,7 @@ def test_stages_of_consecutive_batches_run_side_by_side(prefect_harness, tmp_pat
     import threading
     import time as _time
 
-    import tasks.pipeline as pipeline
+    import tasks.run.pipeline as pipeline
     from flows.label import run_in_process
 
     ds = write_dataset(str(tmp_path / "ds"), 40, seed=9)

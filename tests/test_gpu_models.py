@@ -160,7 +160,7 @@ class _Cfg:
 
 @pytest.fixture
 def caption_stage(monkeypatch):
-    """tasks.caption. Where pydantic is missing (the GPU machine's image) it is imported with tasks.config
+    """tasks.stages.caption. Where pydantic is missing (the GPU machine's image) it is imported with tasks.config
     stubbed (caption_batch reads only cfg.batch_size of its config, passed here as _Cfg) and dropped from
     sys.modules again after the test."""
     try:
@@ -169,13 +169,13 @@ def caption_stage(monkeypatch):
         stub = types.ModuleType("tasks.config")
         stub.CaptionConfig = _Cfg
         monkeypatch.setitem(sys.modules, "tasks.config", stub)
-        saved = sys.modules.pop("tasks.caption", None)
-        yield importlib.import_module("tasks.caption")
-        sys.modules.pop("tasks.caption", None)
+        saved = sys.modules.pop("tasks.stages.caption", None)
+        yield importlib.import_module("tasks.stages.caption")
+        sys.modules.pop("tasks.stages.caption", None)
         if saved is not None:
-            sys.modules["tasks.caption"] = saved
+            sys.modules["tasks.stages.caption"] = saved
         return
-    yield importlib.import_module("tasks.caption")
+    yield importlib.import_module("tasks.stages.caption")
 
 
 class AllocatingCaptioner:

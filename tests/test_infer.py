@@ -213,8 +213,8 @@ def test_the_sample_under_v1_names_matches_as_under_v2(monkeypatch):
     from flows.cli import EXAMPLES
     from storage.records import Box, Caption, ImageRecord
     from tasks.config import MatchConfig, ParseConfig
-    from tasks.match import match_batch
-    from tasks.parse import parse_batch
+    from tasks.stages.match import match_batch
+    from tasks.stages.parse import parse_batch
 
     det = json.loads((EXAMPLES / "sample_detections.json").read_text())
     caps = json.loads((EXAMPLES / "sample_captions.json").read_text())["annotations"]

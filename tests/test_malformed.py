@@ -17,7 +17,7 @@ from storage import schemas
 from storage.layout import RunLayout
 from storage.records import Quarantined
 from tasks.config import PlanConfig
-from tasks.plan import _NonFinite, plan_shards, shard_records
+from tasks.stages.plan import _NonFinite, plan_shards, shard_records
 
 CATS = [{"id": 1, "name": "Person"}, {"id": 2, "name": "Chair"}]
 
@@ -195,7 +195,7 @@ def test_captions_of_other_images_are_refused_before_any_flow(tmp_path, monkeypa
 
 def test_captions_covering_few_images_warn_with_the_count(tmp_path, caplog):
     from tasks.config import PipelineConfig
-    from tasks.plan_run import plan_run
+    from tasks.run.start import plan_run
 
     images = [_img(i) for i in range(1, 5)]
     for i in range(1, 5):

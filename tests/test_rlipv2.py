@@ -338,7 +338,7 @@ def test_pretrained_parts_load_through_from_pretrained(tmp_path):
 def test_training_cli_writes_a_checkpoint_the_tag_stage_loads(tmp_path):
     from models.rlipv2.train import main
     from tasks.config import TagConfig
-    from tasks.rtagger import RTaggerRunner
+    from tasks.stages.tag.rtagger import RTaggerRunner
 
     main(
         ["--data", str(VG_TINY), "--out", str(tmp_path / "ck"), "--steps", "1", "--tiny", "--batch-size", "1"]

@@ -1,4 +1,4 @@
-"""tasks.rtagger: the R-Tagger stage over records (grouping, factors, text modes, loading, validation)."""
+"""tasks.stages.tag.rtagger: the R-Tagger stage over records (grouping, factors, text modes, loading, validation)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from models.rlipv2.tokenizer import build_word_tokenizer
 from models.rlipv2.train import tiny_config
 from storage.records import Box, Candidate, ImageRecord
 from tasks.config import TagConfig
-from tasks.rtagger import RTaggerRunner, tag_batch_rtagger
+from tasks.stages.tag.rtagger import RTaggerRunner, tag_batch_rtagger
 
 LABELS = ["person", "horse", "dog", "table", "cup", "car"]
 RELS = ["riding on", "next to", "holding", "near", "behind"]
@@ -213,7 +213,7 @@ def test_reference_grouping_slots_forwards_and_merged_texts(runner):
     merged texts; a row's score is its slot's score against its own text in that forward's text list."""
     from models.rlipv2.preprocess import preprocess_image
     from models.rlipv2.tagger import tag_image
-    from tasks.match import reference_slot_groups
+    from tasks.stages.match import reference_slot_groups
 
     im, px = _image(7, 9, seed=7)
     cands = _candidates(

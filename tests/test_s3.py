@@ -25,7 +25,7 @@ from flows.cli import EXAMPLES
 from flows.params import LabelParams
 from storage.ledger import Ledger, Unit
 from tasks.config import PipelineConfig, PlanConfig
-from tasks.stages import BATCH_STAGES
+from tasks.run.registry import BATCH_STAGES
 from tests.s3_server import CREDENTIALS, moto_server, s3_env
 
 pytestmark = [pytest.mark.flow]
@@ -226,8 +226,8 @@ _WRITER = textwrap.dedent(
     from storage.atomic import ParquetBatchWriter
     from storage.ledger import Ledger
     from tasks.config import PipelineConfig, PlanConfig
-    from tasks.pipeline import run_batch_stage
-    from tasks.plan_run import plan_run
+    from tasks.run.pipeline import run_batch_stage
+    from tasks.run.start import plan_run
 
     out, mode = sys.argv[1], sys.argv[2]
     b = "s3://{bucket}/in/"
@@ -252,8 +252,8 @@ def test_a_writer_killed_before_its_ledger_record_leaves_the_unit_undone(s3, mod
     """No half-written object is ever read as done: the ledger record is written only after the data object
     is complete, so a writer killed between the two (or while writing) leaves no record, and the unit is
     redone by the next worker, which takes the dead writer's lease over at once."""
-    from tasks.pipeline import run_batch_stage
-    from tasks.plan_run import plan_run
+    from tasks.run.pipeline import run_batch_stage
+    from tasks.run.start import plan_run
 
     fs, endpoint = s3
     out = f"s3://{BUCKET}/out-writer-{mode}"

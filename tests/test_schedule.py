@@ -1,4 +1,4 @@
-"""tasks.schedule: one worker per stage, batches handed down a board (no Prefect here)."""
+"""tasks.run.schedule: one worker per stage, batches handed down a board (no Prefect here)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tasks.schedule import DONE, FAILED, NOT_RUN, BatchBoard, run_stage
+from tasks.run.schedule import DONE, FAILED, NOT_RUN, BatchBoard, run_stage
 
 STAGES = ("caption", "parse", "match")
 

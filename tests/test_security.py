@@ -16,7 +16,7 @@ from storage.layout import RunLayout
 from storage.records import ImageRecord, Quarantined
 from tasks.config import PlanConfig
 from tasks.images import load_image
-from tasks.plan import plan_shards, shard_records
+from tasks.stages.plan import plan_shards, shard_records
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ("flows", "tasks", "models", "kernels", "storage", "benchmarks", "examples")

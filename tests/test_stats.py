@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from models.matcher import Vocabulary
 from storage.records import Box, ImageRecord, ParsedRelation, TaggedRelation
 from tasks.config import MatchConfig, ThresholdConfig
-from tasks.match import match_batch
+from tasks.stages.match import match_batch
 from tasks.stats import (
     ETAS,
     SCORE_EDGES,
@@ -38,7 +38,7 @@ from tasks.stats import (
     classes_without_synonyms,
     funnel,
 )
-from tasks.threshold import sweep_counts, threshold_batch
+from tasks.stages.threshold import sweep_counts, threshold_batch
 
 # -- merging ------------------------------------------------------------------------------------------------
 

@@ -8,8 +8,8 @@ import pytest
 
 from storage.records import Box, Candidate, ImageRecord, TaggedRelation
 from tasks.config import ThresholdConfig
-from tasks.tag import boxes_overlap, rank_within_pairs, tag_greedy
-from tasks.threshold import confidence, threshold_batch
+from tasks.stages.tag.common import boxes_overlap, rank_within_pairs, tag_greedy
+from tasks.stages.threshold import confidence, threshold_batch
 
 IM = ImageRecord(
     1,

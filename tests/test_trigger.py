@@ -19,7 +19,7 @@ FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
 def test_the_trigger_section_changes_no_stage_key():
-    from tasks.stages import chain
+    from tasks.run.registry import chain
 
     inputs = {"annotations_sha256": "0" * 64}
     plain = chain(PipelineConfig(), inputs)

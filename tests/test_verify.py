@@ -13,8 +13,8 @@ import pytest
 from storage import schemas
 from storage.records import ImageRecord, Quarantined
 from tasks.config import PipelineConfig, PlanConfig
-from tasks.stages import BY_NAME, STAGES, chain
-from tasks.verify import verify_batch
+from tasks.run.registry import BY_NAME, STAGES, chain
+from tasks.stages.verify import verify_batch
 from tests.bad_images import CASES, exif_rotated_jpeg, noise_jpeg, write_cases
 
 

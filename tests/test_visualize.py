@@ -8,7 +8,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from storage.records import Box, ImageRecord, Triplet
-from tasks.visualize import LABEL_BG, PALETTE, draw_label, draw_triplets, label_font
+from tasks.audit.visualize import LABEL_BG, PALETTE, draw_label, draw_triplets, label_font
 
 
 def _ink_width(text: str, font) -> int:

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from benchmarks.synth import write_dataset
-from tasks.stages import BATCH_STAGES
+from tasks.run.registry import BATCH_STAGES
 
 pytestmark = [pytest.mark.flow, pytest.mark.slow]
 

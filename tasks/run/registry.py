@@ -31,8 +31,8 @@ from storage.records import (
     VerifiedImage,
 )
 from tasks.config import PipelineConfig
-from tasks.context import RunContext, batch_images, load_pixels, plan_manifest, read_stage, vocabulary
-from tasks.revisions import model_dir_revision
+from tasks.run.context import RunContext, batch_images, load_pixels, plan_manifest, read_stage, vocabulary
+from tasks.run.revisions import model_dir_revision
 from tasks.stats import Stats
 
 #: Bump when a stage's semantics change, so old results are never mixed with new ones.
@@ -52,7 +52,7 @@ class StageOutput:
 
 @dataclass(frozen=True)
 class Stage:
-    """One stage of the pipeline. `compute` is None for the shard-level write stage (tasks.pipeline)."""
+    """One stage of the pipeline. `compute` is None for the shard-level write stage (tasks.run.pipeline)."""
 
     name: str
     input: str | None  # upstream stage (None: the plan)
@@ -84,7 +84,7 @@ class TaggerEntry:
 
 
 def _tag_greedy(ctx, images, candidates) -> StageOutput:
-    from tasks.tag import tag_greedy
+    from tasks.stages.tag.common import tag_greedy
 
     rows, stats = tag_greedy(images, candidates)
     return StageOutput(rows, stats=stats)
@@ -99,7 +99,7 @@ def _with_pixels(ctx, images, candidates, fn) -> StageOutput:
 
 
 def _tag_rtagger(ctx, images, candidates) -> StageOutput:
-    from tasks.rtagger import RTaggerRunner, tag_batch_rtagger
+    from tasks.stages.tag.rtagger import RTaggerRunner, tag_batch_rtagger
 
     cfg = ctx.config
     runner = RTaggerRunner.from_config(cfg.tag)  # loaded once per process (cached by checkpoint and device)
@@ -110,7 +110,7 @@ def _tag_rtagger(ctx, images, candidates) -> StageOutput:
 
 
 def _tag_clip(ctx, images, candidates) -> StageOutput:
-    from tasks.clip_tag import load_scorer, tag_batch_clip
+    from tasks.stages.tag.clip import load_scorer, tag_batch_clip
 
     cfg = ctx.config
     return _with_pixels(
@@ -149,7 +149,7 @@ TAGGERS: dict[str, TaggerEntry] = {
 
 
 def _verify(ctx: RunContext, shard: int, batch: int) -> StageOutput:
-    from tasks.verify import verify_batch
+    from tasks.stages.verify import verify_batch
 
     plan = ctx.config.plan
     rows, quarantined, stats = verify_batch(
@@ -159,9 +159,9 @@ def _verify(ctx: RunContext, shard: int, batch: int) -> StageOutput:
 
 
 def _caption(ctx: RunContext, shard: int, batch: int) -> StageOutput:
-    from tasks.caption import batch_seed, caption_batch
-    from tasks.pipeline import captioners
-    from tasks.verify import verified_images
+    from tasks.stages.caption import batch_seed, caption_batch
+    from tasks.run.pipeline import captioners
+    from tasks.stages.verify import verified_images
 
     out = caption_batch(
         verified_images(ctx, shard, batch),  # only images the verify stage decoded in full
@@ -174,14 +174,14 @@ def _caption(ctx: RunContext, shard: int, batch: int) -> StageOutput:
 
 
 def _parse(ctx: RunContext, shard: int, batch: int) -> StageOutput:
-    from tasks.parse import parse_batch
+    from tasks.stages.parse import parse_batch
 
     out = parse_batch(read_stage(ctx, "caption", Caption, shard, batch), ctx.config.parse)
     return StageOutput(out.relations, stats=out.stats)
 
 
 def _match(ctx: RunContext, shard: int, batch: int) -> StageOutput:
-    from tasks.match import match_batch
+    from tasks.stages.match import match_batch
 
     cfg = ctx.config
     cats = json.dumps(plan_manifest(ctx).categories, sort_keys=True)
@@ -203,7 +203,7 @@ def _tag(ctx: RunContext, shard: int, batch: int) -> StageOutput:
 
 
 def _threshold(ctx: RunContext, shard: int, batch: int) -> StageOutput:
-    from tasks.threshold import threshold_batch
+    from tasks.stages.threshold import threshold_batch
 
     accepted, rejects, stats = threshold_batch(
         batch_images(ctx, shard, batch),
@@ -221,13 +221,13 @@ def _threshold(ctx: RunContext, shard: int, batch: int) -> StageOutput:
 
 
 def _caption_settings(cfg: PipelineConfig) -> dict:
-    from tasks.caption import captioner_entries
+    from tasks.stages.caption import captioner_entries
 
     return {e.name: e.settings(cfg.caption) for e in captioner_entries(cfg.caption)}
 
 
 def _caption_revision(cfg: PipelineConfig, inputs: dict) -> str:
-    from tasks.caption import captioner_entries
+    from tasks.stages.caption import captioner_entries
 
     return ",".join(
         e.revision(cfg.caption, inputs.get("captions_sha256")) for e in captioner_entries(cfg.caption)
@@ -235,7 +235,7 @@ def _caption_revision(cfg: PipelineConfig, inputs: dict) -> str:
 
 
 def _parser_revision(cfg: PipelineConfig, inputs: dict) -> str:
-    from tasks.revisions import package_version as v
+    from tasks.run.revisions import package_version as v
 
     model = cfg.parse.spacy_model
     return (
@@ -245,7 +245,7 @@ def _parser_revision(cfg: PipelineConfig, inputs: dict) -> str:
 
 def _model_device(section: str) -> Callable[[PipelineConfig], str]:
     def device(cfg: PipelineConfig) -> str:
-        from tasks.caption import captioner_names
+        from tasks.stages.caption import captioner_names
 
         if section == "caption" and all(n == "oracle" for n in captioner_names(cfg.caption)):
             return "cpu"
@@ -262,7 +262,7 @@ def _no_revision(cfg: PipelineConfig, inputs: dict) -> str:
 
 #: The pipeline, in order. The last stage's key is the run key.
 STAGES: tuple[Stage, ...] = (
-    # every planned image decoded in full before any other stage sees it (tasks/verify.py)
+    # every planned image decoded in full before any other stage sees it (tasks/stages/verify.py)
     Stage(
         "verify", None, VerifiedImage, "verified", "plan", lambda cfg: {"max_pixels": cfg.plan.max_pixels},
         _no_revision, compute=_verify,

@@ -11,7 +11,7 @@ from models.clip_tagger import ClipQuery, ClipRelationScorer
 from storage.records import Candidate, ImageRecord, TaggedRelation
 from tasks.config import TagConfig
 from tasks.stats import Count, Seconds, Stats
-from tasks.tag import CLIP, rank_within_pairs, tagged
+from tasks.stages.tag.common import CLIP, rank_within_pairs, tagged
 
 _SCORERS: dict[tuple, ClipRelationScorer] = {}
 _LOCK = threading.Lock()

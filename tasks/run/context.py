@@ -33,7 +33,7 @@ class RunContext:
 
     @property
     def layout(self) -> RunLayout:
-        from tasks.stages import folders
+        from tasks.run.registry import folders
 
         return RunLayout(self.root, self.dataset, self.run_key, self.plan_key, self.stage_keys, folders())
 
@@ -58,7 +58,7 @@ def plan_manifest(ctx: RunContext) -> PlanManifest:
 
 @functools.lru_cache(maxsize=4)
 def shard_images(ctx: RunContext, shard: int) -> tuple[ImageRecord, ...]:
-    from tasks.plan import shard_records
+    from tasks.stages.plan import shard_records
 
     return tuple(shard_records(ctx.layout, shard))
 

@@ -67,14 +67,14 @@ def verify_batch(
 
 def verified_ids(ctx, shard: int, batch: int) -> set[int]:
     """The image ids the verify stage kept in one batch (read from its output)."""
-    from tasks.context import read_stage
+    from tasks.run.context import read_stage
 
     return {v.image_id for v in read_stage(ctx, "verify", VerifiedImage, shard, batch)}
 
 
 def verified_images(ctx, shard: int, batch: int) -> list[ImageRecord]:
     """The planned images of a batch that the verify stage decoded in full, in plan order."""
-    from tasks.context import batch_images
+    from tasks.run.context import batch_images
 
     ok = verified_ids(ctx, shard, batch)
     return [im for im in batch_images(ctx, shard, batch) if im.image_id in ok]

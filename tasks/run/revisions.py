@@ -40,8 +40,8 @@ def model_dir_revision(path_or_id: str, revision: str = "main") -> str:
 
 def revisions(cfg: PipelineConfig, captions_sha256: str | None) -> dict:
     """The model and parser revisions of the run's stages (they are part of the stage keys), for the record."""
-    from tasks.caption import captioner_entries
-    from tasks.stages import PIPELINE_VERSION, TAGGERS, stage
+    from tasks.stages.caption import captioner_entries
+    from tasks.run.registry import PIPELINE_VERSION, TAGGERS, stage
 
     return {
         "captioners": [e.revision(cfg.caption, captions_sha256) for e in captioner_entries(cfg.caption)],

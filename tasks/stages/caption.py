@@ -13,7 +13,7 @@ from models.captioners.factory import make_captioner
 from storage.records import Caption, ImageRecord, Quarantined
 from tasks.config import CaptionConfig
 from tasks.images import load_image
-from tasks.revisions import model_dir_revision
+from tasks.run.revisions import model_dir_revision
 from tasks.stats import Count, Max, Ratio, Stats, Tally
 
 

@@ -317,7 +317,7 @@ def gallery_image_ids(picks: dict[str, list]) -> set[int]:
 def _gallery(data: RunData, load: Callable[[ImageRecord], tuple[Image.Image | None, str]], top: int,
              per_group: int) -> str:  # fmt: skip
     from storage import schemas
-    from tasks.visualize import draw_triplets
+    from tasks.audit.visualize import draw_triplets
 
     if data.triplets.num_rows == 0:
         return "<p>This run has no triplets to show.</p>"
@@ -433,7 +433,7 @@ def report_html(
 
 
 #: A triplet's identity within a run: (image, subject box, object box, relation text). The match stage keys its
-#: candidates the same way (tasks/match.py), so a run never holds two triplets with one key; the lemma is not
+#: candidates the same way (tasks/stages/match.py), so a run never holds two triplets with one key; the lemma is not
 #: enough ("sitting on" and "sits on" share the lemma "sit on" and are separate candidates).
 KEY = ("image_id", "subject_ann_id", "object_ann_id", "relation")
 #: The columns the gallery's picks and the page's summary read of every triplet.

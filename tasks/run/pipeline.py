@@ -23,8 +23,8 @@ from storage.lease import Leases
 from storage.ledger import Ledger, Unit
 from storage.records import Quarantined, Reject, Triplet
 from tasks.config import PipelineConfig
-from tasks.context import RunContext, batch_images, plan_manifest, shard_images, vocabulary
-from tasks.stages import BATCH_STAGES, STAGES, StageOutput, stage
+from tasks.run.context import RunContext, batch_images, plan_manifest, shard_images, vocabulary
+from tasks.run.registry import BATCH_STAGES, STAGES, StageOutput, stage
 from tasks.stats import Count, Stats, Tally, audit, audit_tables, classes_without_synonyms
 
 __all__ = ["RunContext", "compute", "finalize_shard", "rollup_stats", "run_batch_stage"]
@@ -33,7 +33,7 @@ __all__ = ["RunContext", "compute", "finalize_shard", "rollup_stats", "run_batch
 @functools.lru_cache(maxsize=4)
 def captioners(config_json: str, captions_file: str | None):
     """The run's captioners, built once per worker process."""
-    from tasks.caption import build_captioners
+    from tasks.stages.caption import build_captioners
 
     return build_captioners(PipelineConfig.model_validate_json(config_json).caption, captions_file)
 

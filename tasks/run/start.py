@@ -10,13 +10,13 @@ from typing import NamedTuple
 
 from storage.atomic import read_json, write_json
 from storage.manifest import ChainLink, PlanManifest, RunRecord, ShardInfo
-from tasks.caption import captioner_names
+from tasks.stages.caption import captioner_names
 from tasks.config import PipelineConfig
-from tasks.context import RunContext
-from tasks.pipeline import LEASE_POLL, leases
-from tasks.plan import file_checksum, plan_shards, read_categories
-from tasks.revisions import revisions, versions
-from tasks.stages import chain
+from tasks.run.context import RunContext
+from tasks.run.pipeline import LEASE_POLL, leases
+from tasks.stages.plan import file_checksum, plan_shards, read_categories
+from tasks.run.revisions import revisions, versions
+from tasks.run.registry import chain
 
 
 def cached_checksum(path: str, cache_root: str) -> tuple[str, int]:
@@ -197,7 +197,7 @@ def plan_run(
     """The run's context and its plan: plans first unless the plan exists, records the run unless recorded.
 
     The plan is keyed by the plan settings and the annotation file's checksum; the run by its chain of stage
-    keys (tasks/stages.py). Both records are written last and atomically, and neither is ever rewritten.
+    keys (tasks/run/registry.py). Both records are written last and atomically, and neither is ever rewritten.
     record_run=False plans alone (`reltag plan` without the captions file that names a human-caption run); the
     context's plan key and layout are then right, its run and stage keys are not.
     """

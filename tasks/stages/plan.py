@@ -13,7 +13,7 @@ holding one is quarantined (bad_bbox, missing_size, ...) instead of the whole fi
 Images are checked cheaply per shard, in a thread pool (tasks.images.check_header): the name is safe, the
 file exists inside the image root (symlinks resolved), its header decodes, its pixel count is within
 `max_pixels` and its stored size equals the annotated width/height (or its boxes are rescaled). The pixels
-themselves are decoded later, by the verify stage (tasks/verify.py).
+themselves are decoded later, by the verify stage (tasks/stages/verify.py).
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ from models.rlipv2.tagger import GROUPS_PER_FORWARD, tag_image
 from models.rlipv2.vocab import class_keys, key_for_category
 from storage.records import Candidate, ImageRecord, TaggedRelation
 from tasks.config import TagConfig
-from tasks.match import group_candidates, reference_slot_groups
+from tasks.stages.match import group_candidates, reference_slot_groups
 from tasks.stats import Count, Ratio, Seconds, Stats
-from tasks.tag import rank_within_pairs, tagged
+from tasks.stages.tag.common import rank_within_pairs, tagged
 
 RTAGGER = "rtagger"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -107,7 +107,7 @@ def tag_batch_rtagger(
     cfg.grouping "pairs" (reltag): each pair once, N_Q pairs per group, all the image's relation texts
     (sorted) in one forward; rows per cfg.texts: "matched" = the texts matched to that pair (caption provenance
     kept), "all" = every relation text of the image. cfg.grouping "reference": the reference tagger's groups
-    of N_Q (pair, text) slots, a pair repeated once per text (tasks.match.reference_slot_groups), up to 16
+    of N_Q (pair, text) slots, a pair repeated once per text (tasks.stages.match.reference_slot_groups), up to 16
     groups per forward sharing their merged texts in first-seen order; every slot is scored against the
     forward's texts, rows are its own text ("matched") or every merged text ("all"), and a (pair, text) scored
     in several slots keeps its highest confidence, as the reference's deduplication does.

@@ -8,7 +8,7 @@ from storage.records import Box, Candidate, ImageRecord, TaggedRelation
 from tasks.stats import Count, Stats
 
 GREEDY = "greedy_overlap"
-#: TaggedRelation.tagger of the CLIP baseline (tasks/clip_tag.py); the threshold stage cuts its rows at clip_eta
+#: TaggedRelation.tagger of the CLIP baseline (tasks/stages/tag/clip.py); the threshold stage cuts its rows at clip_eta
 CLIP = "clip"
 
 

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from storage.records import ImageRecord, Reject, TaggedRelation, Triplet
 from tasks.config import ThresholdConfig
 from tasks.stats import ETAS, RULES, Count, Histogram, Stats, Tally
-from tasks.tag import CLIP, boxes_overlap, confidence_order
+from tasks.stages.tag.common import CLIP, boxes_overlap, confidence_order
 
 
 def confidence(row: TaggedRelation, rule: str) -> float:
@@ -35,7 +35,7 @@ def threshold_batch(
     Steps, each naming its rejects' reason:
       1. confidence (cfg.rule) >= eta, or >= clip_eta for rows of the CLIP tagger: `below_eta` (NaN:
          `nan_confidence`);
-      2. cfg.overlap_filter: the subject and object boxes share an area > 0 (tasks.tag.boxes_overlap, the
+      2. cfg.overlap_filter: the subject and object boxes share an area > 0 (tasks.stages.tag.common.boxes_overlap, the
          greedy baseline's rule): `no_overlap`;
       3. cfg.top_k: at most K relations per (image, subject, object) among the survivors, by that confidence,
          then supporting captions, then text: `beyond_top_k`.

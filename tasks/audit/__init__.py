@@ -1,0 +1,1 @@
+"""Auditing a finished run: report page, run comparison, pictures, export."""

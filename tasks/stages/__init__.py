@@ -1,0 +1,1 @@
+"""The stages of a labelling run, one module each."""

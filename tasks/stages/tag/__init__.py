@@ -1,0 +1,1 @@
+"""The tag stage's taggers: greedy overlap, R-Tagger, CLIP."""
