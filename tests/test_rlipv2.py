@@ -360,11 +360,17 @@ def test_vg_loader_validates_boxes_and_relationships(tmp_path):
     images = load_vg(VG_TINY)
     assert len(images) == 4 and sum(len(im.relationships) for im in images) == 12
     good = json.loads(VG_TINY.read_text())[:1]
+    # a box leaving the image is clamped to it (the reference's loader, and the one VG reader's consumer)
+    wide = json.loads(json.dumps(good))
+    wide[0]["objects"][0]["w"] = 500
+    (tmp_path / "w.json").write_text(json.dumps(wide))
+    (im,) = load_vg(tmp_path / "w.json")
+    assert (im.objects[0].x, im.objects[0].w, im.objects[0].xyxy) == (70, 130, [70, 20, 200, 80])
     bad_box = json.loads(json.dumps(good))
-    bad_box[0]["objects"][0]["w"] = 500
+    bad_box[0]["objects"][0]["w"] = -5
     (tmp_path / "a.json").write_text(json.dumps(bad_box))
     with pytest.raises(
-        ValueError, match=r"image 1000: object 1 box \(70, 20, 500, 60\) leaves the 200x120 image"
+        ValueError, match=r"a.json: record #0, image 1000: object 1 has w=-5.0, h=60.0; sizes must be >= 0"
     ):
         load_vg(tmp_path / "a.json")
     bad_rel = json.loads(json.dumps(good))
@@ -379,3 +385,52 @@ def test_vg_loader_validates_boxes_and_relationships(tmp_path):
     assert resized_size(2000, 500, 800, 1333) == (1332, 333)
     assert resized_size(800, 600, 800, 1333) == (1066, 800)
     assert resized_size(1333, 800, 800, 1333) == (1333, 800)  # already at size: unchanged
+
+
+def test_tagger_score_takes_the_vocabulary_and_refuses_a_label_outside_it(tmp_path):
+    """A checkpoint converted with `--vocabulary o365` must not score COCO boxes against 365 entity texts
+    unasked: score() takes the vocabulary explicitly and refuses a label that is not one of its class keys."""
+    import numpy as np
+    from PIL import Image
+
+    from models.rlipv2.tagger import load_tagger
+    from models.rlipv2.vocab import class_keys
+
+    torch.manual_seed(0)
+    cfg = tiny_config(entity_names=class_keys("o365"))
+    tok = build_word_tokenizer(["person", "teddy bear", "holding", cfg.no_object_text])
+    save_checkpoint(RLIPv2ParSeD(cfg, tok).eval(), tmp_path / "o365")
+    tagger = load_tagger(tmp_path / "o365")
+    assert tagger.vocabulary == "o365" and len(tagger.class_keys) == 365
+    img = Image.new("RGB", (64, 48), (120, 90, 60))
+    boxes, pairs, texts = [[2, 3, 20, 15], [18, 6, 21, 23]], [(0, 1), (1, 0)], ["holding"]
+    # 'teddy bear' is a COCO key, not an Objects365 one
+    with pytest.raises(
+        ValueError,
+        match=r"labels \['teddy bear'\] are not class keys of the o365 vocabulary \(the checkpoint's vocabulary: o365\)",
+    ):
+        tagger.score(img, boxes, ["person", "teddy bear"], pairs, texts, vocabulary="o365")
+    with pytest.raises(ValueError, match=r"labels \['teddy bear'\] are not class keys of the 1 class keys given"):
+        tagger.score(img, boxes, ["person", "teddy bear"], pairs, texts, vocabulary=["person"])
+    with pytest.raises(TypeError, match="vocabulary"):  # no default: never the checkpoint's keys unasked
+        tagger.score(img, boxes, ["person", "teddy bear"], pairs, texts)
+    with pytest.raises(ValueError, match="this checkpoint has the o365 vocabulary"):
+        tagger.score(img, boxes, ["person", "teddy bear"], pairs, texts, vocabulary=None)
+    with pytest.raises(ValueError, match=r"vocabulary 'lvis' is not one of \['coco', 'o365'\]"):
+        tagger.score(img, boxes, ["person", "person"], pairs, texts, vocabulary="lvis")
+    # the COCO vocabulary by name or by its keys: the same entity texts, the same scores
+    coco = tagger.score(img, boxes, ["person", "teddy bear"], pairs, texts, vocabulary="coco")
+    keys = tagger.score(img, boxes, ["person", "teddy bear"], pairs, texts, vocabulary=class_keys("coco"))
+    assert np.array_equal(coco.p_subject, keys.p_subject) and np.array_equal(coco.p_relation, keys.p_relation)
+    # 'person' is a key of both: its top-1 softmax runs over 81 entity texts (COCO) or 366 (o365), not the same
+    on_coco = tagger.score(img, boxes, ["person", "person"], pairs, texts, vocabulary="coco")
+    on_o365 = tagger.score(img, boxes, ["person", "person"], pairs, texts, vocabulary="o365")
+    assert not np.allclose(on_coco.p_subject, on_o365.p_subject)
+    # a checkpoint without class keys scores the image's own labels with vocabulary=None
+    save_checkpoint(RLIPv2ParSeD(tiny_config(entity_names=[]), tok).eval(), tmp_path / "none")
+    bare = load_tagger(tmp_path / "none")
+    assert bare.vocabulary == "none"
+    got = bare.score(img, boxes, ["person", "teddy bear"], pairs, texts, vocabulary=None)
+    assert got.p_subject.shape == (2,) and got.p_relation.shape == (2, 1)
+    with pytest.raises(ValueError, match=r"labels \['teddy bear'\] .* \(the checkpoint's vocabulary: none\)"):
+        bare.score(img, boxes, ["person", "teddy bear"], pairs, texts, vocabulary="o365")

@@ -397,7 +397,7 @@ def test_tagger_score_on_a_pil_image_matches_reference(ref_sd, text_dir, convert
     labels = ["dog", "person", "tv"]
     pairs = [(1, 0), (0, 2), (2, 1), (1, 0)]
     texts = ["riding", "looking at"]
-    scores = tagger.score(img, boxes_px, labels, pairs, texts)
+    scores = tagger.score(img, boxes_px, labels, pairs, texts, vocabulary=tagger.class_keys)
     pixels = preprocess_image(img, model.cfg)
     assert tuple(pixels.shape) == (3, 240, 320)
     w, h = img.size

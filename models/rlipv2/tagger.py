@@ -1,6 +1,6 @@
 """R-Tagger inference (RLIPv2 Sec. 4.2.2): score annotated subject-object pairs against relation texts.
 
-`load_tagger(DIR).score(image, boxes, labels, pairs, texts)` is the scoring API for notebooks and checks;
+`load_tagger(DIR).score(image, boxes, labels, pairs, texts, vocabulary=...)` is the scoring API for notebooks and checks;
 `tag_image` is what the tag stage calls. Both follow the reference tagger's semantics:
 - one image per encoder pass (the reference runs batch size 1), so an image's scores never depend on the
   other images of a batch; the encoder runs once per (image, text list) and every group decodes from it;
@@ -181,26 +181,66 @@ class Tagger:
     def class_keys(self) -> list[str]:
         return list(self.model.cfg.entity_names)
 
-    def score(self, image, boxes, labels, pairs, texts, n_q: int | None = None) -> Scores:
+    @property
+    def vocabulary(self) -> str:
+        """What the checkpoint's own class keys are, in words: 'o365' / 'coco' (the keys of that vocabulary, as
+        `python -m models.rlipv2.convert --vocabulary` writes them), 'none' (no keys: reltag-trained or converted
+        with --vocabulary none), or 'custom (N class keys)'."""
+        from models.rlipv2.vocab import class_keys
+
+        keys = self.class_keys
+        if not keys:
+            return "none"
+        for name in ("o365", "coco"):
+            if keys == class_keys(name):
+                return name
+        return f"custom ({len(keys)} class keys)"
+
+    def _entity_keys(self, labels: list[str], vocabulary) -> list[str] | None:
+        """The class keys the subject/object heads score for `vocabulary` (None: the labels themselves, for a
+        checkpoint without keys); every label must be one of them."""
+        from models.rlipv2.vocab import class_keys
+
+        if vocabulary is None:
+            if self.class_keys:
+                raise ValueError(
+                    f"score: vocabulary=None scores the image's own labels, but this checkpoint has the "
+                    f"{self.vocabulary} vocabulary; pass vocabulary='o365' / 'coco' (the dataset's) or the class keys"
+                )
+            return None
+        if isinstance(vocabulary, str):
+            keys, name = class_keys(vocabulary), f"the {vocabulary} vocabulary"  # a ValueError names the choices
+        else:
+            keys, name = [str(k) for k in vocabulary], f"the {len(vocabulary)} class keys given"
+        known = set(keys)
+        unknown = sorted({lb for lb in labels if lb not in known})
+        if unknown:
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise ValueError(
+                f"score: labels {unknown[:5]}{more} are not class keys of {name} (the checkpoint's vocabulary: "
+                f"{self.vocabulary}); give each box its class key in the dataset's vocabulary"
+            )
+        return keys
+
+    def score(self, image, boxes, labels, pairs, texts, n_q: int | None = None, *, vocabulary) -> Scores:
         """Score pairs of one image against relation texts.
 
         Args:
-            image: PIL image (converted to RGB); boxes: [[x, y, w, h]] in pixels; labels: class key per box (one
-            of `class_keys`); pairs: [(subject_idx, object_idx)] in slot order; texts: relation texts.
+            image: PIL image (converted to RGB); boxes: [[x, y, w, h]] in pixels; labels: class key per box;
+            pairs: [(subject_idx, object_idx)] in slot order; texts: relation texts.
+            vocabulary: the class keys the subject/object heads score (the entity texts), always given: "o365"
+                or "coco" (that dataset's keys in the reference's order, as the tag stage uses), a list of
+                class keys (e.g. `tagger.class_keys`), or None for a checkpoint without keys (the labels
+                themselves). A label outside it is a ValueError naming the label and the checkpoint's vocabulary:
+                a checkpoint converted with `--vocabulary o365` would otherwise score COCO boxes against 365
+                entity texts.
         Returns: Scores (numpy float32): p_subject [P], p_object [P], p_relation [P, T].
         """
         from PIL import Image
 
         if not isinstance(image, Image.Image):
             raise TypeError(f"score: image must be a PIL image, got {type(image).__name__}")
-        keys = set(self.model.cfg.entity_names)
-        if keys:
-            unknown = sorted({lb for lb in labels if lb not in keys})
-            if unknown:
-                raise ValueError(
-                    f"score: labels {unknown[:5]} are not class keys of this tagger (first keys: "
-                    f"{self.class_keys[:5]}); the subject/object heads score the dataset's class keys"
-                )
+        keys = self._entity_keys(list(labels), vocabulary)
         img = image.convert("RGB")
         w, h = img.size
         rows = []
@@ -215,7 +255,8 @@ class Tagger:
             rows.append(xywh_pixels_to_cxcywh(x0, y0, x1 - x0, y1 - y0, w, h))
         bx = torch.tensor(rows, dtype=torch.float32).reshape(-1, 4)
         px = preprocess_image(img, self.model.cfg)
-        scores, _ = tag_image(self.model, px, bx, list(labels), [tuple(p) for p in pairs], list(texts), n_q)
+        scores, _ = tag_image(self.model, px, bx, list(labels), [tuple(p) for p in pairs], list(texts), n_q,
+                              class_keys=keys)  # fmt: skip
         return scores
 
 
