@@ -17,7 +17,8 @@ from storage import schemas
 from storage.layout import RunLayout
 from storage.records import Quarantined
 from tasks.config import PlanConfig
-from tasks.stages.plan import _NonFinite, plan_shards, shard_records
+from tasks.stages.plan import plan_shards, shard_records
+from tasks.stages.plan.detections import _NonFinite
 
 CATS = [{"id": 1, "name": "Person"}, {"id": 2, "name": "Chair"}]
 

@@ -11,8 +11,9 @@ from storage import schemas
 from storage.layout import RunLayout
 from storage.records import Quarantined
 from tasks.config import PipelineConfig, PlanConfig
-from tasks.stages.plan import plan_shards, read_categories, safe_file_name, shard_records
+from tasks.images import unsafe_name
 from tasks.run.start import plan_run
+from tasks.stages.plan import plan_shards, read_categories, shard_records
 
 CATS = [{"id": 1, "name": "Person"}, {"id": 2, "name": "Chair"}]
 
@@ -203,12 +204,12 @@ def test_categories_are_validated(tmp_path):
         read_categories(_write(tmp_path, [], [], categories=[{"id": "x", "name": "a"}]))
 
 
-def test_safe_file_name():
-    assert safe_file_name("train/patch0/objects365_v1_00000001.jpg") is None
-    assert "absolute" in safe_file_name("C:\\x.jpg")
-    assert "URL" in safe_file_name("s3://bucket/x.jpg")
-    assert "NUL" in safe_file_name("a\x00.jpg")
-    assert "non-empty" in safe_file_name("")
+def test_unsafe_name():
+    assert unsafe_name("train/patch0/objects365_v1_00000001.jpg") is None
+    assert "absolute" in unsafe_name("C:\\x.jpg")
+    assert "URL" in unsafe_name("s3://bucket/x.jpg")
+    assert "NUL" in unsafe_name("a\x00.jpg")
+    assert "non-empty" in unsafe_name("")
 
 
 def test_run_key_changes_with_config_and_input_and_planning_is_idempotent(tmp_path):

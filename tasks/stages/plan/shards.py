@@ -1,184 +1,35 @@
-"""Plan stage: stream a COCO / Objects365 detection JSON in bounded memory, validate, cut into shards.
-
-Memory: the JSON is read with ijson (C backend) three times (categories, images, annotations), never
-loaded whole. Per image the planner keeps 16 bytes (id and position, for the annotation lookup);
-annotations are spilled to per-shard files on local disk as they stream by, so peak RSS is bounded by
-the spill chunk and one shard, not by the number of annotations. Annotation ids are checked for
-duplicates through hash buckets on disk (one bucket in memory at a time).
-
-Python's json module writes NaN / Infinity / -Infinity for non-finite floats; those files are not JSON, but
-they exist, so the reader turns such bare tokens into strings (outside string literals only) and the record
-holding one is quarantined (bad_bbox, missing_size, ...) instead of the whole file failing.
-
-Images are checked cheaply per shard, in a thread pool (tasks.images.check_header): the name is safe, the
-file exists inside the image root (symlinks resolved), its header decodes, its pixel count is within
-`max_pixels` and its stored size equals the annotated width/height (or its boxes are rescaled). The pixels
-themselves are decoded later, by the verify stage (tasks/stages/verify.py).
-"""
+"""Plan stage: cut a detection JSON into shards of checked images and boxes (images/shard-XXXXX.parquet)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import fsspec
-import ijson
 import numpy as np
 import pyarrow as pa
 
 from storage import schemas
-from storage.atomic import ParquetBatchWriter, write_table
+from storage.atomic import write_table
 from storage.layout import RunLayout
-from storage.records import ImageRecord, Quarantined
+from storage.records import ImageRecord
 from tasks.config import PlanConfig
 from tasks.images import BadImage, check_header, unsafe_name
-
-#: One spilled annotation (fixed width, so a shard's annotations load with one np.fromfile).
-ANN_DTYPE = np.dtype(
-    [
-        ("ann_id", "<i8"),
-        ("image_pos", "<i8"),
-        ("category_id", "<i8"),
-        ("bbox", "<f8", (4,)),
-        ("iscrowd", "<i1"),
-        ("ignore", "<i1"),  # Objects365's `ignore: 1` boxes: dropped like crowd boxes, counted apart
-        ("file_index", "<i8"),  # position in the file's "annotations" list (the reference's box order)
-    ]
+from tasks.stages.plan.annotations import (
+    ANN_DTYPE,
+    CHUNK,
+    _ann_values,
+    _AnnChunk,
+    _class_order,
+    _duplicate_ann_ids,
+    _spill_anns,
 )
-CHUNK = 65536
-#: Hash buckets for the duplicate annotation id check (ann_id % ID_BUCKETS), each checked alone.
-ID_BUCKETS = 64
-_ID_DTYPE = np.dtype([("ann_id", "<i8"), ("file_index", "<i8")])
-
-
-def file_checksum(path: str, block: int = 8 << 20) -> tuple[str, int]:
-    """sha256 hex digest and size in bytes of a local or fsspec file."""
-    h = hashlib.sha256()
-    n = 0
-    with fsspec.open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
-
-
-class _NonFinite:
-    """A binary file wrapper that quotes the bare tokens NaN, Infinity and -Infinity outside JSON strings.
-
-    Python's json.dump writes them for non-finite floats; yajl (ijson's C backend) rejects them. Quoted, they
-    reach the record checks as strings and the record is quarantined with its values. String state is tracked
-    across reads (escapes included); a chunk without backslashes or tokens costs one count of its quotes.
-    """
-
-    _TOKEN = re.compile(rb'"|-?Infinity|NaN')
-    _BODY = re.compile(rb'(?s)(?:[^"\\]|\\.)*')  # string body up to its closing quote (escapes consumed)
-    _HOLD = 9  # len(b"-Infinity"): bytes held back so that no token is cut between two reads
-
-    def __init__(self, f, block: int = 1 << 16):
-        self._f, self._block = f, block
-        self._in_str, self._carry, self._eof = False, b"", False
-        self.pos = 0  # input bytes consumed, for error messages
-
-    def read(self, n: int = -1) -> bytes:
-        if n == 0:  # ijson reads 0 bytes to learn whether the file is binary
-            return b""
-        while True:
-            if self._eof and not self._carry:
-                return b""
-            raw = b"" if self._eof else self._f.read(max(n, self._block) if n and n > 0 else self._block)
-            self.pos += len(raw)
-            if not raw:
-                self._eof = True
-            buf = self._carry + raw
-            limit = len(buf) if self._eof else max(0, len(buf) - self._HOLD)
-            out, done = self._scan(buf, limit)
-            self._carry = buf[done:]
-            if self._eof and self._carry and done == 0:  # a dangling backslash at the very end: pass it on
-                out, self._carry = out + self._carry, b""
-            if out or (self._eof and not self._carry):
-                return out
-
-    def _scan(self, buf: bytes, limit: int) -> tuple[bytes, int]:
-        if b"\\" not in buf and b"NaN" not in buf and b"Infinity" not in buf:
-            if buf.count(b'"', 0, limit) % 2:
-                self._in_str = not self._in_str
-            return buf[:limit], limit
-        parts, start, pos = [], 0, 0
-        while pos < limit:
-            if self._in_str:
-                pos = self._BODY.match(buf, pos).end()
-                if pos >= len(buf) or buf[pos] != 0x22:  # ran out inside the string (or on a final backslash)
-                    break
-                self._in_str, pos = False, pos + 1
-                continue
-            m = self._TOKEN.search(buf, pos)
-            if m is None or m.start() >= limit:
-                pos = limit
-                break
-            if m.group() == b'"':
-                self._in_str, pos = True, m.end()
-            else:
-                parts += [buf[start : m.start()], b'"', m.group(), b'"']
-                start = pos = m.end()
-        parts.append(buf[start:pos])
-        return b"".join(parts), pos
-
-
-def _first_line(e: Exception) -> str:
-    return " ".join(str(e).split("\n")[0].split())
-
-
-def _items(path: str, prefix: str) -> Iterator:
-    with fsspec.open(path, "rb") as f:
-        src = _NonFinite(f)
-        try:
-            yield from ijson.items(src, prefix, use_float=True)
-        except ijson.common.JSONError as e:
-            raise ValueError(
-                f"annotations file {path} is not valid JSON (while reading '{prefix}', near byte {src.pos}): "
-                f"{_first_line(e)}"
-            ) from e
-
-
-def check_top_level(path: str) -> None:
-    """A detection file is one JSON object: refuse an empty file, a list, or anything else, in one line."""
-    with fsspec.open(path, "rb") as f:
-        head = f.read(4096)
-    text = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-    if not text:
-        raise ValueError(
-            f"annotations file {path} is empty (expected a COCO / Objects365 detection JSON object)"
-        )
-    if text[:1] != b"{":
-        what = {b"[": "a JSON list", b'"': "a JSON string"}.get(
-            text[:1], f"not JSON (starts with {text[:16]!r})"
-        )
-        raise ValueError(
-            f"annotations file {path} is {what}, not an object with 'images', 'annotations' and 'categories'"
-        )
-
-
-def safe_file_name(name: object) -> str | None:
-    """Why `name` is not a safe relative image path, or None when it is (tasks.images.unsafe_name)."""
-    return unsafe_name(name)
-
-
-def _values(obj) -> str | None:
-    """A record's values as JSON for its quarantine row (at most 2000 characters)."""
-    try:
-        text = json.dumps(obj, default=repr)
-    except (TypeError, ValueError):
-        text = json.dumps(repr(obj))
-    return text if len(text) <= 2000 else text[:1997] + "..."
+from tasks.stages.plan.detections import _items, _Quarantine, _values, read_categories
 
 
 @dataclass
@@ -189,58 +40,6 @@ class PlanOutcome:
     shards: list[dict]
     counts: Counter = field(default_factory=Counter)
     n_quarantined: int = 0
-
-
-class _Quarantine:
-    """Quarantine rows of the plan stage, flushed to one Parquet file as they accumulate."""
-
-    def __init__(self, fs, path):
-        self.rows: list[Quarantined] = []
-        self.total = 0
-        self.reasons: Counter = Counter()
-        self._w = ParquetBatchWriter(fs, path, schemas.QUARANTINE).__enter__()
-
-    def add(self, image_id, record, reason, detail, values=None):
-        self.rows.append(Quarantined("plan", image_id, record, reason, detail, values))
-        self.reasons[reason] += 1
-        self.total += 1
-        if len(self.rows) >= 10000:
-            self.flush()
-
-    def flush(self):
-        if self.rows:
-            self._w.write(schemas.to_table(self.rows, Quarantined))
-            self.rows = []
-
-    def close(self, exc=None):
-        self.flush()
-        self._w.__exit__(type(exc) if exc else None, exc, None)
-
-
-def read_categories(path: str) -> list[dict]:
-    """The `categories` list, validated: integer ids, unique, non-empty names."""
-    check_top_level(path)
-    found = list(_items(path, "categories"))
-    if not found:
-        raise ValueError(
-            f"annotations file {path} has no 'categories' key (not a COCO / Objects365 detection file?)"
-        )
-    if not isinstance(found[0], list):
-        raise ValueError(f"annotations file {path}: 'categories' is a {type(found[0]).__name__}, not a list")
-    cats = []
-    seen = set()
-    for c in found[0]:
-        if not isinstance(c, dict) or not isinstance(c.get("id"), int) or not isinstance(c.get("name"), str):
-            raise ValueError(
-                f"annotations file {path}: category {c!r:.200} needs an integer 'id' and a string 'name'"
-            )
-        if c["id"] in seen:
-            raise ValueError(f"annotations file {path}: category id {c['id']} appears twice")
-        seen.add(c["id"])
-        cats.append({"id": c["id"], "name": c["name"]})
-    if not cats:
-        raise ValueError(f"annotations file {path} has no 'categories'")
-    return sorted(cats, key=lambda c: c["id"])
 
 
 def plan_shards(
@@ -268,6 +67,12 @@ def plan_shards(
 
     A file that is not a detection file (not an object, no categories, no images, no annotations, not JSON)
     raises ValueError naming the file and the problem.
+
+    Memory: the JSON is read with ijson (C backend) three times (categories, images, annotations), never
+    loaded whole. Per image the planner keeps 16 bytes (id and position, for the annotation lookup);
+    annotations are spilled to per-shard files on local disk as they stream by, so peak RSS is bounded by
+    the spill chunk and one shard, not by the number of annotations. Annotation ids are checked for
+    duplicates through hash buckets on disk (one bucket in memory at a time).
     """
     fs = layout.fs
     categories = read_categories(annotations)
@@ -323,7 +128,7 @@ def plan_shards(
                     _values(im),
                 )
                 continue
-            why = safe_file_name(im.get("file_name"))
+            why = unsafe_name(im.get("file_name"))
             if why:
                 quarantine.add(iid, rec, "unsafe_file_name", f"image {iid}: {why}", _values(im))
                 continue
@@ -399,163 +204,13 @@ def _spill_images(tmp: str, shard: int, rows: list) -> str:
     return path
 
 
-_NUM = (int, float)
-
-
-class _AnnChunk:
-    """Up to CHUNK annotations as columns; malformed records are quarantined as they arrive."""
-
-    def __init__(self):
-        self.ann_id, self.image_id, self.category_id, self.bbox, self.crowd, self.ignore, self.index = (
-            [], [], [], [], [], [], [],
-        )  # fmt: skip
-
-    def __len__(self):
-        return len(self.ann_id)
-
-    def add(self, a, j: int, q: _Quarantine) -> None:
-        # fast path: exact types checked with `type(...) is` (bool is not an int here)
-        if type(a) is dict:
-            aid, iid, cid, bb = a.get("id"), a.get("image_id"), a.get("category_id"), a.get("bbox")
-            if (
-                type(aid) is int
-                and type(iid) is int
-                and type(cid) is int
-                and type(bb) is list
-                and len(bb) == 4
-                and type(bb[0]) in _NUM
-                and type(bb[1]) in _NUM
-                and type(bb[2]) in _NUM
-                and type(bb[3]) in _NUM
-            ):
-                self.ann_id.append(aid)
-                self.image_id.append(iid)
-                self.category_id.append(cid)
-                self.bbox.append(bb)
-                self.crowd.append(1 if a.get("iscrowd", 0) else 0)
-                self.ignore.append(1 if a.get("ignore", 0) else 0)
-                self.index.append(j)
-                return
-        self._reject(a, j, q)
-
-    @staticmethod
-    def _reject(a, j: int, q: _Quarantine) -> None:
-        if not isinstance(a, dict):
-            q.add(
-                None,
-                f"annotations[{j}]",
-                "malformed_annotation",
-                f"annotation #{j} is {type(a).__name__}, not an object",
-                _values(a),
-            )
-            return
-        aid, iid, bbox = a.get("id"), a.get("image_id"), a.get("bbox")
-        for name in ("id", "image_id", "category_id"):
-            v = a.get(name)
-            if type(v) is not int:
-                q.add(
-                    iid if type(iid) is int else None,
-                    f"annotation {aid}",
-                    "malformed_annotation",
-                    f"annotation {aid!r} (#{j}) has {name} {v!r}, not an integer",
-                    _values(a),
-                )
-                return
-        q.add(
-            iid,
-            f"annotation {aid}",
-            "bad_bbox",
-            f"bbox of annotation {aid} is {bbox!r:.100}; expected 4 finite numbers [x, y, w, h]",
-            _values(a),
-        )
-
-    def to_array(self, q: _Quarantine) -> np.ndarray:
-        rows = np.zeros(len(self), dtype=ANN_DTYPE)
-        rows["ann_id"] = self.ann_id
-        rows["image_pos"] = self.image_id  # holds the image id until _spill_anns looks its position up
-        rows["category_id"] = self.category_id
-        with np.errstate(
-            over="ignore"
-        ):  # a number beyond float64 (1e400 cannot come from JSON; 1e308 * 10 can't)
-            rows["bbox"] = np.asarray(self.bbox, dtype=np.float64).reshape(-1, 4)
-        rows["iscrowd"] = self.crowd
-        rows["ignore"] = self.ignore
-        rows["file_index"] = self.index
-        finite = np.isfinite(rows["bbox"]).all(axis=1)
-        for r in rows[~finite]:
-            q.add(
-                int(r["image_pos"]),
-                f"annotation {int(r['ann_id'])}",
-                "bad_bbox",
-                f"bbox of annotation {int(r['ann_id'])} is {r['bbox'].tolist()}; expected 4 finite numbers [x, y, w, h]",
-                _ann_values(r, int(r["image_pos"])),
-            )
-        return rows[finite]
-
-
-def _ann_values(r, image_id: int) -> str:
-    """An annotation's values as read (the fields the planner keeps), for its quarantine row."""
-    return _values(
-        {
-            "id": int(r["ann_id"]),
-            "image_id": image_id,
-            "category_id": int(r["category_id"]),
-            "bbox": [float(v) for v in r["bbox"]],
-            "iscrowd": int(r["iscrowd"]),
-            "ignore": int(r["ignore"]),
-            "index": int(r["file_index"]),
-        }
-    )
-
-
-def _spill_anns(tmp, rows, sorted_ids, order, shard_size, q):
-    # image_pos holds the image id on the way in; look the ids up in one vectorised search
-    iid = rows["image_pos"].copy()
-    k = np.searchsorted(sorted_ids, iid)
-    k = np.minimum(k, max(len(sorted_ids) - 1, 0))
-    known = (len(sorted_ids) > 0) & (sorted_ids[k] == iid) if len(sorted_ids) else np.zeros(len(iid), bool)
-    for r in rows[~known]:
-        q.add(
-            int(r["image_pos"]),
-            f"annotation {int(r['ann_id'])}",
-            "unknown_image_id",
-            f"annotation {int(r['ann_id'])} refers to image {int(r['image_pos'])}, which is not a planned image",
-            _ann_values(r, int(r["image_pos"])),
-        )
-    rows = rows[known].copy()
-    rows["image_pos"] = order[k[known]]  # first occurrence of the id in file order
-    shard = rows["image_pos"] // shard_size
-    for s in np.unique(shard):
-        with open(os.path.join(tmp, f"anns-{int(s):05d}.bin"), "ab") as f:
-            rows[shard == s].tofile(f)
-    # the ids again, by hash bucket, for the duplicate check (a bucket at a time fits in memory)
-    ids = np.zeros(len(rows), dtype=_ID_DTYPE)
-    ids["ann_id"], ids["file_index"] = rows["ann_id"], rows["file_index"]
-    bucket = rows["ann_id"] % ID_BUCKETS
-    for b in np.unique(bucket):
-        with open(os.path.join(tmp, f"ids-{int(b):03d}.bin"), "ab") as f:
-            ids[bucket == b].tofile(f)
-
-
-def _duplicate_ann_ids(tmp: str) -> dict[int, int]:
-    """{file position of a repeated annotation id: file position of its first use} over the whole file."""
-    dups: dict[int, int] = {}
-    for b in range(ID_BUCKETS):
-        path = os.path.join(tmp, f"ids-{b:03d}.bin")
-        if not os.path.exists(path):
-            continue
-        ids = np.fromfile(path, dtype=_ID_DTYPE)
-        ids = ids[np.lexsort((ids["file_index"], ids["ann_id"]))]
-        again = np.flatnonzero(ids["ann_id"][1:] == ids["ann_id"][:-1]) + 1
-        if len(again):
-            starts = np.searchsorted(ids["ann_id"], ids["ann_id"][again], side="left")
-            dups.update(zip(ids["file_index"][again].tolist(), ids["file_index"][starts].tolist()))
-        os.remove(path)
-    return dups
-
-
 class _Checks:
-    """Header checks of one shard's images, run in the plan's thread pool."""
+    """Header checks of one shard's images, run in the plan's thread pool (tasks.images.check_header).
+
+    The name is safe, the file exists inside the image root (symlinks resolved), its header decodes, its pixel
+    count is within `max_pixels` and its stored size equals the annotated width/height (or its boxes are
+    rescaled). The pixels themselves are decoded later, by the verify stage (tasks/stages/verify.py).
+    """
 
     def __init__(self, images_root: str, cfg: PlanConfig, pool: ThreadPoolExecutor):
         self.root, self.cfg, self.pool = images_root, cfg, pool
@@ -750,34 +405,6 @@ def _build_shard(
             class_order,
         ],
         schema=schemas.IMAGES,
-    )
-
-
-def _class_order(anns: np.ndarray, local: np.ndarray, known: np.ndarray, img_sel: np.ndarray) -> pa.ListArray:
-    """Per kept image, its category ids in order of their first annotation in the file.
-
-    Every annotation of a known category counts, dropped ones too (crowd, zero-area, empty after clipping,
-    quarantined for leaving the image): the reference's `bboxes_names` is built from all of them.
-    """
-    k = np.flatnonzero(known)
-    li, cat, pos = local[k], anns["category_id"][k], anns["file_index"][k]
-    o = np.lexsort((pos, cat, li))  # runs of (image, category), each run in file order
-    li, cat, pos = li[o], cat[o], pos[o]
-    first = np.ones(len(o), dtype=bool)
-    first[1:] = (li[1:] != li[:-1]) | (cat[1:] != cat[:-1])
-    li, cat, pos = li[first], cat[first], pos[first]
-    o = np.lexsort((pos, li))  # per image, by the first annotation's position
-    li, cat = li[o], cat[o]
-    starts = np.searchsorted(li, img_sel, side="left")
-    ends = np.searchsorted(li, img_sel, side="right")
-    take = (
-        np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
-        if len(img_sel)
-        else np.zeros(0, np.int64)
-    ).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int32)
-    return pa.ListArray.from_arrays(
-        pa.array(offsets, pa.int32()), pa.array(cat[take].astype(np.int32), pa.int32())
     )
 
 
