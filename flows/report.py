@@ -97,7 +97,7 @@ def build_report(run: RunLayout, top: int = 6, per_group: int = 3) -> str:
 
 def build_compare(a: RunLayout, b: RunLayout, examples: int = 50) -> tuple[str, dict]:
     """Write the comparison page of two finished runs (under run A's plan folder); returns (path, counts)."""
-    from tasks.audit.report import DIFF_COLUMNS, compare_html, diff_triplets
+    from tasks.audit.compare import DIFF_COLUMNS, compare_html, diff_triplets
 
     for r in (a, b):
         check_finished(r)

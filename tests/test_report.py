@@ -21,8 +21,21 @@ from flows.status import find_runs, plan_of
 from storage import schemas
 from storage.atomic import read_json
 from storage.records import Triplet
-from tasks.audit.report import NOT_AVAILABLE, STATS_KEYS, diff_triplets, gallery_picks
+from tasks.audit.compare import diff_triplets
+from tasks.audit.report import NOT_AVAILABLE, gallery_picks
 from tests.cdp import Browser, find_chromium
+
+#: run.json keys the report reads (stats/<run_key>/run.json); a missing key gives "not available for this run".
+STATS_KEYS = (
+    "funnel",
+    "relation_histogram",
+    "class_pair_histogram",
+    "score_histograms",
+    "eta_sweep",
+    "unmatched_nouns",
+    "classes_without_synonyms",
+    "triplets_per_image",
+)
 
 SYNONYMS = (
     Path(__file__).resolve().parent.parent / "models" / "data" / "synonyms" / "o365_obj_paraphrase.json"

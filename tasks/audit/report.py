@@ -1,13 +1,12 @@
-"""The audit report of a run, and the comparison of two runs, as self-contained HTML pages (inline CSS, plots and
-photos as base64 data URIs, no script, nothing fetched at view time)."""
+"""The audit page of one run, self-contained HTML (inline CSS, plots and photos as data URIs, no script)."""
 
 from __future__ import annotations
 
 import base64
-import html
+import importlib.util
 import io
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,22 +14,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from storage import schemas
 from storage.manifest import RunRecord
 from storage.records import ImageRecord, Triplet
+from tasks.audit.html import _e, _page, _table
+from tasks.audit.visualize import draw_triplets
 
-#: run.json keys the report reads (stats/<run_key>/run.json); a missing key gives "not available for this run".
-STATS_KEYS = (
-    "funnel",
-    "relation_histogram",
-    "class_pair_histogram",
-    "score_histograms",
-    "eta_sweep",
-    "unmatched_nouns",
-    "classes_without_synonyms",
-    "triplets_per_image",
-)
 SCORES = ("p_subject", "p_object", "p_relation", "confidence")
 NOT_AVAILABLE = "not available for this run"
+
+#: The columns the gallery's picks and the page's summary read of every triplet.
+PICK_COLUMNS = ["image_id", "relation_lemma", "subject_label", "object_label"]
 
 
 @dataclass
@@ -56,10 +50,6 @@ class RunData:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-
-
-def _e(x) -> str:
-    return html.escape(str(x), quote=True)
 
 
 def _png_uri(fig) -> str:
@@ -90,12 +80,6 @@ def _img(uri: str, alt: str, cls: str = "plot") -> str:
 
 def _na(what: str) -> str:
     return f'<p class="na">{_e(what)}: {NOT_AVAILABLE} (its stats/run.json has no such entry).</p>'
-
-
-def _table(head: list[str], rows: list[list], cls: str = "") -> str:
-    th = "".join(f"<th>{_e(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _hbar(labels: list[str], values: list[int], title: str, colour: str = "#4878a8"):
@@ -316,9 +300,6 @@ def gallery_image_ids(picks: dict[str, list]) -> set[int]:
 
 def _gallery(data: RunData, load: Callable[[ImageRecord], tuple[Image.Image | None, str]], top: int,
              per_group: int) -> str:  # fmt: skip
-    from storage import schemas
-    from tasks.audit.visualize import draw_triplets
-
     if data.triplets.num_rows == 0:
         return "<p>This run has no triplets to show.</p>"
     picks = gallery_picks(data.triplets, top, per_group)
@@ -363,30 +344,6 @@ def _gallery(data: RunData, load: Callable[[ImageRecord], tuple[Image.Image | No
     return "\n".join(parts)
 
 
-CSS = """
-body{font-family:"DejaVu Sans",Verdana,sans-serif;margin:0 auto;max-width:1280px;padding:0 24px 48px;color:#222}
-h1{font-size:22px;margin:20px 0 4px}h2{font-size:18px;border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:32px}
-h3{font-size:15px}h4{font-size:13px;margin:14px 0 6px}
-table{border-collapse:collapse;font-size:12px;margin:8px 0}th,td{border:1px solid #ddd;padding:3px 6px;vertical-align:top;text-align:left}
-th{background:#f2f2f2}.num{font-variant-numeric:tabular-nums}td:has(.num){text-align:right}
-img.plot{max-width:100%;display:block;margin:8px 0}.row{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}.gallery{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;border:1px solid #ddd;padding:4px;background:#fafafa}figure img{display:block;max-width:420px}
-figcaption{font-size:11px;color:#555;margin-top:4px}.na{color:#a33;font-style:italic}.small{font-size:11px;color:#666}
-nav a{margin-right:12px;font-size:13px}code{font-size:11px}pre{font-size:11px;background:#f6f6f6;padding:8px;overflow:auto}
-.added{color:#1a7f37}.dropped{color:#b42318}.rescored{color:#9a6700}
-"""
-
-
-def _page(title: str, nav: list[tuple[str, str]], sections: list[tuple[str, str, str]]) -> str:
-    links = "".join(f'<a href="#{a}">{_e(t)}</a>' for a, t in nav)
-    body = "".join(f'<section id="{a}"><h2>{_e(t)}</h2>{s}</section>' for a, t, s in sections)
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{_e(title)}</title><style>{CSS}</style></head>"
-        f"<body><h1>{_e(title)}</h1><nav>{links}</nav>{body}</body></html>\n"
-    )
-
-
 def report_html(
     data: RunData,
     load: Callable[[ImageRecord], tuple[Image.Image | None, str]],
@@ -400,8 +357,6 @@ def report_html(
         load: image record -> (photo, "") or (None, why it cannot be read).
         top / per_group: the gallery shows the `top` relations and class pairs, `per_group` images each.
     """
-    import importlib.util
-
     if importlib.util.find_spec("matplotlib") is None:
         raise ValueError(
             "the report draws its plots with matplotlib; install the report extra (pip install 'reltag[report]')"
@@ -427,166 +382,3 @@ def report_html(
     return _page(
         f"reltag audit: {rec.dataset} / run {rec.run_key}", [(a, t) for a, t, _ in sections], sections
     )
-
-
-# ---------------------------------------------------------------------------------------------------- compare
-
-
-#: A triplet's identity within a run: (image, subject box, object box, relation text). The match stage keys its
-#: candidates the same way (tasks/stages/match.py), so a run never holds two triplets with one key; the lemma is not
-#: enough ("sitting on" and "sits on" share the lemma "sit on" and are separate candidates).
-KEY = ("image_id", "subject_ann_id", "object_ann_id", "relation")
-#: The columns the gallery's picks and the page's summary read of every triplet.
-PICK_COLUMNS = ["image_id", "relation_lemma", "subject_label", "object_label"]
-KINDS = ("added", "dropped", "rescored", "unchanged")
-DIFF_COLUMNS = [*KEY, "subject_label", "object_label", "relation_lemma", "confidence"]
-
-
-@dataclass
-class TripletDiff:
-    """Triplets of run B against run A, by KEY: added (only in B), dropped (only in A), rescored (in both,
-    confidence differs), unchanged.
-
-    counts: per kind, how many; by_relation: per relation lemma, Counter of added / dropped / rescored;
-    rows: per kind, the first rows in key order (dicts: the KEY fields, subject_label, object_label,
-    relation_lemma, confidence_a, confidence_b; None where the run lacks the triplet).
-    """
-
-    counts: dict[str, int]
-    by_relation: dict[str, Counter]
-    rows: dict[str, list[dict]]
-
-
-def _keyed(table: pa.Table, run_key: str) -> pa.Table:
-    t = table.select(DIFF_COLUMNS)
-    n = t.group_by(list(KEY)).aggregate([([], "count_all")])
-    dup = n.filter(pc.greater(n["count_all"], 1))
-    if dup.num_rows:
-        d = dup.slice(0, 1).to_pylist()[0]
-        raise ValueError(
-            f"run {run_key} holds {d['count_all']} triplets with key {tuple(d[c] for c in KEY)} "
-            "(image, subject, object, relation); a run holds each at most once"
-        )
-    return t
-
-
-def diff_triplets(
-    a: pa.Table, b: pa.Table, run_a: str = "A", run_b: str = "B", examples: int | None = None
-) -> TripletDiff:
-    """Compare two runs' triplet tables (storage.schemas.TRIPLETS columns) with one Arrow full outer join on KEY;
-    a confidence counts as changed when it differs at all. `examples` caps the rows kept per kind (None: all)."""
-    j = _keyed(a, run_a).join(
-        _keyed(b, run_b), keys=list(KEY), join_type="full outer", left_suffix="_a", right_suffix="_b"
-    )
-    ca, cb = j["confidence_a"], j["confidence_b"]
-    both = pc.and_(pc.is_valid(ca), pc.is_valid(cb))
-    masks = {
-        "added": pc.is_null(ca),
-        "dropped": pc.is_null(cb),
-        "rescored": pc.and_(both, pc.not_equal(ca, cb)),
-        "unchanged": pc.and_(both, pc.equal(ca, cb)),
-    }
-    counts, by_relation, rows = {}, defaultdict(Counter), {}
-    for kind, mask in masks.items():
-        sub = j.filter(mask)
-        counts[kind] = sub.num_rows
-        sub = (
-            sub.append_column("label_s", pc.coalesce(sub["subject_label_b"], sub["subject_label_a"]))
-            .append_column("label_o", pc.coalesce(sub["object_label_b"], sub["object_label_a"]))
-            .append_column("lemma", pc.coalesce(sub["relation_lemma_b"], sub["relation_lemma_a"]))
-        )
-        if kind != "unchanged":
-            for r in sub.group_by(["lemma"]).aggregate([([], "count_all")]).to_pylist():
-                by_relation[r["lemma"]][kind] = r["count_all"]
-        order = [(c, "ascending") for c in KEY]
-        if examples is not None and sub.num_rows > examples:  # the first N by key without sorting them all
-            sub = sub.take(pc.select_k_unstable(sub, k=examples, sort_keys=order))
-        sub = sub.sort_by(order)
-        rows[kind] = [
-            {**{c: r[c] for c in KEY}, "subject_label": r["label_s"], "object_label": r["label_o"],
-             "relation_lemma": r["lemma"], "confidence_a": r["confidence_a"], "confidence_b": r["confidence_b"]}
-            for r in sub.to_pylist()
-        ]  # fmt: skip
-    return TripletDiff(counts, dict(by_relation), rows)
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def config_differences(a: RunRecord, b: RunRecord) -> list[tuple[str, object, object]]:
-    """(setting, value in A, value in B) for every config field that differs, plus differing model revisions."""
-    fa, fb = _flat(a.config), _flat(b.config)
-    fa.update({f"revision.{k}": v for k, v in _flat(a.revisions).items()})
-    fb.update({f"revision.{k}": v for k, v in _flat(b.revisions).items()})
-    return [(k, fa.get(k), fb.get(k)) for k in sorted(fa.keys() | fb.keys()) if fa.get(k) != fb.get(k)]
-
-
-def shared_stages(a: RunRecord, b: RunRecord) -> list[str]:
-    """The stages whose outputs the two runs share (same key), in chain order."""
-    kb = dict(b.stage_keys)
-    return [s for s, k in a.stage_keys if kb.get(s) == k]
-
-
-def compare_html(a: RunRecord, b: RunRecord, diff: TripletDiff, examples: int = 50) -> str:
-    """A page saying which triplets run B adds, drops and rescores against run A, with examples."""
-    c = diff.counts
-    differs = config_differences(a, b)
-    shared = shared_stages(a, b)
-    head = _table(
-        ["", "run A", "run B"],
-        [["run key", f"<code>{_e(a.run_key)}</code>", f"<code>{_e(b.run_key)}</code>"],
-         ["dataset / plan", _e(f"{a.dataset} / {a.plan_key}"), _e(f"{b.dataset} / {b.plan_key}")],
-         ["created", _e(a.created_at), _e(b.created_at)],
-         ["triplets", f"{c['dropped'] + c['rescored'] + c['unchanged']:,}", f"{c['added'] + c['rescored'] + c['unchanged']:,}"]],
-    )  # fmt: skip
-    settings = (
-        _table(["setting", "run A", "run B"], [[_e(k), _e(va), _e(vb)] for k, va, vb in differs], "settings")
-        if differs
-        else "<p>The two runs have the same settings.</p>"
-    )
-    shared_p = f"<p>Shared stage outputs (same key): {_e(', '.join(shared) or 'none')}.</p>"
-    counts = _table(
-        ["triplets", "count"],
-        [[f'<span class="{k}">{k}</span>', f'<span class="num">{v:,}</span>'] for k, v in c.items()],
-        "counts",
-    )
-    rel_rows = [
-        [_e(r), *(f'<span class="num">{cnt[k]:,}</span>' for k in ("added", "dropped", "rescored"))]
-        for r, cnt in sorted(diff.by_relation.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:30]
-    ]
-    by_rel = _table(["relation (lemma)", "added", "dropped", "rescored"], rel_rows) if rel_rows else ""
-
-    def conf(x):
-        return "" if x is None else f"{x:.4f}"
-
-    sections = [
-        ("summary", "Runs", head + settings + shared_p),
-        ("counts", "Added, dropped, rescored", counts + by_rel),
-    ]
-    for kind in ("added", "dropped", "rescored"):
-        rows = []
-        for r in diff.rows[kind][:examples]:
-            rows.append([str(r["image_id"]), _e(f"{r['subject_label']} ({r['subject_ann_id']})"), _e(r["relation"]),
-                         _e(f"{r['object_label']} ({r['object_ann_id']})"), conf(r["confidence_a"]),
-                         conf(r["confidence_b"])])  # fmt: skip
-        n = diff.counts[kind]
-        body = (
-            f"<p>{n:,} triplets; the first {min(n, examples)} by (image, subject, object, relation).</p>"
-            + _table(
-                ["image", "subject (box)", "relation", "object (box)", "confidence A", "confidence B"],
-                rows,
-                kind,
-            )
-            if n
-            else "<p>none</p>"
-        )
-        sections.append((kind, kind.capitalize(), body))
-    title = f"reltag compare: run {a.run_key} (A) vs run {b.run_key} (B)"
-    return _page(title, [(x, t) for x, t, _ in sections], sections)
