@@ -51,8 +51,8 @@ class Compute:
     """Wall time spent inside the wrapped functions (from any thread), summed; installed on the modules that
     call them, so the plain loop and the flows are measured alike."""
 
-    NAMES = (("tasks.run.pipeline", "run_batch_stage"), ("tasks.run.pipeline", "finalize_shard"),
-             ("tasks.run.pipeline", "rollup_stats"), ("tasks.run.start", "plan_run"),
+    NAMES = (("tasks.run.pipeline", "run_batch_stage"), ("tasks.stages.write", "finalize_shard"),
+             ("tasks.stages.write", "rollup_stats"), ("tasks.run.start", "plan_run"),
              ("flows.label", "run_batch_stage"), ("flows.label", "finalize_shard"),
              ("flows.label", "rollup_stats"), ("flows.label", "plan_run"))  # fmt: skip
 
@@ -93,17 +93,18 @@ def plain_loop(params) -> None:
     Prefect."""
     import tasks.run.pipeline as pipeline
     import tasks.run.start as planning
-    from tasks.run.registry import BATCH_STAGES
+    import tasks.stages.write as write
+    from tasks.run.registry import batch_stages
 
     ctx, plan = planning.plan_run(
         params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config
     )
     for sh in plan.shards:
         for b in range(sh.batches):
-            for stage in BATCH_STAGES:
+            for stage in batch_stages():
                 pipeline.run_batch_stage(ctx, stage, sh.shard, b)
-        pipeline.finalize_shard(ctx, sh.shard, sh.batches)
-    pipeline.rollup_stats(ctx, plan)
+        write.finalize_shard(ctx, sh.shard, sh.batches)
+    write.rollup_stats(ctx, plan)
 
 
 def _cpu(proc) -> float:

@@ -51,14 +51,14 @@ def install_device_like_oracle(seconds: float) -> None:
     """Replace the oracle entry of the captioner registry in this process (benchmark only)."""
     import dataclasses
 
+    import tasks.run.context as context
     import tasks.stages.caption as caption
-    import tasks.run.pipeline as pipeline
 
     entry = caption.CAPTIONERS["oracle"]
     caption.CAPTIONERS["oracle"] = dataclasses.replace(
         entry, build=lambda cfg, captions_file: DeviceLikeCaptioner(entry.build(cfg, captions_file), seconds)
     )
-    pipeline.captioners.cache_clear()  # captioners are built once per process: drop the calibration's
+    context.clear_process_resources()  # captioners are built once per process: drop the calibration's
 
 
 def stage_seconds(out: str) -> dict[str, float]:

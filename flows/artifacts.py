@@ -91,7 +91,7 @@ def publish_run_artifacts(summary: dict, report_link: str) -> dict[str, str]:
     """Publish the run's artifacts (inside a flow run, they attach to it); returns {artifact: key}.
 
     Args:
-        summary: the run's run.json (tasks.run.pipeline.rollup_stats).
+        summary: the run's run.json (tasks.stages.write.rollup_stats).
         report_link: URL of the run's HTML report (`<plan folder>/report/<run_key>.html`).
     """
     from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact

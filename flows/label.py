@@ -14,12 +14,13 @@ from flows.status import WRITE, is_finished, unwritten_shards
 from storage.atomic import read_json, sweep_stale_temporaries
 from storage.ledger import Ledger, Unit
 from storage.manifest import PlanManifest
-from tasks.run.context import plan_manifest
-from tasks.run.pipeline import RunContext, finalize_shard, rollup_stats, run_batch_stage
-from tasks.run.start import plan_run
-from tasks.run.schedule import DONE, FAILED, BatchBoard, run_stage, worth_retrying
-from tasks.run.registry import BATCH_STAGES
+from tasks.run.context import RunContext, plan_manifest
+from tasks.run.pipeline import run_batch_stage
+from tasks.run.registry import batch_stages
 from tasks.run.registry import stage as get_stage
+from tasks.run.schedule import DONE, FAILED, BatchBoard, run_stage, worth_retrying
+from tasks.run.start import plan_run
+from tasks.stages.write import finalize_shard, rollup_stats
 
 
 def _io_error_only(task, task_run, state) -> bool:
@@ -121,16 +122,16 @@ def run_shard(ctx: RunContext, shard: int, n_batches: int, n_total: int, snap: d
     only what is not done. `snap` is one listing of the ledger, so finished units cost nothing at all.
     """
     if Unit(WRITE, shard).rel() in snap["done"]:
-        for name in BATCH_STAGES:
+        for name in batch_stages():
             advance(name, n_total)
         return {"shard": shard, "skipped": True}
     bs = ctx.config.plan.batch_size
-    done = {(n, b) for n in BATCH_STAGES for b in range(n_batches) if Unit(n, shard, b).rel() in snap["done"]}
+    done = {(n, b) for n in batch_stages() for b in range(n_batches) if Unit(n, shard, b).rel() in snap["done"]}
     for name, b in sorted(done):
         advance(name, min(bs, max(0, n_total - b * bs)))
-    board = BatchBoard(BATCH_STAGES, n_batches, done)
+    board = BatchBoard(batch_stages(), n_batches, done)
     # submitted in stage order: a worker waits only on the ones before it, so any pool size finishes
-    futures = [stage_task.submit(ctx, name, shard, board) for name in BATCH_STAGES if _has_work(board, name)]
+    futures = [stage_task.submit(ctx, name, shard, board) for name in batch_stages() if _has_work(board, name)]
     for fut in futures:
         fut.wait()
     failed = [Unit(n, shard, b).rel() for n, b in board.units(FAILED)]
@@ -139,7 +140,7 @@ def run_shard(ctx: RunContext, shard: int, n_batches: int, n_total: int, snap: d
             f"shard-{shard:05d}: {len(failed)} unit(s) failed: {', '.join(failed)}; rerun to redo them"
         )
     not_done = [
-        Unit(n, shard, b).rel() for n in BATCH_STAGES for b in range(n_batches) if board.state(n, b) != DONE
+        Unit(n, shard, b).rel() for n in batch_stages() for b in range(n_batches) if board.state(n, b) != DONE
     ]
     if (
         not_done
@@ -156,7 +157,7 @@ def _has_work(board: BatchBoard, stage: str) -> bool:
 
 
 #: one thread per batch stage: the stages of consecutive batches run side by side (see run_shard)
-STAGE_THREADS = len(BATCH_STAGES)
+STAGE_THREADS = len(batch_stages())
 
 
 @flow(
@@ -169,7 +170,7 @@ def label_shard(params: LabelParams, shard: int) -> dict:
     """Label one shard of a planned run (plans it first if needed): for spreading shards over workers."""
     ctx = plan_task(params)
     sh = plan_manifest(ctx).shard(shard)
-    with show_progress(sh.images, BATCH_STAGES):
+    with show_progress(sh.images, batch_stages()):
         return run_shard(ctx, shard, sh.batches, sh.images, Ledger(ctx.layout).snapshot())
 
 
@@ -193,7 +194,7 @@ def label_dataset(params: LabelParams) -> dict:
         summary["seconds"] = round(time.perf_counter() - t0, 3)
         start_pretraining(ctx, params.out)  # idempotent: a trigger lost to a crash is made up for here
         return summary
-    with show_progress(plan.images, BATCH_STAGES):
+    with show_progress(plan.images, batch_stages()):
         for sh in plan.shards:
             try:
                 run_shard(ctx, sh.shard, sh.batches, sh.images, snap)

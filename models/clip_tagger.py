@@ -31,19 +31,16 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from models.devices import check_device, torch_dtype
+
 #: CLIP ViT-L/14 at 224 px, the reference's `clip.load("ViT-L/14")`, as transformers publishes it.
 HUB_ID = "openai/clip-vit-large-patch14"
 #: Multiplier of the cosine similarities before the softmax (the reference's `100. * vis_ft @ text_ft.T`).
 SCALE = 100.0
-#: The reference keeps a relation when its softmax is >= 0.8.
-THRESHOLD = 0.8
 #: Union crops per image forward (the reference's img_batch_size); fixed so results never depend on batching.
 CROPS_PER_FORWARD = 64
 #: Prompts per text forward.
 TEXTS_PER_FORWARD = 256
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 def relation_prompt(subject: str, relation: str, obj: str) -> str:
     """The positive prompt of a (subject class, relation text, object class) triple."""
@@ -88,19 +85,6 @@ class ClipQuery:
     object_label: str
 
 
-def check_device(device: str) -> torch.device:
-    """The torch device, or a ValueError that says why it cannot be used here."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"CLIP tagger device {device!r} is not a torch device: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"CLIP tagger device {device!r} requested but this machine has no usable CUDA device"
-        )
-    return dev
-
-
 def _features(out) -> torch.Tensor:
     # transformers 5 returns a BaseModelOutputWithPooling whose pooler_output is the projected embedding;
     # older versions returned the tensor itself
@@ -133,12 +117,10 @@ class ClipRelationScorer:
             scale: multiplier of the cosines (100, the reference's).
             crops_per_forward: union crops per image forward.
         """
-        if dtype not in _DTYPES:
-            raise ValueError(f"CLIP tagger dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+        self.dtype = torch_dtype(dtype, "CLIP tagger")
         if crops_per_forward < 1:
             raise ValueError(f"crops_per_forward {crops_per_forward} < 1")
-        self.device = check_device(device)
-        self.dtype = _DTYPES[dtype]
+        self.device = check_device(device, "CLIP tagger")
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -161,14 +143,13 @@ class ClipRelationScorer:
         """
         from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTokenizer
 
-        if dtype not in _DTYPES:
-            raise ValueError(f"CLIP tagger dtype {dtype!r} is not one of {sorted(_DTYPES)}")
-        check_device(device)  # before reading any weights
+        torch_dtype(dtype, "CLIP tagger")
+        check_device(device, "CLIP tagger")  # before reading any weights
         if not os.path.isdir(model) and (os.path.isabs(model) or model.startswith((".", "~"))):
             raise ValueError(f"CLIP model directory {model!r} does not exist")
         try:
             net = CLIPModel.from_pretrained(
-                model, revision=revision, use_safetensors=True, trust_remote_code=False, dtype=_DTYPES[dtype]
+                model, revision=revision, use_safetensors=True, trust_remote_code=False, dtype=torch_dtype(dtype, "CLIP tagger")
             )
             tokenizer = CLIPTokenizer.from_pretrained(model, revision=revision)
             image_processor = CLIPImageProcessorPil.from_pretrained(model, revision=revision)

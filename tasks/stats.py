@@ -8,7 +8,7 @@ a run's statistics do not depend on the order in which batches finish or on how 
 Two JSON forms: `to_json()` is the view people read (a ratio as its value, a tally cut to its top entries);
 `dump()` is lossless and typed (`{name: [kind, payload]}`), for the ledger and the shard files that later
 merges read back with `Stats.load`. The audit of a run (funnel, histograms, eta sweep, unmatched nouns, ...)
-is built from merged stage statistics by `audit`, and written as Parquet tables by `audit_tables`.
+is built from merged stage statistics by tasks/audit/summary.py.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
-
-import pyarrow as pa
 
 #: eta values of the sweep: 0.05, 0.10, ..., 0.95
 ETAS: tuple[float, ...] = tuple(round(k / 20, 2) for k in range(1, 20))
@@ -458,6 +456,16 @@ class Stats(Mapping):
     def __len__(self) -> int:
         return sum(1 for s in self._items.values() if not s.hidden)
 
+    def count(self, name: str) -> int:
+        """A count's (or maximum's) value; 0 when the statistic is absent."""
+        st = self.stat(name)
+        return st.view() if st is not None else 0
+
+    def tally(self, name: str) -> dict:
+        """A tally's counts by key; {} when the statistic is absent."""
+        st = self.stat(name)
+        return dict(st.counts) if isinstance(st, Tally) else {}
+
     def __contains__(self, name) -> bool:
         s = self._items.get(name)
         return s is not None and not s.hidden
@@ -499,209 +507,3 @@ class Stats(Mapping):
         if not isinstance(d, Mapping):
             raise ValueError(f"{what} is a {type(d).__name__}, not a JSON object of typed statistics")
         return cls({k: _load_one(v, f"{what}: statistic {k!r}") for k, v in d.items()})
-
-
-# -- the audit of a shard or a run -------------------------------------------------------------------------
-
-#: plan quarantine reasons that drop an image (the others drop annotations, counted by the plan)
-_IMAGE_REASONS = (
-    "malformed_image", "missing_size", "unsafe_file_name", "duplicate_image_id",
-    # the header checks (tasks/images.py)
-    "missing_file", "unsafe_path", "read_error", "file_too_large", "decode_error", "too_large", "size_mismatch",
-)  # fmt: skip
-
-#: (funnel step, label, stage, statistic counted)
-FUNNEL: tuple[tuple[str, str, str, str], ...] = (
-    ("images", "images (planned)", "shard", "images"),
-    ("verified", "images decoded in full", "verify", "verified"),
-    ("captions", "captions", "caption", "captions"),
-    ("unique_captions", "unique captions (N_Unique)", "caption", "unique_captions"),
-    ("relations", "relations (parsed)", "parse", "relations"),
-    ("matched", "relations matched to boxes", "match", "relations_matched"),
-    ("candidate_pairs", "candidate pairs", "match", "pairs"),
-    ("tagged", "tagged (pair, relation) rows", "tag", "tag_rows"),
-    ("accepted", "accepted triplets", "threshold", "accepted"),
-)
-
-ETA_SWEEP_NOTE = (
-    "Triplets (and images with at least one) that the threshold stage would accept at each eta under each "
-    "confidence rule, recomputed from the stored scores of every tagged row (accepted + rejected). The run's "
-    "overlap filter and top-K per pair are re-applied at each eta; rows of the CLIP tagger are held to the "
-    "swept eta in place of clip_eta. Stages before the threshold (captions, matching, tagging) are not redone."
-)
-
-
-def _n(stages: Mapping[str, Stats], stage: str, name: str) -> int:
-    s = stages.get(stage)
-    st = s.stat(name) if s is not None else None
-    return st.view() if st is not None else 0
-
-
-def _tally(stages: Mapping[str, Stats], stage: str, name: str) -> dict:
-    s = stages.get(stage)
-    st = s.stat(name) if s is not None else None
-    return dict(st.counts) if isinstance(st, Tally) else {}
-
-
-def _positive(d: Mapping[str, int]) -> dict[str, int]:
-    return {k: v for k, v in sorted(d.items(), key=lambda kv: (-kv[1], kv[0])) if v}
-
-
-def funnel(stages: Mapping[str, Stats], plan_counts: Mapping | None = None) -> list[dict]:
-    """The funnel rows, in FUNNEL order: {"stage", "label", "count", "dropped": {reason: count}}.
-
-    `stages` holds the stage statistics by stage name and "shard" (planned images, triplets per image); drops
-    are what is lost between the previous step and this one, by reason, in the previous step's units (images
-    for captions, captions for relations, relations for matched, ...)."""
-    plan_counts = plan_counts or {}
-    dropped: dict[str, dict] = {
-        "images": {r: plan_counts.get(f"quarantined_{r}", 0) for r in _IMAGE_REASONS},
-        "verified": _tally(stages, "verify", "quarantine_reasons"),
-        "captions": {
-            **_tally(stages, "caption", "quarantine_reasons"),
-            "no_captions": _n(stages, "caption", "images_without_captions"),
-        },
-        "unique_captions": {
-            "duplicate": _n(stages, "caption", "captions") - _n(stages, "caption", "unique_captions")
-        },
-        "relations": {
-            "not_parsed": _n(stages, "parse", "captions_not_parsed"),
-            "no_relation": _n(stages, "parse", "captions_without_relations"),
-        },
-        "matched": _tally(stages, "match", "relations_unmatched"),
-        "candidate_pairs": {"no_distinct_box_pair": _n(stages, "match", "relations_without_pairs")},
-        "tagged": _tally(stages, "tag", "quarantine_reasons"),
-        "accepted": _tally(stages, "threshold", "reject_reasons"),
-    }
-    return [
-        {"stage": step, "label": label, "count": _n(stages, stage, name), "dropped": _positive(dropped[step])}
-        for step, label, stage, name in FUNNEL
-    ]
-
-
-def eta_sweep(threshold: Stats | None) -> list[dict]:
-    """[{"eta", "rule", "triplets", "images"}] for every rule, then eta ascending."""
-    tri = threshold.stat("sweep_triplets") if threshold is not None else None
-    img = threshold.stat("sweep_images") if threshold is not None else None
-    tri = dict(tri.counts) if tri is not None else {}
-    img = dict(img.counts) if img is not None else {}
-    return [
-        {
-            "eta": eta,
-            "rule": rule,
-            "triplets": tri.get((rule, f"{eta:.2f}"), 0),
-            "images": img.get((rule, f"{eta:.2f}"), 0),
-        }
-        for rule in RULES
-        for eta in ETAS
-    ]
-
-
-def unmatched_nouns(match: Stats | None) -> list[dict]:
-    """[{"noun", "count", "examples"}], count descending then noun: head nouns that named no class."""
-    if match is None or match.stat("top_unmatched_heads") is None:
-        return []
-    ex = match.stat("unmatched_examples")
-    ex = ex.items if isinstance(ex, Group) else {}
-    return [
-        {"noun": noun, "count": n, "examples": ex[noun].view() if noun in ex else []}
-        for noun, n in match.stat("top_unmatched_heads").most_common()
-    ]
-
-
-def audit(stages: Mapping[str, Stats], plan_counts: Mapping | None, no_synonyms: list[str]) -> dict:
-    """The auditor's statistics of a shard or a run, from its merged statistics (stages + "shard")."""
-    thr = stages.get("threshold")
-
-    def tally(name):
-        st = thr.stat(name) if thr is not None else None
-        return st if isinstance(st, Tally) else Tally()
-
-    hists = {}
-    for score in SCORES:
-        h = thr.stat(f"hist_{score}") if thr is not None else None
-        hists[score] = (h or Histogram()).view()
-    per_image = stages["shard"].stat("triplets_per_image") if "shard" in stages else None
-    return {
-        "funnel": funnel(stages, plan_counts),
-        "relation_histogram": dict(tally("relation_lemmas").most_common()),
-        "class_pair_histogram": [[s, o, n] for (s, o), n in tally("class_pairs").most_common()],
-        "score_histograms": hists,
-        "eta_sweep": eta_sweep(thr),
-        "eta_sweep_note": ETA_SWEEP_NOTE,
-        "unmatched_nouns": unmatched_nouns(stages.get("match")),
-        "classes_without_synonyms": list(no_synonyms),
-        "triplets_per_image": per_image.view() if per_image is not None else {},
-    }
-
-
-def classes_without_synonyms(vocab) -> list[str]:
-    """Names of the dataset's categories that have no synonym list in the vocabulary (a models.matcher
-    Vocabulary; such classes match by their own names only), in category order."""
-    return [c.label for c in vocab.classes if not c.synonyms]
-
-
-# -- Parquet -----------------------------------------------------------------------------------------------
-
-#: One long table per kind of statistic, written beside run.json as stats/<run_key>/<name>.parquet.
-TABLE_SCHEMAS: dict[str, pa.Schema] = {
-    "funnel": pa.schema(
-        [("position", pa.int32()), ("stage", pa.string()), ("label", pa.string()), ("count", pa.int64())]
-    ),
-    "funnel_drops": pa.schema([("stage", pa.string()), ("reason", pa.string()), ("count", pa.int64())]),
-    "relation_histogram": pa.schema([("relation_lemma", pa.string()), ("count", pa.int64())]),
-    "class_pair_histogram": pa.schema(
-        [("subject_label", pa.string()), ("object_label", pa.string()), ("count", pa.int64())]
-    ),
-    "score_histograms": pa.schema(
-        [
-            ("score", pa.string()),
-            ("bin", pa.int32()),
-            ("lower", pa.float64()),
-            ("upper", pa.float64()),
-            ("count", pa.int64()),
-        ]
-    ),
-    "eta_sweep": pa.schema(
-        [("rule", pa.string()), ("eta", pa.float64()), ("triplets", pa.int64()), ("images", pa.int64())]
-    ),
-    "unmatched_nouns": pa.schema(
-        [("noun", pa.string()), ("count", pa.int64()), ("examples", pa.list_(pa.string()))]
-    ),
-    "classes_without_synonyms": pa.schema([("class_name", pa.string())]),
-    "triplets_per_image": pa.schema([("triplets", pa.int32()), ("images", pa.int64())]),
-}
-
-
-def audit_tables(a: Mapping) -> dict[str, pa.Table]:
-    """The audit as one typed Arrow table per kind (TABLE_SCHEMAS), rows in the JSON's order."""
-    rows: dict[str, list[dict]] = {
-        "funnel": [
-            {"position": i, "stage": f["stage"], "label": f["label"], "count": f["count"]}
-            for i, f in enumerate(a["funnel"])
-        ],
-        "funnel_drops": [
-            {"stage": f["stage"], "reason": r, "count": n}
-            for f in a["funnel"]
-            for r, n in f["dropped"].items()
-        ],
-        "relation_histogram": [{"relation_lemma": k, "count": n} for k, n in a["relation_histogram"].items()],
-        "class_pair_histogram": [
-            {"subject_label": s, "object_label": o, "count": n} for s, o, n in a["class_pair_histogram"]
-        ],
-        "score_histograms": [
-            {"score": score, "bin": i, "lower": h["edges"][i], "upper": h["edges"][i + 1], "count": n}
-            for score, h in a["score_histograms"].items()
-            for i, n in enumerate(h["counts"])
-        ],
-        "eta_sweep": [
-            {"rule": r["rule"], "eta": r["eta"], "triplets": r["triplets"], "images": r["images"]}
-            for r in a["eta_sweep"]
-        ],
-        "unmatched_nouns": [
-            {"noun": u["noun"], "count": u["count"], "examples": u["examples"]} for u in a["unmatched_nouns"]
-        ],
-        "classes_without_synonyms": [{"class_name": c} for c in a["classes_without_synonyms"]],
-        "triplets_per_image": [{"triplets": int(k), "images": n} for k, n in a["triplets_per_image"].items()],
-    }
-    return {name: pa.Table.from_pylist(rows[name], schema=schema) for name, schema in TABLE_SCHEMAS.items()}

@@ -12,8 +12,8 @@ from PIL import Image
 
 from storage.records import Caption, ImageRecord
 from storage.schemas import from_table, to_table
-from tasks.stages.caption import batch_seed, build_captioners, caption_batch
 from tasks.config import CaptionConfig
+from tasks.stages.caption import batch_seed, build_captioners, caption_batch
 
 
 def _recs(n: int, start: int = 1) -> list[ImageRecord]:

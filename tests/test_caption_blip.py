@@ -15,8 +15,8 @@ from models.captioners.blip2 import Blip2Captioner
 from models.captioners.sampling import generation_processors, image_seed
 from storage.records import Caption, ImageRecord
 from storage.schemas import to_table
-from tasks.stages.caption import batch_seed, build_captioners, caption_batch
 from tasks.config import CaptionConfig
+from tasks.stages.caption import batch_seed, build_captioners, caption_batch
 from tests.tiny_models import SIZE, build_tiny_blip, build_tiny_blip2, draw_images
 
 

@@ -17,7 +17,6 @@ from PIL import Image
 from models.clip_tagger import (
     HUB_ID,
     SCALE,
-    THRESHOLD,
     ClipQuery,
     ClipRelationScorer,
     crop_union,
@@ -26,8 +25,8 @@ from models.clip_tagger import (
     union_box,
 )
 from storage.records import Box, Candidate, ImageRecord
-from tasks.stages.tag.clip import tag_batch_clip
 from tasks.config import PipelineConfig, TagConfig, ThresholdConfig
+from tasks.stages.tag.clip import tag_batch_clip
 from tasks.stages.threshold import threshold_batch
 from tests.tolerances import U32, assert_within, gamma, sigmoid_tol, unit_embedding_err
 
@@ -124,7 +123,7 @@ def _image(w=120, h=90, seed=0) -> Image.Image:
 def test_prompts_are_the_reference_codes():
     assert relation_prompt("person", "riding", "horse") == "a photo of person riding horse"
     assert no_relation_prompt("person", "horse") == "a photo of person having no relation with horse"
-    assert (SCALE, THRESHOLD, HUB_ID) == (100.0, 0.8, "openai/clip-vit-large-patch14")
+    assert (SCALE, ThresholdConfig().clip_eta, HUB_ID) == (100.0, 0.8, "openai/clip-vit-large-patch14")
 
 
 def test_union_box_and_crop_follow_pil_rounding():
@@ -322,27 +321,26 @@ def test_tag_batch_clip_names_bad_inputs(scorer):
 
 
 def test_clip_model_revision_enters_the_run_key(clip_dir, tmp_path):
-    from tasks.run.revisions import revisions
-    from tasks.run.registry import chain
+    from tasks.run.registry import chain, revisions
 
     def keys(c):
         return {link.stage: link.key for link in chain(c, {"annotations_sha256": "x"})[1]}
 
     hub = PipelineConfig.model_validate({"tag": {"tagger": "clip"}})
-    assert revisions(hub, None)["tagger"] == f"clip:{HUB_ID}@main"
+    assert revisions(hub, {})["tagger"] == f"clip:{HUB_ID}@main"
     pinned = PipelineConfig.model_validate({"tag": {"tagger": "clip", "clip_revision": "abc123"}})
-    assert revisions(pinned, None)["tagger"] == f"clip:{HUB_ID}@abc123"
+    assert revisions(pinned, {})["tagger"] == f"clip:{HUB_ID}@abc123"
     local = str(tmp_path / "clip")
     shutil.copytree(clip_dir, local)
     cfg = PipelineConfig.model_validate({"tag": {"tagger": "clip", "clip_model": local}})
-    before = revisions(cfg, None)
+    before = revisions(cfg, {})
     assert before["tagger"].startswith("clip:local:")
     k_before = keys(cfg)
     conf = json.loads(open(f"{local}/config.json").read())
     conf["projection_dim"] = 8
     with open(f"{local}/config.json", "w") as f:
         json.dump(conf, f)
-    after = revisions(cfg, None)
+    after = revisions(cfg, {})
     assert after["tagger"] != before["tagger"]
     k_after = keys(cfg)
     assert k_after["tag"] != k_before["tag"] and k_after["match"] == k_before["match"]

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from benchmarks.synth import write_dataset
-from tasks.run.registry import BATCH_STAGES
+from tasks.run.registry import batch_stages
 
 pytestmark = [pytest.mark.flow, pytest.mark.slow]
 
@@ -59,7 +59,7 @@ def test_sigkill_mid_run_then_rerun_gives_identical_output(tmp_path):
     ref, out = str(tmp_path / "ref"), str(tmp_path / "out")
     subprocess.run(_cmd(ds, ref), env=env, check=True, capture_output=True, timeout=600)
     n_units = len(_markers(ref))
-    assert n_units == 2 * (5 * len(BATCH_STAGES) + 1)  # 2 shards x 5 batches x stages + 2 shard writes
+    assert n_units == 2 * (5 * len(batch_stages()) + 1)  # 2 shards x 5 batches x stages + 2 shard writes
 
     # its own process group, so the kill takes the run's ephemeral Prefect server down with it (as a
     # scheduler killing the job, or a machine losing power, would)

@@ -23,15 +23,16 @@ from benchmarks.synth import write_dataset
 from storage import retry
 from storage.ledger import Ledger, Unit
 from tasks.config import ParseConfig, PipelineConfig, PlanConfig
-from tasks.run.pipeline import finalize_shard, run_batch_stage
+from tasks.run.pipeline import run_batch_stage
+from tasks.run.registry import batch_stages
 from tasks.run.start import plan_run
-from tasks.run.registry import BATCH_STAGES
+from tasks.stages.write import finalize_shard
 from tests.flaky_fs import FlakyMemoryFileSystem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: 40 images in 2 shards of 20, batches of 10: 2 x 2 batches x 5 stages + 2 shard writes
 CFG = PipelineConfig(dataset="f", plan=PlanConfig(shard_size=20, batch_size=10))
-N_UNITS = 4 * len(BATCH_STAGES) + 2
+N_UNITS = 4 * len(batch_stages()) + 2
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +49,7 @@ def run_units(ds, out: str, cfg: PipelineConfig = CFG) -> tuple[object, list[str
     for sh in plan.shards:
         ok = True
         for b in range(sh.batches):
-            for name in BATCH_STAGES:
+            for name in batch_stages():
                 try:
                     run_batch_stage(ctx, name, sh.shard, b)
                 except Exception as e:
@@ -69,7 +70,7 @@ def done_records(ctx) -> dict[str, dict]:
     """{unit: its done record}; asserts there is exactly one record per unit of the plan."""
     ledger = Ledger(ctx.layout)
     snap = ledger.snapshot()
-    units = [Unit(n, s, b) for s in range(2) for b in range(2) for n in BATCH_STAGES]
+    units = [Unit(n, s, b) for s in range(2) for b in range(2) for n in batch_stages()]
     units += [Unit("write", s) for s in range(2)]
     assert sorted(snap["done"]) == sorted(u.rel() for u in units) and not snap["failed"]
     return {u.rel(): ledger.read(u) for u in units}
@@ -274,8 +275,8 @@ def test_cuda_oom_in_the_captioner_halves_the_micro_batch_and_gives_the_same_cap
     import torch
 
     from models.captioners.blip import BlipCaptioner
-    from tasks.stages.caption import caption_batch
     from tasks.config import CaptionConfig
+    from tasks.stages.caption import caption_batch
     from tests.tiny_models import SIZE, build_tiny_blip, draw_images
 
     images = draw_images(str(tmp_path), 4)
@@ -338,7 +339,7 @@ def test_cuda_oom_in_the_tagger_halves_the_groups_per_forward_and_gives_the_same
         rows, stats = tag_batch_rtagger([im], [px], cands, runner, cfg)
         assert groups == [16, 8] + [4] * 8  # 16 groups: OOM, 8: OOM, then 4 per forward
         assert stats["oom_halvings"] == 2 and ref_stats["oom_halvings"] == 0
-        assert stats["groups"] == ref_stats["groups"] == 32 and stats["tag_rows"] == len(ref) == len(cands)
+        assert stats["groups"] == ref_stats["groups"] == 32 and len(rows) == len(ref) == len(cands)
         key = lambda r: (r.subject_ann_id, r.object_ann_id, r.relation)  # noqa: E731
         got = {key(r): r for r in rows}
         # Each group is decoded on its own, but a smaller decoder batch may round differently in float32:

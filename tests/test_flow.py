@@ -14,7 +14,7 @@ from flows.cli import EXAMPLES, main
 from flows.params import LabelParams
 from flows.status import find_runs, run_status
 from tasks.config import PipelineConfig, PlanConfig
-from tasks.run.registry import BATCH_STAGES
+from tasks.run.registry import batch_stages
 
 pytestmark = [pytest.mark.flow]
 
@@ -73,8 +73,8 @@ def test_demo_sample_writes_readable_triplets(prefect_harness, tmp_path, capsys)
     assert (
         main(["show", "--out", out, "--png", str(png), "--image-id", "4"]) == 0
     )  # the cat: boxes, no triplets
-    assert main(["show", "--out", out, "--png", str(png), "--image-id", "999"]) == 1
-    assert "image ids [999] are not in run" in capsys.readouterr().err
+    assert main(["show", "--out", out, "--png", str(png), "--image-id", "999"]) == 2
+    assert capsys.readouterr().err.startswith("reltag show: error: image ids [999] are not in run")
 
 
 def test_rerun_of_a_finished_run_does_nothing(prefect_harness, tmp_path):
@@ -84,7 +84,7 @@ def test_rerun_of_a_finished_run_does_nothing(prefect_harness, tmp_path):
 
     first = label_dataset(params)
     markers = _done_markers(params.out)
-    assert len(markers) == 3 * len(BATCH_STAGES) + 1  # 3 batches x stages + the shard write
+    assert len(markers) == 3 * len(batch_stages()) + 1  # 3 batches x stages + the shard write
     (run,) = find_runs(params.out)
     before = open(run.triplets(0), "rb").read()
     second = label_dataset(params)
@@ -223,14 +223,14 @@ def test_cli_runs_lists_and_key_prefix_picks(prefect_harness, tmp_path, capsys):
     assert [r["eta"] for r in rows] == [0.2, 0.6] and all(r["complete"] for r in rows)
     assert rows[0]["stage_keys"]["tag"] == rows[1]["stage_keys"]["tag"]
     key = rows[1]["run_key"]
-    assert main(["stats", "--out", out, "--run-key", key[:6]]) == 0
+    assert main(["stats", "--out", out, "--run", key[:6]]) == 0
     stats = json.loads(capsys.readouterr().out)  # one JSON document
     assert stats["run_key"] == key
     assert main(["stats", "--out", out]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out)["run_key"] == key and f"showing run {key}" in captured.err
-    assert main(["status", "--out", out, "--run-key", "zzz"]) == 1
-    assert "no runs under" in capsys.readouterr().err
+    assert main(["status", "--out", out, "--run", "zzz"]) == 2
+    assert capsys.readouterr().err.startswith(f"reltag status: error: no run under {out} has a key starting 'zzz'")
 
 
 def test_stages_of_consecutive_batches_run_side_by_side(prefect_harness, tmp_path, monkeypatch):
@@ -260,8 +260,8 @@ def test_stages_of_consecutive_batches_run_side_by_side(prefect_harness, tmp_pat
     monkeypatch.setattr(pipeline, "compute", timed)
     run_in_process(params)
     span = {(s, b): (t0, t1) for s, b, t0, t1 in spans}
-    assert len(span) == 4 * len(BATCH_STAGES)
-    order = list(BATCH_STAGES)
+    assert len(span) == 4 * len(batch_stages())
+    order = list(batch_stages())
     for (s, b), (t0, _t1) in span.items():
         i = order.index(s)
         if i:

@@ -108,11 +108,12 @@ def test_blip_and_rtagger_through_the_cli(prefect_harness, models_dir, tmp_path)
 
 
 def test_blip_input_size_must_fit_the_vision_encoder(models_dir):
-    from models.captioners.factory import make_captioner
+    from tasks.config import CaptionConfig
+    from tasks.stages.caption import build_captioners
 
     with pytest.raises(
         ValueError, match=r"caption image_size 384 does not fit the BLIP captioner .* takes \d+x\d+"
     ):
-        make_captioner("blip", model=str(models_dir / "blip"), image_size=384)
-    cap = make_captioner("blip", model=str(models_dir / "blip"))
+        build_captioners(CaptionConfig(captioner="blip", model=str(models_dir / "blip"), image_size=384), None)
+    (cap,) = build_captioners(CaptionConfig(captioner="blip", model=str(models_dir / "blip")), None)
     assert cap.image_size == cap.processor.image_processor.size["height"] != 384

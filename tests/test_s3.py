@@ -25,7 +25,7 @@ from flows.cli import EXAMPLES
 from flows.params import LabelParams
 from storage.ledger import Ledger, Unit
 from tasks.config import PipelineConfig, PlanConfig
-from tasks.run.registry import BATCH_STAGES
+from tasks.run.registry import batch_stages
 from tests.s3_server import CREDENTIALS, moto_server, s3_env
 
 pytestmark = [pytest.mark.flow]
@@ -34,7 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "reltag-test"
 #: the bundled sample: 5 images, 3 shards of 2, batches of 1 image: 5 batches x 5 stages + 3 shard writes
 CFG = PipelineConfig(dataset="sample", plan=PlanConfig(shard_size=2, batch_size=1))
-N_UNITS = 5 * len(BATCH_STAGES) + 3
+N_UNITS = 5 * len(batch_stages()) + 3
 
 
 @pytest.fixture(scope="module")

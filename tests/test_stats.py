@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 
 from models.matcher import Vocabulary
 from storage.records import Box, ImageRecord, ParsedRelation, TaggedRelation
+from tasks.audit.summary import TABLE_SCHEMAS, audit, audit_tables, classes_without_synonyms, funnel
 from tasks.config import MatchConfig, ThresholdConfig
 from tasks.stages.match import match_batch
+from tasks.stages.threshold import sweep_counts, threshold_batch
 from tasks.stats import (
     ETAS,
     SCORE_EDGES,
-    TABLE_SCHEMAS,
     Count,
     Examples,
     Group,
@@ -33,12 +34,7 @@ from tasks.stats import (
     Seconds,
     Stats,
     Tally,
-    audit,
-    audit_tables,
-    classes_without_synonyms,
-    funnel,
 )
-from tasks.stages.threshold import sweep_counts, threshold_batch
 
 # -- merging ------------------------------------------------------------------------------------------------
 

@@ -46,7 +46,7 @@ def test_greedy_assigns_relations_and_scores_overlap():
     assert by[(3, "sitting on")].p_relation == 0.0 and by[(3, "sitting on")].confidence == 0.0
     # rank within the pair: equal confidence -> more supporting captions first
     assert by[(2, "sitting on")].relation_rank == 1 and by[(2, "next to")].relation_rank == 2
-    assert stats == {"tag_rows": 3, "pairs": 2, "overlapping_pairs": 1, "forwards": 0}
+    assert stats == {"pairs": 2, "overlapping_pairs": 1, "forwards": 0}
     assert all(r.tagger == "greedy_overlap" for r in rows)
 
 

@@ -13,7 +13,7 @@ import pytest
 from storage import schemas
 from storage.records import ImageRecord, Quarantined
 from tasks.config import PipelineConfig, PlanConfig
-from tasks.run.registry import BY_NAME, STAGES, chain
+from tasks.run.registry import chain, stage, stages
 from tasks.stages.verify import verify_batch
 from tests.bad_images import CASES, exif_rotated_jpeg, noise_jpeg, write_cases
 
@@ -101,8 +101,8 @@ def test_threads_give_the_rows_of_a_sequential_pass_in_batch_order(tmp_path):
 
 
 def test_verify_heads_the_chain_and_its_key_depends_on_the_plan_and_its_own_settings():
-    assert STAGES[0].name == "verify" and BY_NAME["verify"].input is None
-    assert BY_NAME["caption"].input == "verify"
+    assert stages()[0].name == "verify" and stage("verify").input is None
+    assert stage("caption").input == "verify"
 
     def keys(cfg, images_root="/data/img"):
         return {

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from benchmarks.synth import write_dataset
-from tasks.run.registry import BATCH_STAGES
+from tasks.run.registry import batch_stages
 
 pytestmark = [pytest.mark.flow, pytest.mark.slow]
 
@@ -63,7 +63,7 @@ def test_two_runs_started_together_share_the_work(reference, tmp_path):
     ]
     logs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    n_units = 2 * (5 * len(BATCH_STAGES) + 1)  # 2 shards x 5 batches x stages + 2 shard writes
+    n_units = 2 * (5 * len(batch_stages()) + 1)  # 2 shards x 5 batches x stages + 2 shard writes
     markers = _markers(out)
     assert len(markers) == n_units and not _markers(out, "failed")
     for m in markers:
@@ -96,7 +96,7 @@ def test_a_worker_killed_with_sigkill_loses_its_units_to_the_other(reference, tm
             os.killpg(victim.pid, signal.SIGKILL)
     assert survivor.returncode == 0, log[-4000:]
     markers = _markers(out)
-    assert len(markers) == 2 * (5 * len(BATCH_STAGES) + 1)
+    assert len(markers) == 2 * (5 * len(batch_stages()) + 1)
     for m in markers:
         with open(m) as f:
             assert json.load(f)["attempts"] == 1, m  # the killed worker's units left no record

@@ -1,7 +1,6 @@
 """Captioners behind one interface: oracle (human captions), BLIP and BLIP-2 through transformers."""
 
 from models.captioners.base import Captioner
-from models.captioners.factory import make_captioner
 from models.captioners.oracle import OracleCaptioner
 
-__all__ = ["Captioner", "OracleCaptioner", "make_captioner"]
+__all__ = ["Captioner", "OracleCaptioner"]

@@ -23,25 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from models.captioners.sampling import SeededSampler, generation_processors, image_seed
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    if name not in _DTYPES:
-        raise ValueError(f"dtype {name!r} is not one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
-
-
-def check_device(device: str) -> torch.device:
-    """The torch device, or a ValueError that says why it cannot be used here."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"caption device {device!r} is not a torch device: {e}") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"caption device {device!r} requested but this machine has no usable CUDA device")
-    return dev
+from models.devices import check_device, torch_dtype
 
 
 def resolve(model: str, revision: str) -> str:
@@ -178,7 +160,7 @@ class BlipCaptioner:
             BlipProcessor,
         )
 
-        dev = check_device(device)
+        dev = check_device(device, "caption")
         revision = resolve(model, revision)
         try:
             net = BlipForConditionalGeneration.from_pretrained(
@@ -186,7 +168,7 @@ class BlipCaptioner:
                 revision=revision,
                 use_safetensors=True,
                 trust_remote_code=False,
-                dtype=torch_dtype(dtype),
+                dtype=torch_dtype(dtype, "caption"),
             ).to(dev)
             native = int(net.config.vision_config.image_size)
             if image_size is None:

@@ -12,15 +12,9 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessorList
 
-from models.captioners.blip import (
-    _settings,
-    check_device,
-    model_revision,
-    resolve,
-    set_generation_settings,
-    torch_dtype,
-)
+from models.captioners.blip import _settings, model_revision, resolve, set_generation_settings
 from models.captioners.sampling import SeededPickProcessor, SeededSampler, image_seed
+from models.devices import check_device, torch_dtype
 
 
 class Blip2Captioner:
@@ -79,7 +73,7 @@ class Blip2Captioner:
             BlipImageProcessorPil,
         )
 
-        dev = check_device(device)
+        dev = check_device(device, "caption")
         revision = resolve(model, revision)
         try:
             net = Blip2ForConditionalGeneration.from_pretrained(
@@ -87,7 +81,7 @@ class Blip2Captioner:
                 revision=revision,
                 use_safetensors=True,
                 trust_remote_code=False,
-                dtype=torch_dtype(dtype),
+                dtype=torch_dtype(dtype, "caption"),
             ).to(dev)
             tokenizer = AutoTokenizer.from_pretrained(model, revision=revision, trust_remote_code=False)
             # BLIP-2's ViT-g has its own input size (224); None keeps the one in the model's processor config.

@@ -1,10 +1,11 @@
-"""The stages of a labelling run, as one registry (after datatrove's PipelineStep).
+"""The stage registry: every stage of a labelling run, in order, and the chain of keys derived from it.
 
 A Stage owns its name, its input stage, its record type (and so its Arrow schema), its output folder, its
 config section, the settings and model revision that change its output (its key), the device it runs on,
-whether it writes rejects, and the function that computes one batch. Flows, the
-ledger, `status`, the layout and the GPU slot all derive from STAGES; adding a stage is one function plus
-one entry in STAGES.
+whether it writes rejects, the statistics it reports and the funnel rows they make, and the function that
+computes one batch. The ledger, `status`, the layout, the funnel, the command line's flags and the GPU slot
+all derive from the registry: adding a stage is one module that calls `register` (tasks/stages/ holds the
+built-in ones, registered in pipeline order when `tasks.stages` is imported).
 
 Keys chain: key(stage) = hash(stage name, its settings, its revision, key(upstream), pipeline version); the
 plan's key hashes the plan settings and the input checksums. A changed setting therefore changes the key of
@@ -16,23 +17,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+from pydantic import BaseModel
+
+from storage import schemas
 from storage.manifest import ChainLink
-from storage.records import (
-    Candidate,
-    Caption,
-    ImageRecord,
-    ParsedRelation,
-    Quarantined,
-    TaggedRelation,
-    Triplet,
-    VerifiedImage,
-)
-from tasks.config import PipelineConfig
-from tasks.run.context import RunContext, batch_images, load_pixels, plan_manifest, read_stage, vocabulary
-from tasks.run.revisions import model_dir_revision
+from storage.records import Quarantined
+from tasks.config import PipelineConfig, register_section, unregister_section
+from tasks.run.context import RunContext
 from tasks.stats import Stats
 
 #: Bump when a stage's semantics change, so old results are never mixed with new ones.
@@ -51,259 +47,134 @@ class StageOutput:
 
 
 @dataclass(frozen=True)
+class FunnelRow:
+    """One row of a run's funnel: a statistic of its stage, and what was lost on the way to it, by reason
+    (computed from the same stage's merged statistics; tasks/audit/summary.py)."""
+
+    step: str
+    label: str
+    stat: str
+    drops: Callable[[Stats], Mapping[str, int]] = lambda stats: {}
+
+
+def no_revision(cfg: PipelineConfig, inputs: dict) -> str:
+    return ""
+
+
+def cpu(cfg: PipelineConfig) -> str:
+    return "cpu"
+
+
+@dataclass(frozen=True)
 class Stage:
-    """One stage of the pipeline. `compute` is None for the shard-level write stage (tasks.run.pipeline)."""
+    """One stage of the pipeline.
+
+    compute(ctx, shard, batch) -> StageOutput for a batch stage; None for a shard-level stage (the write
+    stage, tasks/stages/write.py). `stats` names the statistics every batch must report (the funnel's among
+    them): run_batch_stage refuses a batch that leaves one out, so a funnel row can never silently read 0.
+    `revision_record` = (name, fn): the model identity the run record lists under `revisions[name]`.
+    `config`: the model of a section that PipelineConfig does not have built in (registered with the stage).
+    """
 
     name: str
     input: str | None  # upstream stage (None: the plan)
     record: type | None
     folder: str
-    section: str | None  # config section
+    section: str | None  # config section the stage reads
     settings: Callable[[PipelineConfig], dict]  # what changes the output (devices and worker counts do not)
-    revision: Callable[[PipelineConfig, dict], str]  # model / parser identity; inputs = {"captions_sha256"}
-    device: Callable[[PipelineConfig], str] = lambda cfg: "cpu"
+    revision: Callable[[PipelineConfig, dict], str] = no_revision  # inputs = {"captions_sha256": ...}
+    device: Callable[[PipelineConfig], str] = cpu
     compute: Callable[[RunContext, int, int], StageOutput] | None = None
     rejects: bool = False
+    stats: tuple[str, ...] = ()
+    funnel: tuple[FunnelRow, ...] = ()
+    revision_record: tuple[str, Callable[[PipelineConfig, dict], object]] | None = None
+    config: type[BaseModel] | None = None
+    schema: pa.Schema | None = None  # default: storage.schemas.SCHEMAS[record]
 
     @property
     def per_batch(self) -> bool:
         return self.compute is not None
 
-
-# -- taggers -----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TaggerEntry:
-    """A tagger as the tag stage knows it: output-changing settings, revision, whether it decodes images."""
-
-    name: str
-    settings: Callable[[PipelineConfig], dict]
-    revision: Callable[[PipelineConfig], str]
-    run: Callable[[RunContext, list[ImageRecord], list[Candidate]], StageOutput]
+    @property
+    def arrow_schema(self) -> pa.Schema:
+        return self.schema if self.schema is not None else schemas.SCHEMAS[self.record]
 
 
-def _tag_greedy(ctx, images, candidates) -> StageOutput:
-    from tasks.stages.tag.common import tag_greedy
-
-    rows, stats = tag_greedy(images, candidates)
-    return StageOutput(rows, stats=stats)
+_LOCK = threading.Lock()
+_STAGES: list[Stage] = []
 
 
-def _with_pixels(ctx, images, candidates, fn) -> StageOutput:
-    need = {c.image_id for c in candidates}
-    kept, pixels, quarantined = load_pixels(ctx, [im for im in images if im.image_id in need], stage="tag")
-    ok = {im.image_id for im in kept}
-    rows, stats = fn(kept, pixels, [c for c in candidates if c.image_id in ok])
-    return StageOutput(rows, quarantined, stats)
+def register(st: Stage, *, before: str | None = None) -> Stage:
+    """Add a stage to the pipeline: at the end, or just before the stage named `before`.
+
+    Its input must be a stage registered before it (or None: the plan), its name and folder unused, and a
+    section not built into PipelineConfig needs its model in `config`. Every stage after the insertion point
+    gets a new key (its upstream changed), so nothing already written is reused by mistake."""
+    with _LOCK:
+        names = [s.name for s in _STAGES]
+        if st.name in names:
+            raise ValueError(f"stage {st.name!r} is already registered; stages are {names}")
+        taken = {s.folder: s.name for s in _STAGES}
+        if st.folder in taken or st.folder in _RESERVED_FOLDERS:
+            raise ValueError(
+                f"stage {st.name!r}: folder {st.folder!r} is taken (by {taken.get(st.folder, 'the layout')})"
+            )
+        at = len(_STAGES) if before is None else _index(before)
+        if st.input is not None and st.input not in names[:at]:
+            raise ValueError(f"stage {st.name!r}: input stage {st.input!r} is not registered before it ({names[:at]})")
+        if st.per_batch and st.record is None:
+            raise ValueError(f"batch stage {st.name!r} declares no record type")
+        if st.record is not None and st.schema is None and st.record not in schemas.SCHEMAS:
+            raise ValueError(f"stage {st.name!r}: record {st.record.__name__} has no schema in storage.schemas")
+        if st.config is not None:
+            register_section(st.section, st.config)
+        _STAGES.insert(at, st)
+        return st
 
 
-def _tag_rtagger(ctx, images, candidates) -> StageOutput:
-    from tasks.stages.tag.rtagger import RTaggerRunner, tag_batch_rtagger
-
-    cfg = ctx.config
-    runner = RTaggerRunner.from_config(cfg.tag)  # loaded once per process (cached by checkpoint and device)
-    return _with_pixels(
-        ctx, images, candidates,
-        lambda im, px, c: tag_batch_rtagger(im, px, c, runner, cfg.tag, vocabulary=cfg.match.vocabulary),
-    )  # fmt: skip
+def unregister(name: str) -> None:
+    """Remove a stage (and the config section it brought)."""
+    with _LOCK:
+        st = _STAGES.pop(_index(name))
+        if st.config is not None:
+            unregister_section(st.section)
 
 
-def _tag_clip(ctx, images, candidates) -> StageOutput:
-    from tasks.stages.tag.clip import load_scorer, tag_batch_clip
-
-    cfg = ctx.config
-    return _with_pixels(
-        ctx, images, candidates, lambda im, px, c: tag_batch_clip(im, px, c, load_scorer(cfg.tag), cfg.tag)
-    )
+#: folders of the layout that are not a stage's (storage/layout.py)
+_RESERVED_FOLDERS = frozenset({"images", "quarantine", "rejects", "stats", "runs", "report", "_ledger", "_leases"})
 
 
-#: Every tagger, by name.
-TAGGERS: dict[str, TaggerEntry] = {
-    "greedy_overlap": TaggerEntry(
-        "greedy_overlap", lambda cfg: {}, lambda cfg: "greedy_overlap", _tag_greedy
-    ),
-    "rtagger": TaggerEntry(
-        "rtagger",
-        settings=lambda cfg: {
-            "texts": cfg.tag.texts,
-            "grouping": cfg.tag.grouping,
-            "n_q": cfg.tag.n_q,
-            "dtype": cfg.tag.dtype,
-        },  # fmt: skip
-        revision=lambda cfg: (
-            "rtagger:" + (model_dir_revision(cfg.tag.checkpoint) if cfg.tag.checkpoint else "none")
-        ),
-        run=_tag_rtagger,
-    ),
-    "clip": TaggerEntry(
-        "clip",
-        settings=lambda cfg: {"dtype": cfg.tag.dtype},
-        revision=lambda cfg: "clip:" + model_dir_revision(cfg.tag.clip_model, cfg.tag.clip_revision),
-        run=_tag_clip,
-    ),
-}
+def _index(name: str) -> int:
+    for i, s in enumerate(_STAGES):
+        if s.name == name:
+            return i
+    raise ValueError(f"unknown stage {name!r}; stages are {[s.name for s in _STAGES]}")
 
 
-# -- the stages' batch functions -----------------------------------------------------------------------------
+def stages() -> tuple[Stage, ...]:
+    """The pipeline, in order (the built-in stages are registered by importing `tasks.stages`)."""
+    if not _STAGES:
+        raise RuntimeError("no stage is registered: import tasks.stages (the built-in stages) first")
+    return tuple(_STAGES)
 
 
-def _verify(ctx: RunContext, shard: int, batch: int) -> StageOutput:
-    from tasks.stages.verify import verify_batch
-
-    plan = ctx.config.plan
-    rows, quarantined, stats = verify_batch(
-        batch_images(ctx, shard, batch), ctx.images_root, plan.max_pixels, plan.decode_threads()
-    )
-    return StageOutput(rows, quarantined, stats)
+def batch_stages() -> tuple[str, ...]:
+    """The names of the stages that work batch by batch, in order."""
+    return tuple(s.name for s in stages() if s.per_batch)
 
 
-def _caption(ctx: RunContext, shard: int, batch: int) -> StageOutput:
-    from tasks.stages.caption import batch_seed, caption_batch
-    from tasks.run.pipeline import captioners
-    from tasks.stages.verify import verified_images
-
-    out = caption_batch(
-        verified_images(ctx, shard, batch),  # only images the verify stage decoded in full
-        list(captioners(ctx.config_json, ctx.captions_file)),
-        ctx.images_root,
-        batch_seed(ctx.key("caption"), shard, batch),  # the caption stage's key: reused captions, same seeds
-        ctx.config.caption,
-    )
-    return StageOutput(out.captions, out.quarantine, out.stats)
-
-
-def _parse(ctx: RunContext, shard: int, batch: int) -> StageOutput:
-    from tasks.stages.parse import parse_batch
-
-    out = parse_batch(read_stage(ctx, "caption", Caption, shard, batch), ctx.config.parse)
-    return StageOutput(out.relations, stats=out.stats)
-
-
-def _match(ctx: RunContext, shard: int, batch: int) -> StageOutput:
-    from tasks.stages.match import match_batch
-
-    cfg = ctx.config
-    cats = json.dumps(plan_manifest(ctx).categories, sort_keys=True)
-    # caption texts, for the example captions of unmatched nouns in the stats
-    texts = {(c.image_id, c.caption_id): c.text for c in read_stage(ctx, "caption", Caption, shard, batch)}
-    out = match_batch(
-        batch_images(ctx, shard, batch),
-        read_stage(ctx, "parse", ParsedRelation, shard, batch),
-        cfg.match,
-        vocabulary(cats, cfg.match.vocabulary),
-        texts,
-    )
-    return StageOutput(out.candidates, stats=out.stats)
-
-
-def _tag(ctx: RunContext, shard: int, batch: int) -> StageOutput:
-    entry = TAGGERS[ctx.config.tag.tagger]
-    return entry.run(ctx, batch_images(ctx, shard, batch), read_stage(ctx, "match", Candidate, shard, batch))
-
-
-def _threshold(ctx: RunContext, shard: int, batch: int) -> StageOutput:
-    from tasks.stages.threshold import threshold_batch
-
-    accepted, rejects, stats = threshold_batch(
-        batch_images(ctx, shard, batch),
-        read_stage(ctx, "tag", TaggedRelation, shard, batch),
-        ctx.config.threshold,
-        ctx.run_key,
-    )
-    # beside each caption position, the captions file's annotation id (human captions), for joins back to it
-    source = {
-        (c.image_id, c.caption_id): c.source_id for c in read_stage(ctx, "caption", Caption, shard, batch)
-    }
-    for t in accepted:
-        t.caption_source_ids = [source.get((t.image_id, k)) for k in t.caption_ids]
-    return StageOutput(accepted, stats=stats, rejects=rejects)
-
-
-def _caption_settings(cfg: PipelineConfig) -> dict:
-    from tasks.stages.caption import captioner_entries
-
-    return {e.name: e.settings(cfg.caption) for e in captioner_entries(cfg.caption)}
-
-
-def _caption_revision(cfg: PipelineConfig, inputs: dict) -> str:
-    from tasks.stages.caption import captioner_entries
-
-    return ",".join(
-        e.revision(cfg.caption, inputs.get("captions_sha256")) for e in captioner_entries(cfg.caption)
-    )
-
-
-def _parser_revision(cfg: PipelineConfig, inputs: dict) -> str:
-    from tasks.run.revisions import package_version as v
-
-    model = cfg.parse.spacy_model
-    return (
-        f"SceneGraphParser=={v('SceneGraphParser')};spacy=={v('spacy')};{model}=={v(model.replace('_', '-'))}"
-    )
-
-
-def _model_device(section: str) -> Callable[[PipelineConfig], str]:
-    def device(cfg: PipelineConfig) -> str:
-        from tasks.stages.caption import captioner_names
-
-        if section == "caption" and all(n == "oracle" for n in captioner_names(cfg.caption)):
-            return "cpu"
-        if section == "tag" and cfg.tag.tagger == "greedy_overlap":
-            return "cpu"
-        return getattr(cfg, section).device
-
-    return device
-
-
-def _no_revision(cfg: PipelineConfig, inputs: dict) -> str:
-    return ""
-
-
-#: The pipeline, in order. The last stage's key is the run key.
-STAGES: tuple[Stage, ...] = (
-    # every planned image decoded in full before any other stage sees it (tasks/stages/verify.py)
-    Stage(
-        "verify", None, VerifiedImage, "verified", "plan", lambda cfg: {"max_pixels": cfg.plan.max_pixels},
-        _no_revision, compute=_verify,
-    ),
-    Stage(
-        "caption", "verify", Caption, "captions", "caption", _caption_settings, _caption_revision,
-        device=_model_device("caption"), compute=_caption,
-    ),
-    Stage(
-        "parse", "caption", ParsedRelation, "parses", "parse",
-        lambda cfg: cfg.parse.model_dump(mode="json", exclude={"processes"}), _parser_revision, compute=_parse,
-    ),
-    Stage(
-        "match", "parse", Candidate, "candidates", "match", lambda cfg: cfg.match.model_dump(mode="json"),
-        _no_revision, compute=_match,
-    ),
-    Stage(
-        "tag", "match", TaggedRelation, "tags", "tag",
-        lambda cfg: {"tagger": cfg.tag.tagger, **TAGGERS[cfg.tag.tagger].settings(cfg)},
-        lambda cfg, inputs: TAGGERS[cfg.tag.tagger].revision(cfg), device=_model_device("tag"), compute=_tag,
-    ),
-    Stage(
-        "threshold", "tag", Triplet, "accepted", "threshold", lambda cfg: cfg.threshold.model_dump(mode="json"),
-        _no_revision, compute=_threshold, rejects=True,
-    ),
-    # one Parquet triplet file and one stats file per shard, from the threshold stage's batches
-    Stage("write", "threshold", Triplet, "triplets", None, lambda cfg: {}, _no_revision),
-)  # fmt: skip
-
-BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
-BATCH_STAGES: tuple[str, ...] = tuple(s.name for s in STAGES if s.per_batch)
+def last_stage() -> Stage:
+    """The shard-level stage that writes the product; its unit per shard says the shard is written."""
+    return stages()[-1]
 
 
 def stage(name: str) -> Stage:
-    if name not in BY_NAME:
-        raise ValueError(f"unknown stage {name!r}; stages are {[s.name for s in STAGES]}")
-    return BY_NAME[name]
+    return stages()[_index(name)]
 
 
 def folders() -> tuple[tuple[str, str], ...]:
-    return tuple((s.name, s.folder) for s in STAGES)
+    return tuple((s.name, s.folder) for s in stages())
 
 
 def _hash(obj) -> str:
@@ -326,7 +197,7 @@ def chain(cfg: PipelineConfig, inputs: dict) -> tuple[str, list[ChainLink]]:
     upstream = plan_key(cfg, inputs)
     plan = upstream
     links = []
-    for s in STAGES:
+    for s in stages():
         settings, revision = s.settings(cfg), s.revision(cfg, inputs)
         key = _hash(
             {"stage": s.name, "settings": settings, "revision": revision, "upstream": upstream,
@@ -335,3 +206,13 @@ def chain(cfg: PipelineConfig, inputs: dict) -> tuple[str, list[ChainLink]]:
         links.append(ChainLink(s.name, key, upstream, settings, revision))
         upstream = key
     return plan, links
+
+
+def revisions(cfg: PipelineConfig, inputs: dict) -> dict:
+    """The model and parser revisions of the run's stages (they are part of the stage keys), for the record."""
+    out = {}
+    for s in stages():
+        if s.revision_record is not None:
+            name, fn = s.revision_record
+            out[name] = fn(cfg, inputs)
+    return {**out, "pipeline": PIPELINE_VERSION}

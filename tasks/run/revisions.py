@@ -7,8 +7,6 @@ import importlib.metadata as md
 import os
 import platform
 
-from tasks.config import PipelineConfig
-
 
 def package_version(name: str) -> str:
     try:
@@ -36,19 +34,6 @@ def model_dir_revision(path_or_id: str, revision: str = "main") -> str:
                 h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
         return f"local:{h.hexdigest()[:16]}"
     return f"{path_or_id}@{revision}"
-
-
-def revisions(cfg: PipelineConfig, captions_sha256: str | None) -> dict:
-    """The model and parser revisions of the run's stages (they are part of the stage keys), for the record."""
-    from tasks.stages.caption import captioner_entries
-    from tasks.run.registry import PIPELINE_VERSION, TAGGERS, stage
-
-    return {
-        "captioners": [e.revision(cfg.caption, captions_sha256) for e in captioner_entries(cfg.caption)],
-        "parser": stage("parse").revision(cfg, {}),
-        "tagger": TAGGERS[cfg.tag.tagger].revision(cfg),
-        "pipeline": PIPELINE_VERSION,
-    }
 
 
 def versions() -> dict:

@@ -8,15 +8,16 @@ import re
 import time
 from typing import NamedTuple
 
+from models.captioners.oracle import OracleCaptioner
 from storage.atomic import read_json, write_json
 from storage.manifest import ChainLink, PlanManifest, RunRecord, ShardInfo
-from tasks.stages.caption import captioner_names
 from tasks.config import PipelineConfig
 from tasks.run.context import RunContext
-from tasks.run.pipeline import LEASE_POLL, leases
+from tasks.run.leases import LEASE_POLL, leases
+from tasks.run.registry import chain, folders, revisions
+from tasks.run.revisions import versions
+from tasks.stages.caption import require_captions_file, uses_human_captions
 from tasks.stages.plan import file_checksum, plan_shards, read_categories
-from tasks.run.revisions import revisions, versions
-from tasks.run.registry import chain
 
 
 def cached_checksum(path: str, cache_root: str) -> tuple[str, int]:
@@ -101,10 +102,9 @@ def check_inputs(annotations: str, images: str, captions: str | None, cfg: Pipel
         raise ValueError(f"image folder {images} is not a folder")
     if _is_empty(fs, p):
         raise ValueError(f"image folder {images} is empty")
-    oracle = "oracle" in captioner_names(cfg.caption)
     if captions is None:
-        if oracle and run:
-            raise ValueError("captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON)")
+        if run:
+            require_captions_file(cfg.caption, captions)
         return
     fs, p = url_to_fs(captions)
     if not fs.exists(p):
@@ -116,9 +116,7 @@ def check_inputs(annotations: str, images: str, captions: str | None, cfg: Pipel
 def validate_captions(captions: str | None, cfg: PipelineConfig) -> None:
     """The human captions file read and validated as the caption stage will (broken JSON, a record without a
     caption or with a non-integer id): a ValueError naming the file and record, before any work."""
-    if captions is not None and "oracle" in captioner_names(cfg.caption):
-        from models.captioners.oracle import OracleCaptioner
-
+    if captions is not None and uses_human_captions(cfg.caption):
         OracleCaptioner(captions)
 
 
@@ -170,18 +168,17 @@ def run_context(
         raise ValueError(
             f"dataset name {dataset!r} must be letters, digits, '.', '_' or '-' (it names a folder)"
         )
-    names = captioner_names(cfg.caption)
-    if "oracle" in names and not captions and need_captions:
-        raise ValueError("captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON)")
+    if need_captions:
+        require_captions_file(cfg.caption, captions)
     ann_sha, ann_bytes = cached_checksum(annotations, out)
     inputs = {"annotations_sha256": ann_sha, "images_root": canonical_root(images)}
     cap_sha = None
-    if captions and "oracle" in names:
+    if captions and uses_human_captions(cfg.caption):
         cap_sha, _ = cached_checksum(captions, out)
         inputs["captions_sha256"] = cap_sha
     pkey, links = chain(cfg, inputs)
     keys = tuple((link.stage, link.key) for link in links)
-    ctx = RunContext(out, dataset, links[-1].key, images, captions, cfg.model_dump_json(), pkey, keys)
+    ctx = RunContext(out, dataset, links[-1].key, images, captions, cfg.model_dump_json(), pkey, keys, folders())
     return RunInputs(ctx, links, ann_sha, ann_bytes, cap_sha)
 
 
@@ -232,7 +229,7 @@ def plan_run(
             leases(layout).release(PLAN_LEASE)
     _some_image_usable(plan, annotations, images, layout)
     if record_run and not layout.fs.exists(layout.manifest):
-        if captions and "oracle" in captioner_names(cfg.caption):
+        if captions and uses_human_captions(cfg.caption):
             check_captions(captions, annotations, layout, plan)  # once per run, before it is recorded
         record = RunRecord(
             run_key=run_key,
@@ -241,7 +238,7 @@ def plan_run(
             created_at=_now(),
             chain=links,
             config=cfg.model_dump(mode="json"),
-            revisions=revisions(cfg, cap_sha),
+            revisions=revisions(cfg, {"captions_sha256": cap_sha}),
             versions=versions(),
             inputs={
                 **plan.inputs,

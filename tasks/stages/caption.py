@@ -9,10 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from models.captioners.base import Captioner
-from models.captioners.factory import make_captioner
+from models.captioners.oracle import OracleCaptioner
 from storage.records import Caption, ImageRecord, Quarantined
-from tasks.config import CaptionConfig
+from tasks.config import CaptionConfig, PipelineConfig
 from tasks.images import load_image
+from tasks.run.context import RunContext, process_resource, verified_images
+from tasks.run.registry import FunnelRow, Stage, StageOutput, register
 from tasks.run.revisions import model_dir_revision
 from tasks.stats import Count, Max, Ratio, Stats, Tally
 
@@ -52,14 +54,31 @@ def _gen(cfg: CaptionConfig) -> dict:
     )  # fmt: skip
 
 
+def _build_blip(cfg: CaptionConfig, captions_file: str | None) -> Captioner:
+    from models.captioners.blip import BlipCaptioner  # torch and transformers: only when a model captions
+
+    return BlipCaptioner.load(
+        cfg.model, cfg.model_revision, image_size=cfg.image_size,
+        beam_repetition_penalty=cfg.beam_repetition_penalty, **_gen(cfg),
+    )  # fmt: skip
+
+
+def _build_blip2(cfg: CaptionConfig, captions_file: str | None) -> Captioner:
+    from models.captioners.blip2 import Blip2Captioner
+
+    return Blip2Captioner.load(cfg.blip2_model, cfg.model_revision, **_gen(cfg))
+
+
+ORACLE = "oracle"
+
 #: Every captioner, by name. A new captioner is one entry here (and its model class in models/captioners).
 CAPTIONERS: dict[str, CaptionerEntry] = {
     # human captions: the file's checksum is the whole identity; no generation setting applies
-    "oracle": CaptionerEntry(
-        "oracle",
+    ORACLE: CaptionerEntry(
+        ORACLE,
         settings=lambda cfg: {},
         revision=lambda cfg, captions_sha: f"oracle:{captions_sha}",
-        build=lambda cfg, captions_file: make_captioner("oracle", captions_file=captions_file),
+        build=lambda cfg, captions_file: OracleCaptioner(require_captions_file(cfg, captions_file)),
     ),
     "blip": CaptionerEntry(
         "blip",
@@ -69,25 +88,30 @@ CAPTIONERS: dict[str, CaptionerEntry] = {
             "beam_repetition_penalty": cfg.beam_repetition_penalty,
         },  # fmt: skip
         revision=lambda cfg, _: "blip:" + model_dir_revision(cfg.model, cfg.model_revision),
-        build=lambda cfg, _: make_captioner(
-            "blip",
-            model=cfg.model,
-            revision=cfg.model_revision,
-            image_size=cfg.image_size,
-            beam_repetition_penalty=cfg.beam_repetition_penalty,
-            **_gen(cfg),
-        ),  # fmt: skip
+        build=_build_blip,
     ),
     # BLIP-2's ViT-g keeps the input size of its own processor config (224), not cfg.image_size
     "blip2": CaptionerEntry(
         "blip2",
         settings=lambda cfg: {k: getattr(cfg, k) for k in _GEN},
         revision=lambda cfg, _: "blip2:" + model_dir_revision(cfg.blip2_model, cfg.model_revision),
-        build=lambda cfg, _: make_captioner(
-            "blip2", model=cfg.blip2_model, revision=cfg.model_revision, **_gen(cfg)
-        ),
+        build=_build_blip2,
     ),
 }
+
+
+def uses_human_captions(cfg: CaptionConfig) -> bool:
+    """Whether the run captions with the oracle captioner, which reads a captions file."""
+    return ORACLE in captioner_names(cfg)
+
+
+def require_captions_file(cfg: CaptionConfig, captions_file: str | None) -> str | None:
+    """The captions file, or the one error a human-caption run without it gets (before any work)."""
+    if uses_human_captions(cfg) and not captions_file:
+        raise ValueError(
+            "captioner 'oracle' needs a captions file (--captions, COCO-Captions JSON with an 'annotations' list)"
+        )
+    return captions_file
 
 
 def captioner_names(cfg: CaptionConfig) -> tuple[str, ...]:
@@ -117,7 +141,9 @@ def build_captioners(cfg: CaptionConfig, captions_file: str | None) -> list[Capt
     oracle reads captions_file; blip loads cfg.model and blip2 cfg.blip2_model (hub id or local directory,
     safetensors, no remote code) at cfg.model_revision, with the config's generation settings.
     """
-    return [e.build(cfg, captions_file) for e in captioner_entries(cfg)]
+    entries = captioner_entries(cfg)
+    require_captions_file(cfg, captions_file)
+    return [e.build(cfg, captions_file) for e in entries]
 
 
 def batch_seed(run_key: str, shard: int, batch: int) -> int:
@@ -251,3 +277,53 @@ def caption_batch(
         top_captions_by_captioner=Tally.of(r.captioner for r in rows),
     )
     return CaptionOutput(rows, quarantine, stats)
+
+
+# -- the stage ---------------------------------------------------------------------------------------------
+
+
+def _stage_batch(ctx: RunContext, shard: int, batch: int) -> StageOutput:
+    cfg = ctx.config.caption
+    caps = process_resource(  # the run's captioners, built once per worker process
+        ("captioners", ctx.config_json, ctx.captions_file), lambda: build_captioners(cfg, ctx.captions_file)
+    )
+    out = caption_batch(
+        verified_images(ctx, shard, batch),  # only images the verify stage decoded in full
+        list(caps),
+        ctx.images_root,
+        batch_seed(ctx.key("caption"), shard, batch),  # the caption stage's key: reused captions, same seeds
+        cfg,
+    )
+    return StageOutput(out.captions, out.quarantine, out.stats)
+
+
+def _settings(cfg: PipelineConfig) -> dict:
+    return {e.name: e.settings(cfg.caption) for e in captioner_entries(cfg.caption)}
+
+
+def _revisions(cfg: PipelineConfig, inputs: dict) -> list[str]:
+    return [e.revision(cfg.caption, inputs.get("captions_sha256")) for e in captioner_entries(cfg.caption)]
+
+
+def _device(cfg: PipelineConfig) -> str:
+    # human captions alone read no pixels and load no model
+    return "cpu" if set(captioner_names(cfg.caption)) == {ORACLE} else cfg.caption.device
+
+
+STAGE = register(
+    Stage(
+        "caption", "verify", Caption, "captions", "caption",
+        settings=_settings,
+        revision=lambda cfg, inputs: ",".join(_revisions(cfg, inputs)),
+        device=_device,
+        compute=_stage_batch,
+        stats=("captions", "unique_captions", "images_without_captions"),
+        funnel=(
+            FunnelRow("captions", "captions", "captions",
+                      lambda s: {**s.tally("quarantine_reasons"), "no_captions": s.count("images_without_captions")}),
+            FunnelRow("unique_captions", "unique captions (N_Unique)", "unique_captions",
+                      lambda s: {"duplicate": s.count("captions") - s.count("unique_captions")}),
+        ),
+        revision_record=("captioners", _revisions),
+    )
+)  # fmt: skip

@@ -7,8 +7,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from models.matcher import Match, Vocabulary
-from storage.records import Candidate, ImageRecord, ParsedRelation
+from storage.records import Candidate, Caption, ImageRecord, ParsedRelation
 from tasks.config import MatchConfig
+from tasks.run.context import RunContext, batch_images, read_stage, run_vocabulary
+from tasks.run.registry import FunnelRow, Stage, StageOutput, register
 from tasks.stats import NOUN_EXAMPLES, Count, Examples, Group, Label, Ratio, Stats, Tally
 
 TOP_UNMATCHED = 25
@@ -316,3 +318,35 @@ def reference_slot_groups(candidates: list[Candidate], n_q: int = 100) -> list[S
                 )
             )
     return groups
+
+
+# -- the stage ---------------------------------------------------------------------------------------------
+
+
+def _stage_batch(ctx: RunContext, shard: int, batch: int) -> StageOutput:
+    # caption texts, for the example captions of unmatched nouns in the stats
+    texts = {(c.image_id, c.caption_id): c.text for c in read_stage(ctx, "caption", Caption, shard, batch)}
+    out = match_batch(
+        batch_images(ctx, shard, batch),
+        read_stage(ctx, "parse", ParsedRelation, shard, batch),
+        ctx.config.match,
+        run_vocabulary(ctx),
+        texts,
+    )
+    return StageOutput(out.candidates, stats=out.stats)
+
+
+STAGE = register(
+    Stage(
+        "match", "parse", Candidate, "candidates", "match",
+        settings=lambda cfg: cfg.match.model_dump(mode="json"),
+        compute=_stage_batch,
+        stats=("relations_matched", "relations_unmatched", "pairs", "relations_without_pairs"),
+        funnel=(
+            FunnelRow("matched", "relations matched to boxes", "relations_matched",
+                      lambda s: s.tally("relations_unmatched")),
+            FunnelRow("candidate_pairs", "candidate pairs", "pairs",
+                      lambda s: {"no_distinct_box_pair": s.count("relations_without_pairs")}),
+        ),
+    )
+)  # fmt: skip

@@ -7,7 +7,10 @@ from dataclasses import dataclass, field
 
 from models.scene_graph import SceneGraphParser, get_parser
 from storage.records import Caption, ParsedRelation
-from tasks.config import ParseConfig
+from tasks.config import ParseConfig, PipelineConfig
+from tasks.run.context import RunContext, read_stage
+from tasks.run.registry import FunnelRow, Stage, StageOutput, register
+from tasks.run.revisions import package_version
 from tasks.stats import Count, Label, Max, Ratio, Stats, Tally
 
 
@@ -130,3 +133,34 @@ def parse_batch(
         parser=Label.of(parser.versions()),
     )
     return ParseOutput(relations, stats)
+
+
+# -- the stage ---------------------------------------------------------------------------------------------
+
+
+def _stage_batch(ctx: RunContext, shard: int, batch: int) -> StageOutput:
+    out = parse_batch(read_stage(ctx, "caption", Caption, shard, batch), ctx.config.parse)
+    return StageOutput(out.relations, stats=out.stats)
+
+
+def parser_revision(cfg: PipelineConfig, inputs: dict) -> str:
+    """The parser's identity: SceneGraphParser, spaCy and the spaCy model's package versions."""
+    v, model = package_version, cfg.parse.spacy_model
+    return f"SceneGraphParser=={v('SceneGraphParser')};spacy=={v('spacy')};{model}=={v(model.replace('_', '-'))}"
+
+
+STAGE = register(
+    Stage(
+        "parse", "caption", ParsedRelation, "parses", "parse",
+        settings=lambda cfg: cfg.parse.model_dump(mode="json", exclude={"processes"}),
+        revision=parser_revision,
+        compute=_stage_batch,
+        stats=("relations", "captions_not_parsed", "captions_without_relations"),
+        funnel=(
+            FunnelRow("relations", "relations (parsed)", "relations",
+                      lambda s: {"not_parsed": s.count("captions_not_parsed"),
+                                 "no_relation": s.count("captions_without_relations")}),
+        ),
+        revision_record=("parser", parser_revision),
+    )
+)  # fmt: skip

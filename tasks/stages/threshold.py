@@ -6,10 +6,12 @@ from __future__ import annotations
 import bisect
 from collections import Counter, defaultdict
 
-from storage.records import ImageRecord, Reject, TaggedRelation, Triplet
+from storage.records import Caption, ImageRecord, Reject, TaggedRelation, Triplet
 from tasks.config import ThresholdConfig
-from tasks.stats import ETAS, RULES, Count, Histogram, Stats, Tally
+from tasks.run.context import RunContext, batch_images, read_stage
+from tasks.run.registry import FunnelRow, Stage, StageOutput, register
 from tasks.stages.tag.common import CLIP, boxes_overlap, confidence_order
+from tasks.stats import ETAS, RULES, Count, Histogram, Stats, Tally
 
 
 def confidence(row: TaggedRelation, rule: str) -> float:
@@ -181,3 +183,34 @@ def sweep_counts(
             triplets[(rule, f"{eta:.2f}")] = n_rows
             kept[(rule, f"{eta:.2f}")] = len(with_rows)
     return triplets, kept
+
+
+# -- the stage ---------------------------------------------------------------------------------------------
+
+
+def _stage_batch(ctx: RunContext, shard: int, batch: int) -> StageOutput:
+    accepted, rejects, stats = threshold_batch(
+        batch_images(ctx, shard, batch),
+        read_stage(ctx, "tag", TaggedRelation, shard, batch),
+        ctx.config.threshold,
+        ctx.run_key,
+    )
+    # beside each caption position, the captions file's annotation id (human captions), for joins back to it
+    source = {
+        (c.image_id, c.caption_id): c.source_id for c in read_stage(ctx, "caption", Caption, shard, batch)
+    }
+    for t in accepted:
+        t.caption_source_ids = [source.get((t.image_id, k)) for k in t.caption_ids]
+    return StageOutput(accepted, stats=stats, rejects=rejects)
+
+
+STAGE = register(
+    Stage(
+        "threshold", "tag", Triplet, "accepted", "threshold",
+        settings=lambda cfg: cfg.threshold.model_dump(mode="json"),
+        compute=_stage_batch,
+        rejects=True,
+        stats=("accepted", "reject_reasons"),
+        funnel=(FunnelRow("accepted", "accepted triplets", "accepted", lambda s: s.tally("reject_reasons")),),
+    )
+)  # fmt: skip

@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from storage.records import ImageRecord, Quarantined, VerifiedImage
 from tasks.images import BadImage, decode_image, quarantine_row
+from tasks.run.context import RunContext, batch_images
+from tasks.run.registry import FunnelRow, Stage, StageOutput, register
 from tasks.stats import Count, Ratio, Stats, Tally
 
 
@@ -65,16 +67,23 @@ def verify_batch(
     return verified, quarantined, stats
 
 
-def verified_ids(ctx, shard: int, batch: int) -> set[int]:
-    """The image ids the verify stage kept in one batch (read from its output)."""
-    from tasks.run.context import read_stage
+def _stage_batch(ctx: RunContext, shard: int, batch: int) -> StageOutput:
+    plan = ctx.config.plan
+    rows, quarantined, stats = verify_batch(
+        batch_images(ctx, shard, batch), ctx.images_root, plan.max_pixels, plan.decode_threads()
+    )
+    return StageOutput(rows, quarantined, stats)
 
-    return {v.image_id for v in read_stage(ctx, "verify", VerifiedImage, shard, batch)}
 
-
-def verified_images(ctx, shard: int, batch: int) -> list[ImageRecord]:
-    """The planned images of a batch that the verify stage decoded in full, in plan order."""
-    from tasks.run.context import batch_images
-
-    ok = verified_ids(ctx, shard, batch)
-    return [im for im in batch_images(ctx, shard, batch) if im.image_id in ok]
+# every planned image decoded in full before any other stage sees it; its settings are the plan's pixel limit
+STAGE = register(
+    Stage(
+        "verify", None, VerifiedImage, "verified", "plan",
+        settings=lambda cfg: {"max_pixels": cfg.plan.max_pixels},
+        compute=_stage_batch,
+        stats=("verified",),
+        funnel=(
+            FunnelRow("verified", "images decoded in full", "verified", lambda s: s.tally("quarantine_reasons")),
+        ),
+    )
+)  # fmt: skip

@@ -10,8 +10,8 @@ from PIL import Image
 from models.clip_tagger import ClipQuery, ClipRelationScorer
 from storage.records import Candidate, ImageRecord, TaggedRelation
 from tasks.config import TagConfig
-from tasks.stats import Count, Seconds, Stats
 from tasks.stages.tag.common import CLIP, rank_within_pairs, tagged
+from tasks.stats import Count, Seconds, Stats
 
 _SCORERS: dict[tuple, ClipRelationScorer] = {}
 _LOCK = threading.Lock()
@@ -91,7 +91,6 @@ def tag_batch_clip(
             rows.append(tagged(c, 1.0, 1.0, p, CLIP))  # ground-truth boxes: p_subject = p_object = 1
     rank_within_pairs(rows)
     return rows, Stats(
-        tag_rows=Count(len(rows)),
         pairs=Count(len({(r.image_id, r.subject_ann_id, r.object_ann_id) for r in rows})),
         images=Count(len(order)),  # images with at least one candidate (the others need no forward)
         images_in_batch=Count(len(images)),

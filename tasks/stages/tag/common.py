@@ -82,7 +82,6 @@ def tag_greedy(images: list[ImageRecord], candidates: list[Candidate]) -> tuple[
     pairs = {(r.image_id, r.subject_ann_id, r.object_ann_id) for r in rows}
     overlapping = {(r.image_id, r.subject_ann_id, r.object_ann_id) for r in rows if r.p_relation > 0}
     return rows, Stats(
-        tag_rows=Count(len(rows)),
         pairs=Count(len(pairs)),
         overlapping_pairs=Count(len(overlapping)),
         forwards=Count(0),

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from models.devices import torch_dtype
 from models.rlipv2.boxes import xywh_pixels_to_cxcywh
 from models.rlipv2.model import RLIPv2ParSeD
 from models.rlipv2.preprocess import preprocess_image
@@ -19,11 +20,10 @@ from models.rlipv2.vocab import class_keys, key_for_category
 from storage.records import Candidate, ImageRecord, TaggedRelation
 from tasks.config import TagConfig
 from tasks.stages.match import group_candidates, reference_slot_groups
-from tasks.stats import Count, Ratio, Seconds, Stats
 from tasks.stages.tag.common import rank_within_pairs, tagged
+from tasks.stats import Count, Ratio, Seconds, Stats
 
 RTAGGER = "rtagger"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 _RUNNERS: dict[tuple, RTaggerRunner] = {}
@@ -34,9 +34,7 @@ class RTaggerRunner:
     """A loaded R-Tagger model; one instance per (checkpoint, config hash, device, dtype) per process."""
 
     def __init__(self, model: RLIPv2ParSeD, revision: str, device: str = "cpu", dtype: str = "float32"):
-        if dtype not in _DTYPES:
-            raise ValueError(f"RTaggerRunner: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
-        self.model = model.to(device=device, dtype=_DTYPES[dtype]).eval()
+        self.model = model.to(device=device, dtype=torch_dtype(dtype, "R-Tagger")).eval()
         self.revision = revision
         self.device = device
         self.dtype = dtype
@@ -68,7 +66,7 @@ class RTaggerRunner:
         key = (str(path.resolve()), config_hash, cfg.device, cfg.dtype)
         with _LOCK:
             if key not in _RUNNERS:
-                model = load_checkpoint(path, device=cfg.device, dtype=_DTYPES[cfg.dtype])
+                model = load_checkpoint(path, device=cfg.device, dtype=torch_dtype(cfg.dtype, "R-Tagger"))
                 _RUNNERS[key] = cls(model, "ckpt:" + checkpoint_revision(path), cfg.device, cfg.dtype)
             return _RUNNERS[key]
 
@@ -202,7 +200,6 @@ def tag_batch_rtagger(
     rank_within_pairs(rows)
     n_img = len(by_image)
     return rows, Stats(
-        tag_rows=Count(len(rows)),
         pairs=Count(len({(c.image_id, c.subject_ann_id, c.object_ann_id) for c in candidates})),
         slots=Count(n_slots),
         groups=Count(dec_groups),
