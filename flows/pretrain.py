@@ -12,14 +12,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from models.rlipv2.pretrain import (
-    LOSS_LOG,
-    CheckpointStore,
-    LossLog,
-    PretrainSettings,
-    StepInfo,
-    run_identity,
-)
+from models.rlipv2.pretrain import StepInfo
+from models.rlipv2.pretrain_settings import PretrainSettings
+from models.rlipv2.pretrain_state import LOSS_LOG, CheckpointStore, LossLog, run_identity
 
 
 class PretrainParams(BaseModel):

@@ -17,18 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from models.rlipv2.pretrain import (
-    CheckpointStore,
-    EpochBatches,
-    LossLog,
-    PretrainSettings,
-    VGFileDataset,
-    batch_predicates,
-    open_sources,
-    param_groups,
-    rng_state,
-    set_rng_state,
-)
+from models.rlipv2.pretrain import param_groups
+from models.rlipv2.pretrain_data import EpochBatches, batch_predicates, open_sources
+from models.rlipv2.pretrain_settings import PretrainSettings
+from models.rlipv2.pretrain_state import CheckpointStore, LossLog, rng_state, set_rng_state
 
 REPO = Path(__file__).resolve().parent.parent
 VG = str(REPO / "examples" / "vg_tiny" / "relationships.json")
@@ -84,7 +76,8 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
 def test_vg_sources_shard_disjointly_and_cover_every_image():
     s = PretrainSettings()
     shards = [[im.image_id for im in open_sources([VG], s, r, 3)] for r in range(3)]
-    assert shards == [[1000, 1003], [1001], [1002]]  # image i goes to rank i % 3
+    # contiguous blocks, as for runs: rank r takes [r * 4 // 3, (r + 1) * 4 // 3) = [0, 1), [1, 2), [2, 4)
+    assert shards == [[1000], [1001], [1002, 1003]]
     one = open_sources([VG], s, 0, 1)
     assert [im.image_id for im in one] == VG_IDS
     assert all(os.path.isabs(im.file_name) and os.path.isfile(im.file_name) for im in one)
@@ -105,8 +98,6 @@ def test_open_sources_refuses_what_it_cannot_read(tmp_path):
         ValueError, match="not a VG-format relationships file .a JSON list of images.; a label"
     ):
         open_sources([str(record)], PretrainSettings())  # a run record without its plan folder
-    with pytest.raises(ValueError, match="overlap_filter needs the triplet reader"):
-        VGFileDataset([VG], overlap_filter=True)
     seen = {}
 
     def factory(sources, **kw):  # the RelationDataset signature
@@ -243,7 +234,7 @@ def test_two_gloo_processes_see_disjoint_data_and_keep_identical_weights(tmp_pat
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "out"), str(res_dir)), nprocs=2, join=True)
     r = [json.loads((res_dir / f"rank{i}.json").read_text()) for i in range(2)]
     seen = [sorted(i for b in x["seen"] for i in b) for x in r]
-    assert seen == [[1000, 1002], [1001, 1003]]  # disjoint, every image once (image i -> rank i % 2)
+    assert seen == [[1000, 1001], [1002, 1003]]  # disjoint, every image once (contiguous blocks, as for runs)
     assert r[0]["revisions"] == r[1]["revisions"]  # the same weights after every step
     assert len(set(r[0]["revisions"])) == 2  # and they changed from step to step
     assert r[0]["losses"] == r[1]["losses"]  # the logged loss is the mean over ranks, the same on both
@@ -374,7 +365,8 @@ def test_pretraining_reads_a_finished_labelling_run_mixed_with_a_vg_file(prefect
     from flows.label import run_in_process
     from flows.params import LabelParams
     from models.rlipv2.data import RelationDataset
-    from models.rlipv2.pretrain import RunDataset, pretrain
+    from models.rlipv2.pretrain import pretrain
+    from models.rlipv2.pretrain_data import PretrainDataset
     from tasks.config import PipelineConfig
 
     ex = REPO / "examples"
@@ -392,7 +384,7 @@ def test_pretraining_reads_a_finished_labelling_run_mixed_with_a_vg_file(prefect
     run = summary["output"]
     settings = PretrainSettings(tiny=True, batch_size=2, max_steps=2, deterministic=True)
     ds = open_sources([run, VG], settings)
-    assert isinstance(ds, RunDataset)
+    assert isinstance(ds, PretrainDataset)
     # this rank's records, in the reader's order: the run's images with triplets, then the VG file's
     expected = [im.image_id for im in RelationDataset([run, VG])]
     assert [im.image_id for im in ds] == expected

@@ -5,19 +5,20 @@ Several GPUs:     python -m torch.distributed.run --nproc_per_node 8 -m models.r
 
 The defaults are the reference's pre-training run (JacobYuan7/RLIPv2,
 scripts/RLIP_ParSeD/train_RLIP_ParSeD_v2_mixed_vgcocoo365_resnet.sh, with main.py's argparse defaults for the
-flags that script leaves unset); see PretrainSettings.
+flags that script leaves unset); see PretrainSettings (models/rlipv2/pretrain_settings.py).
+
+This module is the training loop and its command line; the data (pretrain_data), checkpoints and resume
+(pretrain_state) and the collectives across processes (pretrain_dist) are beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,245 +26,34 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.rlipv2.checkpoint import (
-    load_checkpoint,
-    load_training_state,
-    save_checkpoint,
-    save_training_state,
-)
+from models.rlipv2.checkpoint import load_checkpoint, load_training_state
 from models.rlipv2.config import RLIPv2Config
-from models.rlipv2.data import VGImage, load_vg
 from models.rlipv2.model import RLIPv2ParSeD
+from models.rlipv2.pretrain_data import (
+    DatasetFactory,
+    EpochBatches,
+    batch_predicates,
+    collate_records,
+    open_sources,
+)
+from models.rlipv2.pretrain_dist import (
+    barrier,
+    gather_objects,
+    init_distributed,
+    mean_over_ranks,
+    min_over_ranks,
+)
+from models.rlipv2.pretrain_settings import PretrainSettings
+from models.rlipv2.pretrain_state import (
+    LOSS_LOG,
+    STATE_NAME,
+    CheckpointStore,
+    LossLog,
+    rng_state,
+    run_identity,
+    set_rng_state,
+)
 from models.rlipv2.train import detect_loss, make_batch, tiny_config
-from storage.relations import is_json_list
-
-CHECKPOINTS = "checkpoints"
-INDEX = "index.json"
-STATE_NAME = "train_state.pt"
-LOSS_LOG = "loss_log.jsonl"
-
-
-@dataclass(frozen=True)
-class PretrainSettings:
-    """Pre-training settings. Defaults: the reference's RLIPv2-ParSeD R50 pre-training on VG + COCO + O365.
-
-    From scripts/RLIP_ParSeD/train_RLIP_ParSeD_v2_mixed_vgcocoo365_resnet.sh: `--lr 1.41e-4 --lr_backbone
-    1.41e-5 --text_encoder_lr 1.41e-5 --epochs 20 --lr_drop 15 --schedule step --batch_size 8` on
-    `--nproc_per_node=8` (8 images per GPU, 64 per step), `--num_queries 200` (100 pairs),
-    `--relation_threshold 0.20`; from main.py's defaults (flags the script does not pass): `--weight_decay 1e-4`,
-    `--clip_max_norm 0.1`, `--seed 42` (+ rank). Schedule "step" (util/optim.py adjust_learning_rate): every
-    learning rate times 0.1 ** (epoch // lr_drop). Optimizer AdamW with three groups: backbone, text encoder,
-    the rest. The loader drops the last incomplete batch (BatchSampler drop_last=True), as the reference's.
-    """
-
-    lr: float = 1.41e-4
-    lr_backbone: float = 1.41e-5
-    lr_text_encoder: float = 1.41e-5
-    weight_decay: float = 1e-4
-    epochs: int = 20
-    lr_drop: int = 15  # epochs
-    batch_size: int = 8  # images per process and step
-    clip_max_norm: float = 0.1
-    num_queries: int = 200  # subject + object queries: 100 pair slots
-    seed: int = 42
-    # data (passed to the dataset factory): the reference's MixedRelDetection settings
-    eta: float = 0.2
-    rule: str = "relation_only"
-    overlap_filter: bool = False
-    max_relations: int = 100
-    # model: tiny = the test architecture with a word tokenizer built over the data (offline runs)
-    tiny: bool = False
-    dropout: float | None = None  # None: the architecture's (0.1 full, 0.0 tiny)
-    init_checkpoint: str | None = None  # start from these weights (a save_checkpoint dir) instead of ImageNet
-    # not part of the run's identity (a resume may change them)
-    max_steps: int | None = None  # stop after this many steps in total (None: all epochs)
-    checkpoint_every: int = 1000  # steps
-    keep_checkpoints: int = 3
-    device: str = "cpu"
-    num_workers: int = 0  # DataLoader workers (the reference used 8)
-    deterministic: bool = False  # torch.use_deterministic_algorithms
-
-    def __post_init__(self) -> None:
-        for name in (
-            "epochs",
-            "lr_drop",
-            "batch_size",
-            "checkpoint_every",
-            "keep_checkpoints",
-            "num_queries",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"PretrainSettings: {name} must be >= 1, got {getattr(self, name)}")
-        if self.num_queries % 2:
-            raise ValueError(
-                f"PretrainSettings: num_queries {self.num_queries} must be even (subject + object)"
-            )
-        if self.max_steps is not None and self.max_steps < 0:
-            raise ValueError(f"PretrainSettings: max_steps must be >= 0, got {self.max_steps}")
-
-    #: fields that do not change what is computed step by step, so a resume may change them
-    RUNTIME = ("max_steps", "checkpoint_every", "keep_checkpoints", "device", "num_workers", "deterministic")
-
-    def identity(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in self.RUNTIME}
-
-
-# ------------------------------------------------------------------------------------------------- data
-class VGFileDataset(torch.utils.data.Dataset):
-    """VG-format relationship files (models/rlipv2/data.py) as one dataset, with RelationDataset's signature.
-
-    What open_sources reads when every source is a VG-format file (with a labelling run among them, RunDataset
-    reads all of them through the triplet reader instead): images with no relation are dropped, the
-    first `max_relations` relations of an image are kept in file order, images are sharded by position
-    (image i of the concatenated files goes to rank i % world_size). Human-labelled VG rows carry no
-    confidence, so eta and rule change nothing here (as in the reference, which keeps every VG relation).
-    File names become absolute (each file's images are relative to that file's folder).
-    """
-
-    def __init__(
-        self,
-        sources: Sequence[str],
-        eta: float = 0.2,
-        rule: str = "relation_only",
-        overlap_filter: bool = False,
-        max_relations: int = 100,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if overlap_filter:
-            raise ValueError("VG-format sources: overlap_filter needs the triplet reader (RelationDataset)")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, world_size {world_size})")
-        images: list[VGImage] = []
-        for src in sources:
-            path = Path(src)
-            if path.suffix != ".json" or not path.is_file():
-                raise ValueError(
-                    f"source {src!r}: not a VG-format relationships .json file (labelling runs are read by "
-                    "models.rlipv2.data.RelationDataset)"
-                )
-            if not is_json_list(_local_fs(), str(path)):  # e.g. a labelling run's record, runs/<run-key>.json
-                raise ValueError(
-                    f"source {src!r}: not a VG-format relationships file (a JSON list of images); labelling runs "
-                    "are read by models.rlipv2.data.RelationDataset"
-                )
-            for im in load_vg(path):
-                if not im.relationships:
-                    continue
-                im.file_name = str((path.parent / im.file_name).resolve())
-                im.relationships = im.relationships[:max_relations]
-                images.append(im)
-        self.all_images = images
-        self.images = images[rank::world_size]
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> VGImage:
-        return self.images[i]
-
-
-class RunDataset(torch.utils.data.Dataset):
-    """Finished labelling runs, mixed with VG-format files, through the triplet reader
-    (models.rlipv2.data.RelationDataset: the reference loader's rules, this rank's contiguous block of images).
-
-    Training indexes its data (a seeded permutation per epoch, resumable at any step), so this rank's image
-    records are read once, streamed, and held in memory: boxes, texts and relations, never pixels (those are
-    decoded per batch). For Objects365 on 8 ranks that is ~210k records per rank.
-    """
-
-    def __init__(
-        self,
-        sources: Sequence[str],
-        eta: float = 0.2,
-        rule: str = "relation_only",
-        overlap_filter: bool = False,
-        max_relations: int = 100,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        from models.rlipv2.data import RelationDataset
-
-        self.images = list(
-            RelationDataset(
-                list(sources), eta=eta, rule=rule, overlap_filter=overlap_filter, max_relations=max_relations,
-                rank=rank, world_size=world_size,
-            )
-        )  # fmt: skip
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> VGImage:
-        return self.images[i]
-
-
-def _is_vg_file(src: str) -> bool:
-    path = Path(src)
-    return path.suffix == ".json" and path.is_file() and is_json_list(_local_fs(), str(path))
-
-
-DatasetFactory = Callable[..., torch.utils.data.Dataset]
-
-
-def open_sources(
-    sources: Sequence[str],
-    settings: PretrainSettings,
-    rank: int = 0,
-    world_size: int = 1,
-    factory: DatasetFactory | None = None,
-) -> torch.utils.data.Dataset:
-    """This rank's share of the training data: a Dataset of VGImage-compatible records.
-
-    `factory` is called as factory(sources, eta=, rule=, overlap_filter=, max_relations=, rank=, world_size=)
-    (models.rlipv2.data.RelationDataset's signature). By default, VG-format files alone are read by
-    VGFileDataset (rank i % world_size), and anything with a labelling run among the sources (its plan folder,
-    the path `reltag run` prints, or runs/<run-key>.json) by RunDataset (the triplet reader).
-    """
-    if not sources:
-        raise ValueError("pre-training needs at least one source")
-    make = factory or (VGFileDataset if all(_is_vg_file(str(s)) for s in sources) else RunDataset)
-    return make(
-        list(sources),
-        eta=settings.eta,
-        rule=settings.rule,
-        overlap_filter=settings.overlap_filter,
-        max_relations=settings.max_relations,
-        rank=rank,
-        world_size=world_size,
-    )
-
-
-class EpochBatches:
-    """Batches of one epoch from `start` on: a permutation of the rank's indices seeded by (seed, epoch), cut
-    into `steps` batches of `batch_size` (the rest dropped). Restarting at (epoch, start) yields exactly the
-    batches an uninterrupted epoch yields from there: the data position is just (epoch, step in epoch)."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int, steps: int):
-        self.n, self.bs, self.seed, self.epoch, self.start, self.steps = (
-            n,
-            batch_size,
-            seed,
-            epoch,
-            start,
-            steps,
-        )
-
-    def order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def __iter__(self) -> Iterator[list[int]]:
-        perm = self.order()
-        for b in range(self.start, self.steps):
-            yield perm[b * self.bs : (b + 1) * self.bs]
-
-    def __len__(self) -> int:
-        return max(0, self.steps - self.start)
-
-
-def _records(batch: list) -> list:
-    return batch
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -326,141 +116,6 @@ def _to_device(batch, device):
     return batch
 
 
-def batch_predicates(records: Sequence[VGImage]) -> list[str]:
-    """The relation texts of one batch: its images' predicates in first-seen order (each image scores them all)."""
-    return list(dict.fromkeys(r.predicate for im in records for r in im.relationships))
-
-
-# ------------------------------------------------------------------------------------------------- state
-def rng_state() -> dict:
-    """torch, numpy and python RNG states as tensors, ints and lists (loadable with weights_only=True)."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
-    }  # fmt: skip
-
-
-def set_rng_state(st: dict) -> None:
-    torch.set_rng_state(st["torch"])
-    if st["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-    n = st["numpy"]
-    np.random.set_state(
-        (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-    )
-    p = st["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-
-
-def run_identity(sources: Sequence[str], settings: PretrainSettings, world_size: int) -> str:
-    """Hash of what fixes the computation step by step: the sources, the settings (not the runtime ones) and
-    the number of processes (it decides which images form a batch). A checkpoint resumes only the same."""
-    blob = json.dumps(
-        {"sources": list(sources), "settings": settings.identity(), "world_size": world_size},
-        sort_keys=True, separators=(",", ":"),
-    )  # fmt: skip
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-class CheckpointStore:
-    """`<out>/checkpoints/step-00001000/` (model.safetensors, rlipv2_config.json, tokenizer/, train_state.pt),
-    listed in `<out>/checkpoints/index.json`, which is written last, atomically: a directory the index does not
-    list (a save killed half-way) is never read, and is overwritten when that step is saved again."""
-
-    def __init__(self, out: str | Path):
-        self.root = Path(out) / CHECKPOINTS
-        self.index_path = self.root / INDEX
-
-    def index(self) -> dict:
-        if not self.index_path.is_file():
-            return {"identity": None, "checkpoints": []}
-        return json.loads(self.index_path.read_text())
-
-    def latest(self) -> dict | None:
-        cps = self.index()["checkpoints"]
-        return cps[-1] if cps else None
-
-    def path(self, entry: dict) -> Path:
-        return self.root / entry["dir"]
-
-    def save(self, model: RLIPv2ParSeD, state: dict, identity: str, keep: int, info: dict) -> dict:
-        from storage.atomic import write_json
-
-        step = state["step"]
-        name = f"step-{step:08d}"
-        d = self.root / name
-        revision = save_checkpoint(model, d)
-        save_training_state(state, d / STATE_NAME)
-        idx = self.index()
-        entries = [e for e in idx["checkpoints"] if e["step"] != step]
-        entry = {"step": step, "dir": name, "revision": revision, "saved_at": _now()} | info
-        entries.append(entry)
-        entries = entries[-keep:]
-        fs = _local_fs()
-        write_json(fs, str(self.index_path), {"identity": identity, "checkpoints": entries})
-        listed = {e["dir"] for e in entries}
-        for old in self.root.glob("step-*"):  # only after the index no longer lists them; also what a save
-            if old.is_dir() and old.name not in listed:  # killed between its index and this clean-up left
-                fs.rm(str(old), recursive=True)
-        return entry
-
-
-def _local_fs():
-    import fsspec
-
-    return fsspec.filesystem("file")
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-class LossLog:
-    """`<out>/loss_log.jsonl`: one JSON line per step (rank 0 writes), flushed and fsynced before a checkpoint's
-    index entry is written. On resume it is cut back to the checkpoint's step: lines a killed run wrote after its
-    last checkpoint (those steps are computed again), and a line cut half-way by the kill, are dropped."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.f = None
-
-    @staticmethod
-    def read(path: str | Path) -> list[dict]:
-        recs = []
-        if Path(path).is_file():
-            with open(path) as f:
-                for line in f:
-                    if not line.endswith("\n"):  # the last line of a killed writer
-                        break
-                    recs.append(json.loads(line))
-        return recs
-
-    def open(self, upto: int) -> None:
-        from storage.atomic import atomic_open
-
-        keep = [r for r in self.read(self.path) if r["step"] <= upto]
-        with atomic_open(_local_fs(), str(self.path), "wb") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in keep).encode())
-        self.f = open(self.path, "a")
-
-    def append(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec) + "\n")
-
-    def sync(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-            self.f = None
-
-
 # ------------------------------------------------------------------------------------------------- loop
 @dataclass
 class StepInfo:
@@ -484,23 +139,6 @@ class PretrainResult:
     identity: str = ""
 
 
-def _dist():
-    """(rank, world_size, local_rank); initialises the process group from torchrun's variables if needed."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = (
-            "nccl"
-            if torch.cuda.is_available() and os.environ.get("RELTAG_DIST_BACKEND") != "gloo"
-            else "gloo"
-        )
-        dist.init_process_group(backend)
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    return 0, 1, 0
-
-
 def pretrain(
     sources: Sequence[str],
     out: str | Path,
@@ -519,9 +157,7 @@ def pretrain(
     `<out>/loss_log.jsonl`, one line per step; the result's history holds the steps of this call.
     Under torchrun (WORLD_SIZE > 1) each process trains on its shard; rank 0 writes.
     """
-    import torch.distributed as dist
-
-    rank, world, local_rank = _dist()
+    rank, world, local_rank = init_distributed()
     distributed = world > 1
     device = torch.device(settings.device)
     if device.type == "cuda" and distributed:
@@ -544,11 +180,8 @@ def pretrain(
 
     ds = open_sources(sources, settings, rank, world, dataset_factory)
     n_local = len(ds)
-    steps_per_epoch = n_local // settings.batch_size
-    if distributed:  # every rank takes the same number of steps (DDP needs it)
-        t = torch.tensor([steps_per_epoch], device=device if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        steps_per_epoch = int(t.item())
+    # every rank takes the same number of steps (DDP needs it)
+    steps_per_epoch = min_over_ranks(n_local // settings.batch_size, device)
     if steps_per_epoch == 0:
         raise ValueError(
             f"rank {rank}: {n_local} images with relations < batch size {settings.batch_size}: no full batch"
@@ -600,11 +233,7 @@ def pretrain(
     params = [p for p in model.parameters() if p.requires_grad]
 
     def checkpoint() -> None:
-        rngs = [rng_state()]
-        if distributed:
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
+        rngs = gather_objects(rng_state())  # every rank's, in rank order
         if rank == 0:
             epoch, pos = divmod(step, steps_per_epoch)
             st = {
@@ -617,8 +246,7 @@ def pretrain(
             entry = store.save(model, st, identity, settings.keep_checkpoints, info)
             if on_checkpoint is not None:
                 on_checkpoint(entry)
-        if distributed:
-            dist.barrier()
+        barrier()
 
     while step < total:
         epoch, pos = divmod(step, steps_per_epoch)
@@ -627,7 +255,7 @@ def pretrain(
             batch_sampler=EpochBatches(
                 n_local, settings.batch_size, settings.seed, epoch, pos, steps_per_epoch
             ),
-            collate_fn=_records,
+            collate_fn=collate_records,
             num_workers=settings.num_workers,
             generator=torch.Generator(),  # its seed draw must not advance the global RNG (resume equality)
         )
@@ -646,11 +274,7 @@ def pretrain(
             step += 1
             names = sorted(terms)
             vals = torch.stack([terms[k].detach().float() for k in names] + [grad_norm.detach().float()])
-            if distributed:
-                vals = vals.to(device)
-                dist.all_reduce(vals)
-                vals = vals / world
-            vals = vals.cpu().tolist()
+            vals = mean_over_ranks(vals, device).cpu().tolist()
             rec = {k: vals[i] for i, k in enumerate(names)} | {
                 "step": step,
                 "epoch": epoch,

@@ -101,7 +101,7 @@ def make_batch(
     """Build queries and targets: the annotated pairs of each image, dn_groups noised copies each (Appendix E).
 
     image_root: the folder the records' file names are relative to (never left: '..', symlinks), or None for
-    records whose file names a reader has already resolved and checked (RelationDataset, VGFileDataset)."""
+    records whose file names a reader has already resolved and checked (RelationDataset)."""
     cfg = model.cfg
     copies = cfg.dn_groups if denoise else 1
     pixels, ents, per_image = [], [], []
