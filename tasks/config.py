@@ -229,7 +229,7 @@ class ThresholdConfig(_Frozen):
     eta: float = Field(
         0.2, ge=0.0, le=1.0, description="keep triplets with confidence >= eta", json_schema_extra=cli("eta")
     )
-    rule: Literal["paper", "relation_only"] = Field(
+    rule: Literal["paper", "relation_only"] = Field(  # storage.rules.RULES (a type: tests pin that they agree)
         "paper",
         description="paper: p_subject * p_object * p_relation; relation_only: p_relation (reference code)",
         json_schema_extra=cli("rule"),

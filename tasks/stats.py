@@ -21,8 +21,6 @@ from typing import Any, ClassVar
 
 #: eta values of the sweep: 0.05, 0.10, ..., 0.95
 ETAS: tuple[float, ...] = tuple(round(k / 20, 2) for k in range(1, 20))
-#: confidence rules of the sweep (tasks.stages.threshold.confidence)
-RULES: tuple[str, ...] = ("paper", "relation_only")
 #: bin edges of the score histograms: 20 bins of 0.05 over [0, 1], the last bin closed on the right
 SCORE_EDGES: tuple[float, ...] = tuple(round(k / 20, 2) for k in range(21))
 #: the scores histogrammed over tagged rows (accepted + rejected)

@@ -7,8 +7,9 @@ import math
 import pytest
 
 from storage.records import Box, Candidate, ImageRecord, TaggedRelation
+from storage.rules import boxes_overlap
 from tasks.config import ThresholdConfig
-from tasks.stages.tag.common import boxes_overlap, rank_within_pairs, tag_greedy
+from tasks.stages.tag.common import rank_within_pairs, tag_greedy
 from tasks.stages.threshold import confidence, threshold_batch
 
 IM = ImageRecord(
@@ -183,3 +184,16 @@ def test_top_k_keeps_the_best_relations_of_each_pair():
     assert [a.relation for a in acc] == ["p"]
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         ThresholdConfig(top_k=0)
+
+
+def test_the_configs_rule_choices_are_the_rules_storage_applies():
+    import typing
+
+    from storage.rules import RULES
+    from tasks.config import ThresholdConfig
+
+    assert (
+        set(typing.get_args(ThresholdConfig.model_fields["rule"].annotation))
+        == set(RULES)
+        == {"paper", "relation_only"}
+    )

@@ -7,8 +7,9 @@ from collections.abc import Mapping
 
 import pyarrow as pa
 
+from storage.rules import RULES
 from tasks.run import registry
-from tasks.stats import ETAS, RULES, SCORES, Group, Histogram, Stats, Tally
+from tasks.stats import ETAS, SCORES, Group, Histogram, Stats, Tally
 
 #: plan quarantine reasons that drop an image (the others drop annotations, counted by the plan)
 _IMAGE_REASONS = (

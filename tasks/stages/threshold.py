@@ -6,21 +6,18 @@ from __future__ import annotations
 import bisect
 from collections import Counter, defaultdict
 
+from storage import rules
 from storage.records import Caption, ImageRecord, Reject, TaggedRelation, Triplet
 from tasks.config import ThresholdConfig
 from tasks.run.context import RunContext, batch_images, read_stage
 from tasks.run.registry import FunnelRow, Stage, StageOutput, register
-from tasks.stages.tag.common import CLIP, boxes_overlap, confidence_order
-from tasks.stats import ETAS, RULES, Count, Histogram, Stats, Tally
+from tasks.stages.tag.common import CLIP, confidence_order
+from tasks.stats import ETAS, Count, Histogram, Stats, Tally
 
 
 def confidence(row: TaggedRelation, rule: str) -> float:
-    """The paper's rule (Sec. 4.2.2): p_subject * p_object * p_relation; the reference code's: p_relation."""
-    if rule == "paper":
-        return row.p_subject * row.p_object * row.p_relation
-    if rule == "relation_only":
-        return row.p_relation
-    raise ValueError(f"unknown confidence rule {rule!r}; expected 'paper' or 'relation_only'")
+    """A tagged row's confidence under `rule` (storage.rules: the paper's product, or p_relation alone)."""
+    return rules.confidence(rule, row.p_subject, row.p_object, row.p_relation)
 
 
 def cut_for(row: TaggedRelation, cfg: ThresholdConfig) -> float:
@@ -37,7 +34,7 @@ def threshold_batch(
     Steps, each naming its rejects' reason:
       1. confidence (cfg.rule) >= eta, or >= clip_eta for rows of the CLIP tagger: `below_eta` (NaN:
          `nan_confidence`);
-      2. cfg.overlap_filter: the subject and object boxes share an area > 0 (tasks.stages.tag.common.boxes_overlap, the
+      2. cfg.overlap_filter: the subject and object boxes share an area > 0 (storage.rules.boxes_overlap, the
          greedy baseline's rule): `no_overlap`;
       3. cfg.top_k: at most K relations per (image, subject, object) among the survivors, by that confidence,
          then supporting captions, then text: `beyond_top_k`.
@@ -54,7 +51,7 @@ def threshold_batch(
         reason = None
         if not conf >= cut_for(t, cfg):  # also rejects NaN
             reason = "nan_confidence" if conf != conf else "below_eta"
-        elif cfg.overlap_filter and not boxes_overlap(
+        elif cfg.overlap_filter and not rules.boxes_overlap(
             boxes[(t.image_id, t.subject_ann_id)], boxes[(t.image_id, t.object_ann_id)]
         ):
             reason = "no_overlap"
@@ -157,11 +154,11 @@ def sweep_counts(
     boxes = {(im.image_id, b.ann_id): b for im in images for b in im.boxes}
     triplets: dict[tuple[str, str], int] = {}
     kept: dict[tuple[str, str], int] = {}
-    for rule in RULES:
+    for rule in rules.RULES:
         by_pair: dict[tuple[int, int, int], list[float]] = defaultdict(list)
         for t in tags:
             pair = (t.image_id, t.subject_ann_id, t.object_ann_id)
-            if cfg.overlap_filter and not boxes_overlap(
+            if cfg.overlap_filter and not rules.boxes_overlap(
                 boxes[(t.image_id, t.subject_ann_id)], boxes[(t.image_id, t.object_ann_id)]
             ):
                 continue

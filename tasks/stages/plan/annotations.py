@@ -1,4 +1,4 @@
-"""Plan stage, annotations: spill them per shard to local disk, find repeated ids, order each image's classes."""
+"""Plan stage, annotations: spilled per shard to local disk, checked for repeated ids, classes ordered."""
 
 from __future__ import annotations
 

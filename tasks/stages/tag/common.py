@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from storage.records import Box, Candidate, ImageRecord, TaggedRelation
+from storage.records import Candidate, ImageRecord, TaggedRelation
+from storage.rules import boxes_overlap
 from tasks.stats import Count, Stats
 
 GREEDY = "greedy_overlap"
@@ -31,17 +32,6 @@ def tagged(
         relation_lemma if other else c.relation_lemma, [] if other else list(c.caption_ids),
         0 if other else c.n_captions, p_subject, p_object, p_relation, p_subject * p_object * p_relation, 0, tagger,
     )  # fmt: skip
-
-
-def boxes_overlap(a: Box, b: Box) -> bool:
-    """True when the two boxes share an area > 0: the overlap prior (paper Tables 5 and 13).
-
-    The same rule as the reference's `check_overlap` (centre distance < half the summed sizes on both axes, strict):
-    boxes that only touch along an edge do not overlap.
-    """
-    iw = min(a.x + a.w, b.x + b.w) - max(a.x, b.x)
-    ih = min(a.y + a.h, b.y + b.h) - max(a.y, b.y)
-    return iw > 0 and ih > 0
 
 
 def confidence_order(conf: float, n_captions: int, relation: str) -> tuple:
