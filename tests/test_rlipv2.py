@@ -410,7 +410,9 @@ def test_tagger_score_takes_the_vocabulary_and_refuses_a_label_outside_it(tmp_pa
         match=r"labels \['teddy bear'\] are not class keys of the o365 vocabulary \(the checkpoint's vocabulary: o365\)",
     ):
         tagger.score(img, boxes, ["person", "teddy bear"], pairs, texts, vocabulary="o365")
-    with pytest.raises(ValueError, match=r"labels \['teddy bear'\] are not class keys of the 1 class keys given"):
+    with pytest.raises(
+        ValueError, match=r"labels \['teddy bear'\] are not class keys of the 1 class keys given"
+    ):
         tagger.score(img, boxes, ["person", "teddy bear"], pairs, texts, vocabulary=["person"])
     with pytest.raises(TypeError, match="vocabulary"):  # no default: never the checkpoint's keys unasked
         tagger.score(img, boxes, ["person", "teddy bear"], pairs, texts)

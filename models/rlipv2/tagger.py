@@ -209,7 +209,8 @@ class Tagger:
                 )
             return None
         if isinstance(vocabulary, str):
-            keys, name = class_keys(vocabulary), f"the {vocabulary} vocabulary"  # a ValueError names the choices
+            # an unknown name is class_keys' ValueError, naming the choices
+            keys, name = class_keys(vocabulary), f"the {vocabulary} vocabulary"
         else:
             keys, name = [str(k) for k in vocabulary], f"the {len(vocabulary)} class keys given"
         known = set(keys)
