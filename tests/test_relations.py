@@ -20,7 +20,8 @@ from storage.atomic import write_json
 from storage.layout import RunLayout
 from storage.ledger import Ledger, Unit
 from storage.manifest import ChainLink, PlanManifest, RunRecord, ShardInfo
-from storage.relations import RunNotFinished, RunSource, check_overlap, resolve_source
+from storage.relations import RunNotFinished, RunSource, resolve_source
+from storage.rules import boxes_overlap
 from storage.schemas import IMAGES, REJECTS, TRIPLETS
 
 # o365 class keys of category ids 1, 3, 5, 6 (models/data/synonyms/o365_obj_paraphrase.json, position + 1)
@@ -166,8 +167,8 @@ def test_overlap_filter_comes_after_the_threshold_and_before_the_cap(tmp_path):
     off = items(RelationDataset([plan], max_relations=3))
     assert [i.image_id for i in off] == [1, 3]
     assert [r.predicate for r in off[0].relationships] == ["far0", "far1", "far2"]
-    # the reference's test: centres closer than the half-sizes' sum on both axes, strictly (touching is apart)
-    assert check_overlap([0, 0, 10, 10], [9, 9, 10, 10]) and not check_overlap(
+    # a shared area > 0 on both axes (storage.rules; tests/test_rules.py): touching is apart
+    assert boxes_overlap([0, 0, 10, 10], [9, 9, 10, 10]) and not boxes_overlap(
         [0, 0, 10, 10], [10, 0, 10, 10]
     )
 
@@ -285,6 +286,101 @@ def test_vg_rows_without_a_confidence_are_kept(tmp_path):
         ValueError, match="image 5: relationship 1 -x-> 9 names an object that is not in the image"
     ):
         items(RelationDataset([bad]))
+
+
+def one_behaviour_vg(tmp_path):
+    """4 records: image 10's only relation is below eta (p_relation 0.1): dropped; image 11 (objects named by
+    `names`, a list and a text) has a factor row at 0.6 (paper: 0.5 * 0.5 * 0.6 = 0.15) and a human row twice;
+    image 12 has human rows, one pair twice; image 13 one row with `confidence` 0.25."""
+    man = {"object_id": 1, "names": ["man", "person"], "x": 0, "y": 0, "w": 10, "h": 10}
+    dog = {"object_id": 2, "names": "dog", "x": 5, "y": 5, "w": 10, "h": 10}
+    return write_vg(tmp_path / "vg.json", [
+        vg_image(10, [{"subject_id": 1, "object_id": 2, "predicate": "low", "p_relation": 0.1}]),
+        vg_image(11, [{"subject_id": 1, "object_id": 2, "predicate": "chasing", "p_subject": 0.5, "p_object": 0.5,
+                       "p_relation": 0.6},
+                      {"subject_id": 1, "object_id": 2, "predicate": "near"},
+                      {"subject_id": 1, "object_id": 2, "predicate": "near"}], objects=[man, dog]),
+        vg_image(12, [{"subject_id": 1, "object_id": 2, "predicate": "on"},
+                      {"subject_id": 1, "object_id": 2, "predicate": "on"},
+                      {"subject_id": 2, "object_id": 1, "predicate": "under"}]),
+        vg_image(13, [{"subject_id": 2, "object_id": 1, "predicate": "by", "confidence": 0.25}]),
+    ])  # fmt: skip
+
+
+def test_one_vg_behaviour_on_every_path_eta_names_duplicates_and_two_ranks(tmp_path):
+    """The pre-training data (open_sources), RelationDataset and load_vg read a VG file the same way: eta applied,
+    empty images dropped, `names` read, duplicates merged multi-hot, and ranks take contiguous blocks of the kept
+    images: 3 kept (11, 12, 13) on 2 ranks -> rank 0 [0, 1), rank 1 [1, 3)."""
+    from models.rlipv2.data import load_vg
+    from models.rlipv2.pretrain_data import open_sources
+    from models.rlipv2.pretrain_settings import PretrainSettings
+
+    vg = one_behaviour_vg(tmp_path)
+    assert [i.image_id for i in RelationDataset([vg])] == [11, 12, 13]
+    assert [[i.image_id for i in RelationDataset([vg], rank=r, world_size=2)] for r in (0, 1)] == [
+        [11],
+        [12, 13],
+    ]
+    s = PretrainSettings()
+    assert [[i.image_id for i in open_sources([vg], s, r, 2)] for r in (0, 1)] == [[11], [12, 13]]
+    assert [i.image_id for i in load_vg(vg)] == [11, 12, 13]
+    for got in (list(RelationDataset([vg])), list(open_sources([vg], s)), load_vg(vg)):
+        a, b, c = got
+        assert [o.name for o in a.objects] == ["man", "dog"] and a.object_texts == ["man", "dog"]
+        assert [(r.predicate, r.confidence) for r in a.relationships] == [
+            ("chasing", 0.6), ("near", None), ("near", None),
+        ]  # fmt: skip
+        assert a.pairs == [(1, 2)] and a.relation_texts == ["chasing", "near"] and a.pair_labels == [[1, 1]]
+        assert b.pairs == [(1, 2), (2, 1)] and b.relation_texts == ["on", "under"]
+        assert b.pair_labels == [[1, 0], [0, 1]]
+        assert [(r.predicate, r.confidence) for r in c.relationships] == [("by", 0.25)]
+    # relative: train.make_batch resolves it under the file's folder
+    assert load_vg(vg)[0].file_name == "images/11.png"
+    # eta 0.3 also drops image 13 (0.25); the paper rule drops "chasing" (0.15), image 11 stays by its "near" rows
+    assert [i.image_id for i in open_sources([vg], PretrainSettings(eta=0.3))] == [11, 12]
+    with pytest.raises(
+        ValueError, match=r"record #0, image 10: relationship #0 has no p_subject, p_object .rule "
+    ):
+        load_vg(vg, rule="paper")  # image 10's row has p_relation alone: the paper rule cannot apply to it
+    no10 = write_vg(tmp_path / "no10.json", json.loads(open(vg).read())[1:])
+    paper = load_vg(no10, rule="paper")
+    assert [r.predicate for r in paper[0].relationships] == ["near", "near"]
+    # max_relations keeps the first rows in file order, duplicates counted
+    (first,) = [i for i in open_sources([vg], PretrainSettings(max_relations=1)) if i.image_id == 11]
+    assert [r.predicate for r in first.relationships] == ["chasing"]
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ([1, 2], r"record #0: is list, not a JSON object"),
+        ({"image_id": 5}, r"record #0, image 5: has no 'file_name'"),
+        (vg_image(5, [], objects=[{"object_id": 1, "x": 0, "y": 0, "w": 1, "h": 1}]),
+         r"record #0, image 5: object 1 has no name \(`name` or `names`: None\)"),
+        (vg_image(5, [], objects=[{"object_id": 1, "names": [], "x": 0, "y": 0, "w": 1, "h": 1}]),
+         r"record #0, image 5: object 1 has no name"),
+        (vg_image(5, [], objects=[{"object_id": 1, "name": "a", "x": 0, "y": 0, "w": -1, "h": 1}]),
+         r"record #0, image 5: object 1 has w=-1.0, h=1.0; sizes must be >= 0"),
+        (vg_image(5, [], objects=[{"object_id": 1, "name": "a", "x": "0", "y": 0, "w": 1, "h": 1}]),
+         r"record #0, image 5: object 1: x is '0', not a finite number"),
+        (vg_image(5, [{"subject_id": 1, "object_id": 2}]), r"record #0, image 5: relationship #0 has no 'predicate'"),
+        (vg_image(5, [{"subject_id": 1, "object_id": 2, "predicate": "on", "p_relation": "high"}]),
+         r"record #0, image 5: relationship #0 p_relation is 'high', not a finite number"),
+        (vg_image(5, [{"subject_id": "1", "object_id": 2, "predicate": "on"}]),
+         r"record #0, image 5: relationship #0: subject_id is '1', not an integer"),
+        (dict(vg_image(5, []), objects=[{"object_id": 1, "name": "a", "x": 0, "y": 0, "w": 1, "h": 1}] * 2),
+         r"record #0, image 5: repeats an object_id"),
+    ],
+)  # fmt: skip
+def test_a_bad_vg_record_is_a_value_error_naming_the_file_and_the_record(tmp_path, record, message):
+    from models.rlipv2.data import load_vg
+
+    good = vg_image(4, [{"subject_id": 1, "object_id": 2, "predicate": "on"}])
+    path = write_vg(tmp_path / "bad.json", [good, record])
+    message = message.replace("record #0", "record #1")
+    for read in (lambda: RelationDataset([path]), lambda: load_vg(path)):
+        with pytest.raises(ValueError, match=rf"VG file .*bad\.json: {message}"):
+            read()
 
 
 def two_runs_and_vg(tmp_path):

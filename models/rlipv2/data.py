@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 
-from storage.paths import unsafe_name
 from storage.relations import ImageRelations, RelationReader
 
 
@@ -38,9 +37,9 @@ class VGRelation:
 
 @dataclass(slots=True)
 class VGImage:
-    """One training image. `load_vg` fills the first six fields; `RelationDataset` fills them all.
+    """One training image, as `reference_item` builds it (`load_vg` and `RelationDataset` both use it).
 
-    RelationDataset's extras, in the reference loader's form: object_texts (unique class names of all boxes,
+    The extras, in the reference loader's form: object_texts (unique class names of all boxes,
     first seen first), labels (per object, its index in object_texts), relation_texts (unique predicates of the
     kept relations, first seen first), pairs ((subject object_id, object object_id), first seen first) with
     pair_labels (per pair, a multi-hot list over relation_texts), image (the decoded image or the transform's
@@ -63,35 +62,19 @@ class VGImage:
     image: Any = None
 
 
-def load_vg(annotation_file: str | Path) -> list[VGImage]:
-    """Read the relationships JSON (a list of images, see examples/vg_tiny/README.md) and validate it."""
-    raw = json.loads(Path(annotation_file).read_text())
-    images = []
-    for im in raw:
-        objs = [VGObject(**o) for o in im["objects"]]
-        ids = {o.object_id for o in objs}
-        for o in objs:
-            if o.w <= 0 or o.h <= 0:
-                raise ValueError(
-                    f"image {im['image_id']}: object {o.object_id} has w={o.w}, h={o.h}; both must be > 0"
-                )
-            if o.x < 0 or o.y < 0 or o.x + o.w > im["width"] + 1e-6 or o.y + o.h > im["height"] + 1e-6:
-                raise ValueError(
-                    f"image {im['image_id']}: object {o.object_id} box ({o.x}, {o.y}, {o.w}, {o.h}) leaves the "
-                    f"{im['width']}x{im['height']} image"
-                )
-        rels = [VGRelation(**r) for r in im["relationships"]]
-        for r in rels:
-            if r.subject_id not in ids or r.object_id not in ids:
-                raise ValueError(
-                    f"image {im['image_id']}: relationship {r.subject_id} -{r.predicate}-> {r.object_id} names an "
-                    f"object that is not in the image (objects {sorted(ids)})"
-                )
-        why = unsafe_name(im.get("file_name"))
-        if why:
-            raise ValueError(f"image {im['image_id']}: {why}")
-        images.append(VGImage(im["image_id"], im["file_name"], im["width"], im["height"], objs, rels))
-    return images
+def load_vg(
+    annotation_file: str | Path, eta: float = 0.2, rule: str = "relation_only", max_relations: int = 100
+) -> list[VGImage]:
+    """A VG-format relationships file (examples/vg_tiny/README.md) as training items, by the one VG reader's rules
+    (storage.relations.vg: records checked, relations with confidence >= eta, empty images dropped) and the
+    reference's per-image steps (`reference_item`). File names stay relative to the file's folder, where
+    `models.rlipv2.train.make_batch` resolves them. Raises ValueError naming the file and record for a bad one."""
+    out = []
+    for rec in RelationReader([str(annotation_file)], eta, rule):
+        item = reference_item(rec, max_relations)
+        item.file_name = rec.relative_name
+        out.append(item)
+    return out
 
 
 def box_name(rec: ImageRelations, category_id: int, label: str) -> str:
