@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.images import MAX_PIXELS, PIXEL_CEILING
+
 
 def cli(flag: str, default: str | None = None) -> dict:
     """A config field's command-line flag (`--flag`), and how its default reads in `--help` when the field's
@@ -38,9 +40,9 @@ class PlanConfig(_Frozen):
     )
     # image checks at planning (header only) and in the verify stage (full decode)
     max_pixels: int = Field(
-        89_478_485,
+        MAX_PIXELS,
         ge=1,
-        le=178_956_970,
+        le=PIXEL_CEILING,
         description="images with more pixels are quarantined (too_large); default = Pillow's decompression-bomb "
         "limit, at most twice it (Pillow refuses to open bigger images at all)",
         json_schema_extra=cli("max-pixels"),

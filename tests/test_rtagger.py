@@ -26,7 +26,7 @@ def runner():
     torch.manual_seed(0)
     cfg = tiny_config()
     tok = build_word_tokenizer(LABELS + RELS + [cfg.no_object_text])
-    return RTaggerRunner.from_model(RLIPv2ParSeD(cfg, tok))
+    return RTaggerRunner(RLIPv2ParSeD(cfg, tok), "tiny-in-memory")  # an in-memory model: any revision name
 
 
 def _image(image_id: int, n_boxes: int, width=160, height=120, seed=0) -> tuple[ImageRecord, Image.Image]:

@@ -40,13 +40,6 @@ class RTaggerRunner:
         self.dtype = dtype
 
     @classmethod
-    def from_model(cls, model: RLIPv2ParSeD, device: str = "cpu", dtype: str = "float32") -> RTaggerRunner:
-        """Wrap an in-memory model (tests, benchmarks); the revision hashes its config and weights."""
-        from models.rlipv2.checkpoint import state_revision
-
-        return cls(model, "state:" + state_revision(model), device, dtype)
-
-    @classmethod
     def from_config(cls, cfg: TagConfig) -> RTaggerRunner:
         """Load cfg.checkpoint (safetensors + rlipv2_config.json + tokenizer/) once per process and cache it."""
         if cfg.checkpoint is None:
