@@ -1,4 +1,4 @@
-"""Runs under an output root and their status from the ledger: per shard and stage, batches done, failed, pending."""
+"""Runs under an output root: whether each is finished (`unfinished`, the one test) and its ledger, per stage."""
 
 from __future__ import annotations
 
@@ -6,13 +6,14 @@ import posixpath
 
 from fsspec.core import url_to_fs
 
+import tasks.stages  # noqa: F401  (registers the built-in stages)
 from storage.atomic import read_json
 from storage.layout import RunLayout
 from storage.ledger import Ledger, Unit
 from storage.manifest import PlanManifest, RunRecord
-from tasks.run.registry import STAGES, folders
+from tasks.run.registry import folders, last_stage, stages
 
-WRITE = STAGES[-1].name  # the shard-level stage that writes the product
+WRITE = last_stage().name  # the shard-level stage that writes the product
 
 
 def unwritten_shards(plan: PlanManifest, snap: dict[str, set[str]]) -> list:
@@ -20,9 +21,47 @@ def unwritten_shards(plan: PlanManifest, snap: dict[str, set[str]]) -> list:
     return [sh for sh in plan.shards if Unit(WRITE, sh.shard).rel() not in snap["done"]]
 
 
+def unfinished(
+    layout: RunLayout, plan: PlanManifest | None = None, snap: dict[str, set[str]] | None = None
+) -> list[str]:
+    """What a run lacks to count as finished, one phrase per gap (empty: finished). The one test of "is the run
+    finished" (the CLI, the flows, `reltag run` on a finished run): every shard's write unit is done in the
+    ledger AND the run's statistics (stats/<run_key>/run.json) are written. plan / snap: the plan manifest and a
+    ledger snapshot when the caller holds them (read here otherwise)."""
+    fs = layout.fs
+    if plan is None:
+        if not fs.exists(layout.plan_manifest):
+            return [f"its plan {layout.plan_manifest} is not written"]
+        plan = plan_of(layout)
+    if snap is None:
+        snap = Ledger(layout).snapshot()
+    out = []
+    unwritten = [sh.shard for sh in unwritten_shards(plan, snap)]
+    if unwritten:
+        out.append(f"{len(unwritten)} of {len(plan.shards)} shards have no '{WRITE}' record {unwritten[:10]}")
+    if not fs.exists(layout.run_stats):
+        out.append(f"the run statistics {layout.run_stats} are not written")
+    if out and snap["failed"]:  # failures do not decide it, they explain it
+        out.append(f"{len(snap['failed'])} failed units {sorted(snap['failed'])[:5]}")
+    return out
+
+
+def check_finished(
+    layout: RunLayout, plan: PlanManifest | None = None, snap: dict[str, set[str]] | None = None
+) -> None:
+    """Raise a one-line ValueError naming what the run lacks, unless it is finished (`unfinished`)."""
+    gaps = unfinished(layout, plan, snap)
+    if gaps:
+        raise ValueError(
+            f"run {layout.run_key} under {layout.root} is not finished: {'; '.join(gaps)} "
+            f"(`reltag status --out {layout.root} --run {layout.run_key}` shows what is left; "
+            "rerunning `reltag run` finishes it)"
+        )
+
+
 def is_finished(layout: RunLayout, plan: PlanManifest, snap: dict[str, set[str]]) -> bool:
-    """Every shard written and the run's statistics rolled up."""
-    return not unwritten_shards(plan, snap) and layout.fs.exists(layout.run_stats)
+    """Every shard written and the run's statistics rolled up (`unfinished` is empty)."""
+    return not unfinished(layout, plan, snap)
 
 
 def find_runs(out: str) -> list[RunLayout]:
@@ -49,10 +88,10 @@ def run_status(layout: RunLayout) -> dict:
     plan = plan_of(layout)
     snap = Ledger(layout).snapshot()
     shards = []
-    totals = {s.name: {"done": 0, "failed": 0, "pending": 0} for s in STAGES}
+    totals = {s.name: {"done": 0, "failed": 0, "pending": 0} for s in stages()}
     for sh in plan.shards:
         row = {"shard": sh.shard, "images": sh.images, "batches": sh.batches, "stages": {}}
-        for st in STAGES:
+        for st in stages():
             units = (
                 [Unit(st.name, sh.shard, b) for b in range(sh.batches)]
                 if st.per_batch
@@ -66,8 +105,7 @@ def run_status(layout: RunLayout) -> dict:
             for k, v in c.items():
                 totals[st.name][k] += v
         shards.append(row)
-    last = STAGES[-1].name
-    complete = all(r["stages"][last]["done"] == 1 for r in shards)
+    complete = is_finished(layout, plan, snap)
     out = {
         "dataset": layout.dataset,
         "run_key": layout.run_key,
@@ -80,7 +118,7 @@ def run_status(layout: RunLayout) -> dict:
         "failed_units": sorted(snap["failed"]),
         "complete": complete,
     }
-    if complete and layout.fs.exists(layout.run_stats):
+    if complete:
         out["triplets"] = read_json(layout.fs, layout.run_stats).get("triplets")
     return out
 
@@ -95,7 +133,7 @@ def finished_summary(params) -> dict | None:
     ).ctx
     layout = ctx.layout
     if not (layout.fs.exists(layout.run_stats) and layout.fs.exists(layout.plan_manifest)):
-        return None
-    if not is_finished(layout, plan_of(layout), Ledger(layout).snapshot()):
+        return None  # the cheap test first: most unfinished runs have no statistics yet
+    if unfinished(layout):
         return None
     return read_json(layout.fs, layout.run_stats)
