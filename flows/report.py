@@ -1,13 +1,10 @@
-"""`reltag report`: read a finished run (record, statistics, triplets, image records), build its audit page or the
-comparison of two runs (tasks/audit/report.py), write it atomically under <plan folder>/report/ and print the path."""
+"""A finished run's audit page, or two runs' comparison (tasks/audit/report.py), written under <plan>/report/."""
 
 from __future__ import annotations
 
-import sys
-
 import pyarrow as pa
 
-from flows.status import plan_of, run_record
+from flows.status import check_finished, plan_of, run_record
 from storage.atomic import atomic_open, read_json
 from storage.layout import RunLayout
 from storage.records import ImageRecord
@@ -30,13 +27,6 @@ def read_triplets(run: RunLayout, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
-def check_finished(run: RunLayout) -> None:
-    if not run.fs.exists(run.run_stats):
-        raise ValueError(
-            f"run {run.run_key} under {run.root} is not finished: no {run.run_stats} (reltag status shows what is left)"
-        )
-
-
 def load_run(run: RunLayout, top: int = 6, per_group: int = 3):
     """The RunData of a finished run: its record, run.json, the triplets' pick columns, and every column of the
     gallery's images' triplets with their image records (read shard by shard, so memory holds only those)."""
@@ -44,8 +34,8 @@ def load_run(run: RunLayout, top: int = 6, per_group: int = 3):
     import pyarrow.parquet as pq
 
     from storage import schemas
-    from tasks.stages.plan import shard_records
     from tasks.audit.report import PICK_COLUMNS, RunData, gallery_image_ids, gallery_picks
+    from tasks.stages.plan import shard_records
 
     check_finished(run)
     slim = read_triplets(run, PICK_COLUMNS)
@@ -105,35 +95,3 @@ def build_compare(a: RunLayout, b: RunLayout, examples: int = 50) -> tuple[str, 
     diff = diff_triplets(read_triplets(a, cols), read_triplets(b, cols), a.run_key, b.run_key, examples)
     page = compare_html(run_record(a), run_record(b), diff, examples)
     return write_page(a, f"compare-{a.run_key}-{b.run_key}.html", page), diff.counts
-
-
-def report_command(args, one_run) -> int:
-    """`reltag report`: one_run(args) resolves --out and --run-key to a run (flows/cli.py's rule)."""
-    import argparse
-
-    for flag in ("top", "per_group", "examples"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.compare:
-        runs = []
-        for key in args.compare:
-            run = one_run(argparse.Namespace(**{**vars(args), "run_key": key}))
-            if run is None:
-                return 1
-            runs.append(run)
-        if runs[0].run_key == runs[1].run_key:
-            print(f"reltag report: --compare names run {runs[0].run_key} twice", file=sys.stderr)
-            return 2
-        path, counts = build_compare(runs[0], runs[1], args.examples)
-        print(
-            f"run {runs[1].run_key} against {runs[0].run_key}: "
-            + ", ".join(f"{v} {k}" for k, v in counts.items())
-        )
-        print(f"wrote {path}")
-        return 0
-    run = one_run(args)
-    if run is None:
-        return 1
-    path = build_report(run, args.top, args.per_group)
-    print(f"wrote {path}")
-    return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -88,8 +89,8 @@ def test_plan_command_reports_the_run(tmp_path, capsys):
 
 
 def test_status_without_runs(tmp_path, capsys):
-    assert main(["status", "--out", str(tmp_path)]) == 1
-    assert "no runs under" in capsys.readouterr().err
+    assert main(["status", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"reltag status: error: no runs under {tmp_path}\n"
 
 
 def test_rtagger_without_checkpoint_is_refused_before_any_work(tmp_path, capsys):
@@ -279,3 +280,166 @@ def test_status_stats_show_accept_the_output_path(prefect_harness, tmp_path, cap
         png = tmp_path / "s.png"
         assert main(["show", "--out", where, "--png", str(png)]) == 0 and png.stat().st_size > 0
         capsys.readouterr()
+    # --json on the commands that write: what was written, as one JSON document
+    png = tmp_path / "j.png"
+    assert main(["show", "--out", str(out), "--png", str(png), "--n-images", "2", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["png"] == str(png) and shown["images"] == 2 == len(shown["image_ids"]) and png.stat().st_size
+    assert main(["report", "--run", output, "--json"]) == 0  # the run's folder as --run, no --out
+    page = json.loads(capsys.readouterr().out)
+    assert page["html"].endswith(f"/report/{page['run_key']}.html") and Path(page["html"]).is_file()
+    dest = tmp_path / "rel.json"
+    assert main(["export", "--out", str(out), "--json", str(dest)]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert (
+        exported["dest"] == str(dest) and exported["bytes"] == dest.stat().st_size and exported["images"] >= 1
+    )
+
+
+# ---- one CLI: every option explained, one run selector, one error form ------------------------------------------
+
+
+def _subparsers(parser) -> dict:
+    import argparse
+
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub
+
+
+def test_every_command_and_option_has_help():
+    """Walks every subcommand: a help line in `reltag --help`, a description, and a help text on each option
+    (hidden deprecated aliases excepted); the read commands all take --out, --run and --json."""
+    import argparse
+
+    sub = _subparsers(build_parser())
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    assert set(helps) == set(sub.choices) and len(sub.choices) == 10
+    missing = []
+    for name, p in sub.choices.items():
+        if not helps[name] or not p.description:
+            missing.append(f"{name}: help or description")
+        for a in p._actions:
+            if isinstance(a, argparse._HelpAction) or a.help == argparse.SUPPRESS:
+                continue
+            if not (a.help or "").strip():
+                missing.append(f"{name} {'/'.join(a.option_strings) or a.dest}")
+        text = p.format_help()
+        assert "manifest.json" not in text, name  # the files are plan.json and runs/<key>.json
+    assert missing == []
+    for name in ("runs", "status", "stats", "show", "report", "export"):
+        opts = {o for a in sub.choices[name]._actions for o in a.option_strings}
+        assert {"--out", "--run", "--json"} <= opts, name
+    assert "verify" in helps["run"]
+    # --sample is one thing: demo's sample folder; show counts its images with --n-images
+    assert "--sample" not in {o for a in sub.choices["show"]._actions for o in a.option_strings}
+
+
+def test_old_spellings_are_hidden_aliases(tmp_path):
+    ap = build_parser()
+    a = ap.parse_args(["stats", "--out", "o", "--run-key", "abc"])
+    assert a.run == "abc"
+    a = ap.parse_args(["pretrain", "--source", "s", "--out", "o", "--config", "c.yaml"])
+    b = ap.parse_args(["pretrain", "--source", "s", "--out", "o", "--settings", "c.yaml"])
+    assert a.settings == b.settings == "c.yaml"
+    assert "--settings" not in _subparsers(ap).choices["pretrain"].format_help()
+    assert "--run-key" not in _subparsers(ap).choices["stats"].format_help()
+
+
+@pytest.fixture
+def three_runs(tmp_path):
+    """Under one root: finished runs abc111 and abc222 and an unfinished def333 (plan folders t/plan-<key>)."""
+    from tests.test_relations import HAT, PERSON, img, make_run, trip
+
+    b = [(1, PERSON, 0, 0, 5, 5), (2, HAT, 0, 0, 5, 5)]
+    shards = [([img(1, b)], [trip(1, 1, 2, "on", 0.9)])] * 2
+    root = tmp_path / "root"
+    for key, finished in (("abc111", True), ("abc222", True), ("def333", False)):
+        make_run(root, shards, run_key=key, finished=finished)
+    return root
+
+
+def _err(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line
+    return err.strip()
+
+
+def test_read_commands_refuse_unknown_ambiguous_and_unfinished_runs_alike(three_runs, tmp_path, capsys):
+    root = str(three_runs)
+    extra = {"show": ["--png", str(tmp_path / "x.png")], "export": [str(tmp_path / "x.json")]}
+    for cmd in ("stats", "show", "report", "export"):
+        base = [cmd, "--out", root, *extra.get(cmd, [])]
+        assert main([*base, "--run", "def"]) == 2, cmd
+        err = _err(capsys)
+        assert err.startswith(f"reltag {cmd}: error: run def333 under {root} is not finished: ")
+        assert (
+            "2 of 2 shards have no 'write' record [0, 1]" in err
+            and "stats/def333/run.json are not written" in err
+        )
+        assert main([*base, "--run-key", "def3"]) == 2 and "def333" in _err(capsys)  # the old spelling
+        assert main([*base, "--run", "zzz"]) == 2, cmd
+        assert _err(capsys) == (
+            f"reltag {cmd}: error: no run under {root} has a key starting 'zzz' (its runs: abc111, abc222, def333)"
+        )
+        assert main([*base, "--run", "abc"]) == 2, cmd
+        assert _err(capsys) == (
+            f"reltag {cmd}: error: --run 'abc' matches 2 runs (abc111, abc222); give more of the key"
+        )
+        assert main([cmd, "--out", str(tmp_path / "none"), *extra.get(cmd, [])]) == 2
+        assert _err(capsys) == f"reltag {cmd}: error: no runs under {tmp_path / 'none'}"
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.json").exists()
+    # the newest run is unfinished: without --run a finished-only command says so, naming it
+    assert main(["stats", "--out", root]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("reltag stats: showing run def333 (t), the newest of 3; --run picks another")
+    assert err[1].startswith("reltag stats: error: run def333 under") and len(err) == 2
+    # status and runs read unfinished runs; an unknown one is the same error
+    assert main(["status", "--out", root, "--run", "def", "--json"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["run_key"] == "def333" and st["complete"] is False
+    assert main(["status", "--out", root, "--run", "zzz"]) == 2 and "key starting 'zzz'" in _err(capsys)
+    assert main(["status", "--out", root, "--json"]) == 0  # every run, finished or not
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["run_key"], r["complete"], r.get("triplets")) for r in rows] == [
+        ("abc111", True, 2), ("abc222", True, 2), ("def333", False, None),
+    ]  # fmt: skip
+    assert main(["runs", "--out", root, "--run", "zzz"]) == 2 and "key starting 'zzz'" in _err(capsys)
+
+
+def test_run_selector_takes_a_key_a_record_or_a_folder(three_runs, capsys):
+    root = three_runs
+    plan = root / "t" / "plan-abc222"
+    for how in (
+        ["--out", str(root), "--run", "abc222"],
+        ["--out", str(root), "--run", "abc2"],
+        ["--run", str(plan / "runs" / "abc222.json")],  # the run's record: no --out needed
+        ["--run", str(plan)],  # its plan folder (one run in it)
+        ["--run", str(plan / "stats" / "abc222")],  # a folder of the run under its plan
+        ["--out", str(plan)],  # --out at the plan folder
+    ):
+        assert main(["stats", *how, "--json"]) == 0, how
+        assert json.loads(capsys.readouterr().out) == {"triplets": 2}, how
+    assert main(["stats", "--run", str(root)]) == 2  # the root holds three runs
+    assert "--run" in _err(capsys)
+    assert main(["stats", "--run", str(plan / "runs" / "nope.json")]) == 2
+    assert _err(capsys) == f"reltag stats: error: no run record at {plan / 'runs' / 'nope.json'}"
+    assert main(["stats", "--run", "abc222"]) == 2
+    assert _err(capsys) == "reltag stats: error: --out is required unless --run is a path"
+
+
+def test_finished_is_one_decision(three_runs):
+    """flows.status.unfinished decides for every command and flow: every shard's write unit done in the ledger
+    and stats/<run-key>/run.json written; run_status's `complete` and is_finished agree with it."""
+    from flows.status import find_runs, is_finished, plan_of, run_status, unfinished
+    from storage.ledger import Ledger
+
+    runs = {r.run_key: r for r in find_runs(str(three_runs))}
+    done, todo = runs["abc111"], runs["def333"]
+    assert unfinished(done) == [] and run_status(done)["complete"] is True
+    assert is_finished(done, plan_of(done), Ledger(done).snapshot())
+    gaps = unfinished(todo)
+    assert len(gaps) == 2 and run_status(todo)["complete"] is False
+    # the ledger says written but the statistics are missing: not finished
+    Path(done.run_stats).unlink()
+    assert unfinished(done) == [f"the run statistics {done.run_stats} are not written"]
+    assert run_status(done)["complete"] is False and "triplets" not in run_status(done)

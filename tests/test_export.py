@@ -218,8 +218,8 @@ def test_export_refuses_an_unfinished_run_with_one_line(tmp_path, capsys):
         and "2 of 2 shards have no 'write' record [0, 1]" in err
     )
     assert "\n" not in err and not dest.exists()
-    assert main(["export", "--out", str(tmp_path / "none"), str(dest)]) == 1
-    assert "no runs under" in capsys.readouterr().err
+    assert main(["export", "--out", str(tmp_path / "none"), str(dest)]) == 2
+    assert capsys.readouterr().err == f"reltag export: error: no runs under {tmp_path / 'none'}\n"
     assert (
         main(["export", "--out", str(tmp_path), "--format", "parquet", "--image-paths", "p.json", str(dest)])
         == 2
