@@ -1,4 +1,4 @@
-"""Typed statistics (tasks/stats.py): merges in any order and grouping, the audit of a run checked against an
+"""Typed statistics (tasks/stats/): merges in any order and grouping, the audit of a run checked against an
 independent computation from its Parquet outputs."""
 
 from __future__ import annotations
