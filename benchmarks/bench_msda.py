@@ -96,11 +96,19 @@ def _call(impl, args, backward: bool):
     return out, v.grad, lc.grad, a.grad
 
 
+def _force(backend: str) -> None:
+    """Force the op's backend: set RELTAG_MSDA_BACKEND and have the op's next call choose with it."""
+    import kernels
+
+    os.environ[kernels.BACKEND_ENV] = backend
+    kernels.reset_backends()
+
+
 def _impl(which: str, device: str):
     import kernels
 
     if which == "candidate":
-        os.environ[kernels.BACKEND_ENV] = device
+        _force(device)
         return kernels.ms_deform_attn
     return kernels.ms_deform_attn_reference
 
@@ -132,7 +140,8 @@ def memory_worker(which: str, shape: str, mode: str, device: str) -> dict:
     impl = _impl(which, device)
     backward = mode == "forward_backward"
     if which == "candidate":
-        assert _build.get_extension(device) is not None, _build.extension_reason(device)
+        built = _build.availability(device)
+        assert built.module is not None, built.reason
     # a tiny call first loads the Python-side machinery (op dispatch, autograd) of this implementation
     tiny = make_inputs("tiny", device)
     _call(impl, tiny, backward)
@@ -156,7 +165,7 @@ def memory_worker(which: str, shape: str, mode: str, device: str) -> dict:
     return {
         "peak_mb": round(peak, 1),
         "max_rss_mb": round(_high_water_rss_mb(), 1),
-        "backend": kernels.select_backend(device) if which == "candidate" else "reference",
+        "backend": kernels.backend_in_use(device) if which == "candidate" else "reference",
     }
 
 
@@ -193,7 +202,7 @@ def parity(shape: str, device: str) -> dict:
     import kernels
 
     args = make_inputs(shape, device, seed=1)
-    os.environ[kernels.BACKEND_ENV] = device
+    _force(device)
     got = _call(kernels.ms_deform_attn, args, backward=True)
     ref = _call(kernels.ms_deform_attn_reference, args, backward=True)
     report = {}
@@ -255,7 +264,7 @@ def _cuda_impls(dtype) -> dict:
 
     import kernels
 
-    os.environ[kernels.BACKEND_ENV] = "cuda"
+    _force("cuda")
     baseline = kernels.ms_deform_attn_reference if dtype == torch.float32 else _reference_upcast
     return {"baseline": baseline, "candidate": kernels.ms_deform_attn}
 

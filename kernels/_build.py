@@ -1,4 +1,4 @@
-"""Lazy, guarded JIT builds of the C++ CPU and CUDA extensions, cached in a user-settable directory."""
+"""Lazy, guarded JIT builds of the C++ CPU and CUDA extensions (missing / availability / build), cached on disk."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ CUDA_SOURCES = (CSRC / "ms_deform_attn_cuda_bind.cpp", CSRC / "ms_deform_attn_cu
 CUDA_HEADERS = (CSRC / "ms_deform_attn_cuda.h",)
 
 CACHE_ENV = "RELTAG_KERNELS_CACHE"
+KINDS = ("cpu", "cuda")
 
 
 def cache_dir() -> Path:
@@ -57,20 +58,19 @@ def _digest(paths: tuple[Path, ...], flags: list[str]) -> str:
     return h.hexdigest()[:12]
 
 
-def find_cxx() -> str | None:
-    """The host C++ compiler cpp_extension will call ($CXX or c++), or None."""
-    return shutil.which(os.environ.get("CXX", "c++"))
+@dataclass(frozen=True, slots=True)
+class Availability:
+    """Whether one extension can be used in this process: its module, or why not (exactly one is None)."""
+
+    kind: str
+    module: ModuleType | None
+    reason: str | None
 
 
-@dataclass
-class _Slot:
-    module: ModuleType | None = None
-    reason: str | None = None  # why the build cannot be used; None while not tried or when built
-    tried: bool = False
-
-
+# One entry per kind once its build was attempted (availability() never retries: a failed build stays failed
+# for the process, with its reason). Import fills nothing.
 _lock = threading.Lock()
-_slots: dict[str, _Slot] = {"cpu": _Slot(), "cuda": _Slot()}
+_attempts: dict[str, Availability] = {}
 
 
 def _short(exc: BaseException) -> str:
@@ -81,15 +81,42 @@ def _short(exc: BaseException) -> str:
     return " | ".join(keep)[:600]
 
 
-def _load(kind: str) -> ModuleType:
+def missing(kind: str) -> str | None:
+    """What this machine lacks to build the extension `kind` ("cpu" or "cuda"), checked without building:
+    a C++ compiler, a CUDA-enabled torch, a CUDA device, nvcc. None when nothing is missing."""
+    if kind not in KINDS:
+        raise ValueError(f"extension kind {kind!r} is not one of {', '.join(KINDS)}")
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx} is not on PATH)"
+    if kind == "cuda":
+        if torch.version.cuda is None:
+            return f"this torch build ({torch.__version__}) has no CUDA support"
+        if not torch.cuda.is_available():
+            return "no CUDA device (torch.cuda.is_available() is False)"
+        from torch.utils import cpp_extension
+
+        if cpp_extension.CUDA_HOME is None:
+            return "nvcc / CUDA_HOME not found"
+    return None
+
+
+def build(kind: str) -> ModuleType:
+    """Compile (or load from the cache) the extension `kind` now; raises with the compiler's full output.
+
+    The op goes through availability() instead, which calls this once and keeps the reason of a failure;
+    benchmarks/gpu/run.sh calls it directly to show the whole compiler error.
+    """
     from torch.utils import cpp_extension
 
     if kind == "cpu":
         sources, headers, cflags = CPU_SOURCES, (SHARED_HEADER,), cpu_cflags()
         extra = {"extra_cflags": cflags, "extra_ldflags": ["-fopenmp"]}
-    else:
+    elif kind == "cuda":
         sources, headers, cflags = CUDA_SOURCES, (SHARED_HEADER, *CUDA_HEADERS), cuda_cflags()
         extra = {"extra_cflags": ["-O3"], "extra_cuda_cflags": cflags, "with_cuda": True}
+    else:
+        raise ValueError(f"extension kind {kind!r} is not one of {', '.join(KINDS)}")
     name = f"reltag_msda_{kind}_{_digest(sources + headers, cflags)}"
     build_dir = cache_dir() / name
     build_dir.mkdir(parents=True, exist_ok=True)
@@ -104,46 +131,19 @@ def _load(kind: str) -> ModuleType:
     )
 
 
-def _precheck(kind: str) -> str | None:
-    if find_cxx() is None:
-        return f"no C++ compiler ({os.environ.get('CXX', 'c++')} is not on PATH)"
-    if kind == "cuda":
-        if torch.version.cuda is None:
-            return f"this torch build ({torch.__version__}) has no CUDA support"
-        if not torch.cuda.is_available():
-            return "no CUDA device (torch.cuda.is_available() is False)"
-        from torch.utils import cpp_extension
-
-        if cpp_extension.CUDA_HOME is None:
-            return "nvcc / CUDA_HOME not found"
-    return None
-
-
-def get_extension(kind: str) -> ModuleType | None:
-    """The built extension ("cpu" or "cuda"), building it on first call; None when it cannot be built."""
-    slot = _slots[kind]
-    if slot.tried:
-        return slot.module
+def availability(kind: str) -> Availability:
+    """The extension `kind` ("cpu" or "cuda") or why it cannot be used; the first call per process checks
+    missing() and builds, later calls return that outcome. Never raises for a failed build."""
+    got = _attempts.get(kind)
+    if got is not None:
+        return got
     with _lock:
-        if not slot.tried:
-            reason = _precheck(kind)
+        if kind not in _attempts:
+            reason, module = missing(kind), None
             if reason is None:
                 try:
-                    slot.module = _load(kind)
+                    module = build(kind)
                 except Exception as exc:  # a failed build must degrade to the reference, with the reason
                     reason = f"build failed: {_short(exc)}"
-            slot.reason = reason
-            slot.tried = True
-    return slot.module
-
-
-def extension_reason(kind: str) -> str | None:
-    """Why the extension cannot be used (building it if not tried yet), or None when it is available."""
-    get_extension(kind)
-    return _slots[kind].reason
-
-
-def reset(kind: str) -> None:
-    """Forget a build attempt (tests use this after changing the environment)."""
-    with _lock:
-        _slots[kind] = _Slot()
+            _attempts[kind] = Availability(kind, module, reason)
+        return _attempts[kind]

@@ -14,35 +14,34 @@ logger = logging.getLogger("kernels")
 BACKEND_ENV = "RELTAG_MSDA_BACKEND"
 BACKENDS = ("reference", "cpu", "cuda")
 
-_logged: set[tuple[str, str]] = set()
+_NAMES = {"cpu": "C++ CPU kernel", "cuda": "CUDA kernel"}
+
+_logged: set[tuple[str, str]] = set()  # (device type, message) already logged
 
 
 def backend_reasons(device: torch.device | str) -> dict[str, str | None]:
-    """For every backend, None if it can run on `device`, else why not (builds extensions if not tried).
+    """For every backend, None if it can run on `device`, else why not.
+
+    Builds the extension of the device's own type if not tried yet; for the other compiled backend it only
+    says what the machine lacks (no build: it could not take these inputs anyway).
 
     Args:
         device: the device of the op's inputs.
     """
     dev = torch.device(device)
     reasons: dict[str, str | None] = {"reference": None}
-    cpu_reason = _build.extension_reason("cpu")
-    if dev.type != "cpu":
-        reasons["cpu"] = f"inputs are on {dev}, the C++ CPU kernel needs cpu tensors" + (
-            f"; also {cpu_reason}" if cpu_reason else ""
-        )
-    else:
-        reasons["cpu"] = cpu_reason
-    if dev.type != "cuda":
-        cuda_reason = _build._precheck("cuda")
-        reasons["cuda"] = f"inputs are on {dev}, the CUDA kernel needs cuda tensors" + (
-            f"; also {cuda_reason}" if cuda_reason else ""
-        )
-    else:
-        reasons["cuda"] = _build.extension_reason("cuda")
+    for kind in _build.KINDS:  # "cpu", "cuda": the compiled backend for tensors of that device type
+        if dev.type == kind:
+            reasons[kind] = _build.availability(kind).reason
+        else:
+            lack = _build.missing(kind)
+            reasons[kind] = f"inputs are on {dev}, the {_NAMES[kind]} needs {kind} tensors" + (
+                f"; also {lack}" if lack else ""
+            )
     return reasons
 
 
-def forced_backend() -> str | None:
+def _forced_backend() -> str | None:
     """The backend named by $RELTAG_MSDA_BACKEND, or None when unset or empty."""
     name = os.environ.get(BACKEND_ENV, "").strip().lower()
     if not name:
@@ -57,40 +56,43 @@ def _format(reasons: dict[str, str | None]) -> str:
 
 
 def select_backend(device: torch.device | str) -> str:
-    """The backend ms_deform_attn uses for inputs on `device`.
+    """The backend ms_deform_attn uses for inputs on `device`: the op's one decision point.
 
-    Order: $RELTAG_MSDA_BACKEND if set (raises RuntimeError with every backend's reason when it cannot
-    run); else the compiled kernel of the device (cpu / cuda); else the PyTorch reference, logging the
-    reason once per device type.
+    kernels.op calls it once per device type, on the op's first call there, and registers that backend's
+    kernels for the device type (see kernels.op.reset_backends to choose again). Order: $RELTAG_MSDA_BACKEND
+    if set (raises RuntimeError with every backend's reason when it cannot run); else the compiled kernel of
+    the device type (cpu / cuda); else the PyTorch reference, with a warning saying why. The choice is logged
+    once per device type and message.
+
+    Raises:
+        ValueError: $RELTAG_MSDA_BACKEND names no backend.
+        RuntimeError: the forced backend cannot run on `device` (listing every backend's reason).
     """
     dev = torch.device(device)
-    forced = forced_backend()
+    forced = _forced_backend()
     if forced is not None:
-        if forced == "reference":
-            chosen = "reference"
-        else:
+        if forced != "reference":
             reasons = backend_reasons(dev)
             if reasons[forced] is not None:
                 raise RuntimeError(
                     f"{BACKEND_ENV}={forced} cannot run on {dev} inputs. Backends: {_format(reasons)}"
                 )
-            chosen = forced
-        _log_once(dev, chosen, f"forced by {BACKEND_ENV}")
-        return chosen
-    native = "cuda" if dev.type == "cuda" else "cpu" if dev.type == "cpu" else None
-    if native is not None and _build.get_extension(native) is not None:
-        _log_once(dev, native, "compiled kernel")
-        return native
-    why = _build._slots[native].reason if native else f"no compiled kernel for device type {dev.type}"
-    key = (dev.type, "reference")
-    if key not in _logged:
-        _logged.add(key)
-        logger.warning("ms_deform_attn on %s falls back to the PyTorch reference: %s", dev.type, why)
+        _log_once(dev, logging.INFO, f"uses the {forced} backend (forced by {BACKEND_ENV})")
+        return forced
+    if dev.type in _build.KINDS:
+        built = _build.availability(dev.type)
+        if built.module is not None:
+            _log_once(dev, logging.INFO, f"uses the {dev.type} backend (compiled kernel)")
+            return dev.type
+        why = built.reason
+    else:
+        why = f"no compiled kernel for device type {dev.type}"
+    _log_once(dev, logging.WARNING, f"falls back to the PyTorch reference: {why}")
     return "reference"
 
 
-def _log_once(dev: torch.device, backend: str, why: str) -> None:
-    key = (dev.type, backend)
+def _log_once(dev: torch.device, level: int, what: str) -> None:
+    key = (dev.type, what)
     if key not in _logged:
         _logged.add(key)
-        logger.info("ms_deform_attn on %s uses the %s backend (%s)", dev.type, backend, why)
+        logger.log(level, "ms_deform_attn on %s %s", dev.type, what)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from kernels import _build
-from kernels.dispatch import select_backend
+from kernels import _build, dispatch
 from kernels.reference import ms_deform_attn_reference, ms_deform_attn_reference_backward
 
 # On CPU the C++ kernel computes in fp32 / fp64; fp16 and bf16 inputs are upcast to fp32 and the results
@@ -66,7 +70,12 @@ def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+# --- the backends: one forward and one backward each. The compiled ones take their extension module first;
+# _bind passes it with functools.partial when it registers them for a device type.
+
+
 def _reference_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    _check_levels(spatial_shapes, level_start_index, value.shape[1])
     c = _reference_dtype(value)
     out = ms_deform_attn_reference(
         value.to(c), spatial_shapes, level_start_index, sampling_locations.to(c), attention_weights.to(c)
@@ -89,51 +98,83 @@ def _reference_backward(
     return gv.to(value.dtype), gl.to(sampling_locations.dtype), ga.to(attention_weights.dtype)
 
 
-# --- forward: default kernel (any device without a compiled one) = reference; CPU and CUDA kernels below.
+def _cpu_forward(ext, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    _check_levels(spatial_shapes, level_start_index, value.shape[1])
+    args = _cpu_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return ext.forward(*args).to(value.dtype)
 
 
-@torch.library.custom_op("reltag::ms_deform_attn", mutates_args=())
-def _ms_deform_attn_op(
+def _cpu_backward(ext, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad):
+    args = _cpu_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    gv, gl, ga = ext.backward(*args, grad.to(args[0].dtype).contiguous())
+    return gv.to(value.dtype), gl.to(sampling_locations.dtype), ga.to(attention_weights.dtype)
+
+
+def _cuda_forward(ext, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    _check_levels(spatial_shapes, level_start_index, value.shape[1])
+    args = _cuda_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return ext.forward(*args, _stream(value.device))
+
+
+def _cuda_backward(
+    ext, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad
+):
+    args = _cuda_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    return tuple(ext.backward(*args, grad.contiguous(), _stream(value.device)))
+
+
+_BACKENDS = {
+    "reference": (_reference_forward, _reference_backward),
+    "cpu": (_cpu_forward, _cpu_backward),
+    "cuda": (_cuda_forward, _cuda_backward),
+}
+
+
+# --- registration. The op's default kernel (every device type) is _first_call_*: it makes the one backend
+# decision for the device type (dispatch.select_backend), registers that backend's forward and backward as
+# the op's kernels for the device type, and runs them. Later calls on that device type reach the registered
+# backend directly through torch.library's per-device dispatch, with no selection on the way.
+
+
+@dataclass(frozen=True, slots=True)
+class _Binding:
+    backend: str
+    forward: Callable[..., Tensor]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+_bind_lock = threading.Lock()
+_bound: dict[str, _Binding] = {}  # device type -> backend registered for it
+
+
+def _bind(device_type: str) -> _Binding:
+    """Choose the backend of `device_type` once and register its kernels for that device type."""
+    with _bind_lock:
+        binding = _bound.get(device_type)
+        if binding is None:
+            backend = dispatch.select_backend(device_type)  # raises when a forced backend cannot run
+            forward, backward = _BACKENDS[backend]
+            if backend != "reference":
+                ext = _build.availability(backend).module  # built: select_backend chose it
+                forward, backward = functools.partial(forward, ext), functools.partial(backward, ext)
+            _ms_deform_attn_op.register_kernel(device_type, forward)
+            _ms_deform_attn_backward_op.register_kernel(device_type, backward)
+            binding = _bound[device_type] = _Binding(backend, forward, backward)
+        return binding
+
+
+def _first_call_forward(
     value: Tensor,
     spatial_shapes: Tensor,
     level_start_index: Tensor,
     sampling_locations: Tensor,
     attention_weights: Tensor,
 ) -> Tensor:
-    _check_levels(spatial_shapes, level_start_index, value.shape[1])
-    select_backend(value.device)  # raises when a compiled backend is forced on this device; logs the fallback
-    return _reference_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    binding = _bind(value.device.type)
+    return binding.forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
 
 
-@_ms_deform_attn_op.register_kernel("cpu")
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    _check_levels(spatial_shapes, level_start_index, value.shape[1])
-    if select_backend(value.device) == "cpu":
-        args = _cpu_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return _build.get_extension("cpu").forward(*args).to(value.dtype)
-    return _reference_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-
-
-@_ms_deform_attn_op.register_kernel("cuda")
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    _check_levels(spatial_shapes, level_start_index, value.shape[1])
-    if select_backend(value.device) == "cuda":
-        args = _cuda_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return _build.get_extension("cuda").forward(*args, _stream(value.device))
-    return _reference_forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-
-
-@_ms_deform_attn_op.register_fake
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-    n, _, m, d = value.shape
-    return value.new_empty((n, sampling_locations.shape[1], m * d))
-
-
-# --- backward: same structure.
-
-
-@torch.library.custom_op("reltag::ms_deform_attn_backward", mutates_args=())
-def _ms_deform_attn_backward_op(
+def _first_call_backward(
     value: Tensor,
     spatial_shapes: Tensor,
     level_start_index: Tensor,
@@ -141,33 +182,39 @@ def _ms_deform_attn_backward_op(
     attention_weights: Tensor,
     grad_output: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    select_backend(value.device)
-    return _reference_backward(
+    binding = _bind(value.device.type)
+    return binding.backward(
         value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
     )
 
 
-@_ms_deform_attn_backward_op.register_kernel("cpu")
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
-    if select_backend(value.device) == "cpu":
-        args = _cpu_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        gv, gl, ga = _build.get_extension("cpu").backward(*args, grad_output.to(args[0].dtype).contiguous())
-        return gv.to(value.dtype), gl.to(sampling_locations.dtype), ga.to(attention_weights.dtype)
-    return _reference_backward(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
-    )
+_ms_deform_attn_op = torch.library.custom_op("reltag::ms_deform_attn", _first_call_forward, mutates_args=())
+_ms_deform_attn_backward_op = torch.library.custom_op(
+    "reltag::ms_deform_attn_backward", _first_call_backward, mutates_args=()
+)
 
 
-@_ms_deform_attn_backward_op.register_kernel("cuda")
-def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output):
-    if select_backend(value.device) == "cuda":
-        args = _cuda_args(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-        return tuple(
-            _build.get_extension("cuda").backward(*args, grad_output.contiguous(), _stream(value.device))
-        )
-    return _reference_backward(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
-    )
+def backend_in_use(device: torch.device | str) -> str | None:
+    """The backend the op runs for inputs on `device` ("reference", "cpu", "cuda"), or None before the op's
+    first call on that device type (the choice is made then)."""
+    binding = _bound.get(torch.device(device).type)
+    return binding.backend if binding else None
+
+
+def reset_backends() -> None:
+    """Forget the backend chosen for every device type: the op's next call on each chooses again, reading
+    $RELTAG_MSDA_BACKEND again (call this after changing it in a running process). Builds are not retried."""
+    with _bind_lock:
+        for device_type in _bound:
+            _ms_deform_attn_op.register_kernel(device_type, _first_call_forward)
+            _ms_deform_attn_backward_op.register_kernel(device_type, _first_call_backward)
+        _bound.clear()
+
+
+@_ms_deform_attn_op.register_fake
+def _(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    n, _, m, d = value.shape
+    return value.new_empty((n, sampling_locations.shape[1], m * d))
 
 
 @_ms_deform_attn_backward_op.register_fake
@@ -216,7 +263,8 @@ def ms_deform_attn(
 
     Raises:
         ValueError: on inconsistent shapes, dtypes or devices (naming them).
-        RuntimeError: when $RELTAG_MSDA_BACKEND forces a backend that cannot run (listing every reason).
+        RuntimeError: when $RELTAG_MSDA_BACKEND forces a backend that cannot run (listing every reason);
+            the backend of a device type is chosen on the op's first call there (see reset_backends).
     """
     if value.dim() != 4:
         raise ValueError(f"ms_deform_attn: value must be [N, S, M, D], got shape {tuple(value.shape)}")

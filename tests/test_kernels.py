@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import subprocess
 import sys
@@ -14,10 +15,12 @@ import torch
 import kernels
 from kernels import (
     _build,
+    backend_in_use,
     dispatch,
     ms_deform_attn,
     ms_deform_attn_reference,
     ms_deform_attn_reference_backward,
+    reset_backends,
 )
 
 BACKEND_ENV = kernels.BACKEND_ENV
@@ -151,17 +154,26 @@ CASES = {
 @pytest.fixture(scope="session")
 def cpu_kernel():
     """The C++ CPU extension, built (or loaded from the cache) once per session."""
-    ext = _build.get_extension("cpu")
-    assert ext is not None, f"CPU extension did not build: {_build.extension_reason('cpu')}"
-    return ext
+    built = _build.availability("cpu")
+    assert built.module is not None, f"CPU extension did not build: {built.reason}"
+    return built.module
+
+
+@pytest.fixture(autouse=True)
+def fresh_backend_choice():
+    """Each test starts with no backend chosen and leaves none behind (tests force different ones)."""
+    reset_backends()
+    yield
+    reset_backends()
 
 
 @pytest.fixture
 def force(monkeypatch):
-    """force(name) sets RELTAG_MSDA_BACKEND for this test only."""
+    """force(name) sets RELTAG_MSDA_BACKEND for this test only; the op's next call chooses with it."""
 
     def _force(name: str) -> None:
         monkeypatch.setenv(BACKEND_ENV, name)
+        reset_backends()
 
     return _force
 
@@ -331,67 +343,148 @@ def test_torch_compile_fullgraph_matches_eager(cpu_kernel, force):
 def test_forced_backend_that_cannot_run_raises_with_every_reason(force):
     force("cuda")
     value, ss, lsi, loc, attn = make_inputs(1, [(3, 3)], 1, 4, 2, 1, dtype=torch.float32)
-    with pytest.raises(RuntimeError, match=r"RELTAG_MSDA_BACKEND=cuda cannot run on cpu") as info:
-        ms_deform_attn(value, ss, lsi, loc, attn)
-    msg = str(info.value)
-    assert "reference: available" in msg and "cpu: " in msg and "cuda: inputs are on cpu" in msg
+    for _ in range(2):  # nothing is registered after a failed choice: every call raises, with the reasons
+        with pytest.raises(RuntimeError, match=r"RELTAG_MSDA_BACKEND=cuda cannot run on cpu") as info:
+            ms_deform_attn(value, ss, lsi, loc, attn)
+        msg = str(info.value)
+        assert "reference: available" in msg and "cpu: " in msg, msg
+        assert "cuda: inputs are on cpu, the CUDA kernel needs cuda tensors" in msg, msg
+        assert backend_in_use("cpu") is None
+
+
+class _CountingExtension:
+    """Stands in for the built CPU extension: records calls, delegates to the real one."""
+
+    def __init__(self, ext):
+        self.ext, self.calls = ext, []
+
+    def forward(self, *args):
+        self.calls.append("forward")
+        return self.ext.forward(*args)
+
+    def backward(self, *args):
+        self.calls.append("backward")
+        return self.ext.backward(*args)
+
+
+@pytest.fixture
+def counting(cpu_kernel, monkeypatch):
+    """(extension calls, backend choices): the CPU extension and dispatch.select_backend, both counted."""
+    ext = _CountingExtension(cpu_kernel)
+    monkeypatch.setitem(_build._attempts, "cpu", _build.Availability("cpu", ext, None))
+    choices = []
+    select = dispatch.select_backend
+
+    def counted(device):
+        choices.append(select(device))
+        return choices[-1]
+
+    monkeypatch.setattr(dispatch, "select_backend", counted)
+    return ext.calls, choices
 
 
 @pytest.mark.compiler
-def test_cpu_tensors_run_the_compiled_kernel(cpu_kernel, monkeypatch):
-    """Without forcing, CPU inputs go through the C++ extension (forward and backward), not the reference."""
+def test_backend_is_chosen_once_per_device_type_then_called_directly(counting, monkeypatch):
+    """Without forcing, CPU inputs reach the C++ extension (forward and backward); the backend is chosen on
+    the first call and registered, later calls do not consult the selector, an env change alone changes
+    nothing, and reset_backends makes the next call choose again."""
+    calls, choices = counting
     monkeypatch.delenv(BACKEND_ENV, raising=False)
-    calls = []
-
-    class Counting:
-        def forward(self, *args):
-            calls.append("forward")
-            return cpu_kernel.forward(*args)
-
-        def backward(self, *args):
-            calls.append("backward")
-            return cpu_kernel.backward(*args)
-
-    monkeypatch.setattr(_build._slots["cpu"], "module", Counting())
     value, ss, lsi, loc, attn = make_inputs(1, [(3, 4)], 2, 4, 3, 2, dtype=torch.float32, seed=4)
-    out, _ = run_op(value, ss, lsi, loc, attn, torch.ones(1, 3, 8))
-    assert calls == ["forward", "backward"]
-    assert dispatch.select_backend("cpu") == "cpu"
+    assert backend_in_use("cpu") is None
+    for _ in range(3):
+        run_op(value, ss, lsi, loc, attn, torch.ones(1, 3, 8))
+    assert choices == ["cpu"]
+    assert calls == ["forward", "backward"] * 3
+    assert backend_in_use("cpu") == "cpu"
+    # the env var is read when the choice is made, not per call
+    monkeypatch.setenv(BACKEND_ENV, "reference")
+    run_op(value, ss, lsi, loc, attn, torch.ones(1, 3, 8))
+    assert choices == ["cpu"] and len(calls) == 8
+    reset_backends()
+    out, grads = run_op(value, ss, lsi, loc, attn, torch.ones(1, 3, 8))
+    run_op(value, ss, lsi, loc, attn, torch.ones(1, 3, 8))
+    assert choices == ["cpu", "reference"] and len(calls) == 8
+    assert backend_in_use("cpu") == "reference"
+    exp_out, exp_grads = reference64(value, ss, lsi, loc, attn, torch.ones(1, 3, 8))
+    assert_within(out, exp_out, FWD_TOL[torch.float32], "reference after reset")
+
+
+@pytest.mark.compiler
+def test_op_runs_the_backend_the_selector_chose(counting, monkeypatch):
+    """The registered kernel is the chosen backend itself: a selector that answers "reference" while the
+    C++ extension is available sends CPU inputs to the reference, forward and backward."""
+    calls, choices = counting
+    monkeypatch.delenv(BACKEND_ENV, raising=False)
+    monkeypatch.setattr(dispatch, "select_backend", lambda device: choices.append("reference") or "reference")
+    value, ss, lsi, loc, attn = make_inputs(1, [(3, 4)], 2, 4, 3, 2, seed=6)
+    grad_out = torch.randn(1, 3, 8, dtype=torch.float64)
+    out, grads = run_op(value, ss, lsi, loc, attn, grad_out)
+    run_op(value, ss, lsi, loc, attn, grad_out)
+    assert calls == [] and choices == ["reference"]
+    exp_out, exp_grads = reference64(value, ss, lsi, loc, attn, grad_out)
+    assert_within(out, exp_out, FWD_TOL[torch.float64], "reference output")
+    for got, exp in zip(grads, exp_grads):
+        assert_within(got, exp, BWD_TOL[torch.float64], "reference gradient")
 
 
 def test_unknown_forced_backend_is_rejected(force):
     force("triton")
     with pytest.raises(ValueError, match=r"RELTAG_MSDA_BACKEND='triton' is not one of reference, cpu, cuda"):
         dispatch.select_backend("cpu")
+    value, ss, lsi, loc, attn = make_inputs(1, [(3, 3)], 1, 4, 2, 1)
+    with pytest.raises(ValueError, match=r"RELTAG_MSDA_BACKEND='triton'"):
+        ms_deform_attn(value, ss, lsi, loc, attn)
 
 
 def test_missing_compiler_falls_back_to_reference_and_says_so_once(monkeypatch, caplog):
     monkeypatch.delenv(BACKEND_ENV, raising=False)
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    monkeypatch.setitem(_build._slots, "cpu", _build._Slot())  # restored (with the built module) afterwards
+    monkeypatch.setattr(_build, "_attempts", {})  # no build tried; the built module is restored afterwards
     monkeypatch.setattr(dispatch, "_logged", set())
     value, ss, lsi, loc, attn = make_inputs(1, [(3, 4)], 2, 4, 3, 2, seed=2)
     with caplog.at_level(logging.INFO, logger="kernels"):
         out1 = ms_deform_attn(value, ss, lsi, loc, attn)
+        reset_backends()  # choosing again does not warn again
         out2 = ms_deform_attn(value, ss, lsi, loc, attn)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in caplog.records]
     assert "falls back to the PyTorch reference" in warnings[0].getMessage()
     assert "no C++ compiler (/nonexistent/c++ is not on PATH)" in warnings[0].getMessage()
+    assert backend_in_use("cpu") == "reference"
     expected = ms_deform_attn_reference(value, ss, lsi, loc, attn)
     assert_within(out1, expected, FWD_TOL[torch.float64], "fallback output")
     assert torch.equal(out1, out2)
     # forcing the C++ kernel without a compiler raises and gives the reason
     monkeypatch.setenv(BACKEND_ENV, "cpu")
+    reset_backends()
     with pytest.raises(RuntimeError, match=r"cpu: no C\+\+ compiler"):
         ms_deform_attn(value, ss, lsi, loc, attn)
+
+
+def test_dispatch_and_op_use_only_public_names_of_build():
+    """kernels/dispatch.py and kernels/op.py reach _build through its public surface only."""
+    for module in (dispatch, kernels.op):
+        tree = ast.parse(open(module.__file__).read())
+        private = sorted(
+            {
+                node.attr
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "_build"
+                and node.attr.startswith("_")
+            }
+        )
+        assert private == [], f"{module.__name__} reads _build.{private}"
 
 
 def test_import_builds_nothing_and_cache_dir_is_settable(tmp_path):
     code = (
         "import sys, kernels\n"
         "from kernels import _build\n"
-        "assert not any(s['tried'] for s in [vars(x) for x in _build._slots.values()]), 'built at import'\n"
+        "assert not _build._attempts, 'build attempted at import'\n"
+        "assert kernels.backend_in_use('cpu') is None, 'backend chosen at import'\n"
         "assert not [m for m in sys.modules if m.startswith('reltag_msda')], 'extension imported'\n"
         "print(_build.cache_dir())\n"
     )

@@ -293,12 +293,12 @@ from kernels import _build
 
 kind = sys.argv[1]
 t0 = time.perf_counter()
-why = _build._precheck(kind)
+why = _build.missing(kind)
 if why:
     print(f"{kind} extension: cannot build: {why}", flush=True)
     sys.exit(1)
 try:
-    mod = _build._load(kind)  # the full compiler output on failure, not the dispatcher's one-line reason
+    mod = _build.build(kind)  # the full compiler output on failure, not the dispatcher's one-line reason
 except Exception:
     print(f"{kind} extension: FAILED\n{traceback.format_exc()}", flush=True)
     sys.exit(1)
