@@ -9,7 +9,7 @@ from fsspec.core import url_to_fs
 import tasks.stages  # noqa: F401  (registers the built-in stages)
 from storage.atomic import read_json
 from storage.layout import RunLayout
-from storage.ledger import Ledger, Unit
+from storage.ledger import Ledger, Unit, run_gaps
 from storage.manifest import PlanManifest, RunRecord
 from tasks.run.registry import folders, last_stage, stages
 
@@ -35,15 +35,7 @@ def unfinished(
         plan = plan_of(layout)
     if snap is None:
         snap = Ledger(layout).snapshot()
-    out = []
-    unwritten = [sh.shard for sh in unwritten_shards(plan, snap)]
-    if unwritten:
-        out.append(f"{len(unwritten)} of {len(plan.shards)} shards have no '{WRITE}' record {unwritten[:10]}")
-    if not fs.exists(layout.run_stats):
-        out.append(f"the run statistics {layout.run_stats} are not written")
-    if out and snap["failed"]:  # failures do not decide it, they explain it
-        out.append(f"{len(snap['failed'])} failed units {sorted(snap['failed'])[:5]}")
-    return out
+    return run_gaps(layout, [sh.shard for sh in plan.shards], snap, WRITE)
 
 
 def check_finished(

@@ -96,3 +96,28 @@ class Ledger:
                     out[kind].add(unit[: -len(f".{kind}.json")])
         out["failed"] -= out["done"]
         return out
+
+
+def run_gaps(layout: RunLayout, shards: list[int], snap: dict[str, set[str]], write_stage: str) -> list[str]:
+    """What a run lacks to count as finished, one phrase per gap (empty: finished): the one rule, used by the CLI,
+    the flows and the pre-training readers. A run is finished when every shard's `write_stage` unit is done in the
+    ledger AND its statistics (stats/<run_key>/run.json, written last) exist. Failed units do not decide it; they
+    are named when the run is not finished, to explain it.
+
+    Args:
+        layout: the run's layout.
+        shards: the plan's shard numbers.
+        snap: a ledger snapshot (Ledger.snapshot()).
+        write_stage: the shard-level stage whose unit says a shard is written (the registry's last stage).
+    """
+    unwritten = [sh for sh in shards if Unit(write_stage, sh).rel() not in snap["done"]]
+    out = []
+    if unwritten:
+        out.append(
+            f"{len(unwritten)} of {len(shards)} shards have no '{write_stage}' record {unwritten[:10]}"
+        )
+    if not layout.fs.exists(layout.run_stats):
+        out.append(f"the run statistics {layout.run_stats} are not written")
+    if out and snap["failed"]:
+        out.append(f"{len(snap['failed'])} failed units {sorted(snap['failed'])[:5]}")
+    return out

@@ -313,3 +313,29 @@ def test_ledger_on_a_flaky_store_records_each_unit_once():
     finally:
         retry.POLICY = old
         FlakyMemoryFileSystem.reset()
+
+
+def test_run_gaps_is_finished_only_with_every_shard_written_and_the_run_statistics(tmp_path):
+    from storage.atomic import write_json
+    from storage.ledger import Ledger, Unit, run_gaps
+
+    layout = RunLayout(str(tmp_path), "d", "rk", "pk")
+    ledger = Ledger(layout)
+    ledger.record_done(Unit("write", 0), {})
+    ledger.record_failed(Unit("tag", 1, 0), "boom")
+    assert run_gaps(layout, [0, 1], ledger.snapshot(), "write") == [
+        "1 of 2 shards have no 'write' record [1]",
+        f"the run statistics {layout.run_stats} are not written",
+        "1 failed units ['tag/shard-00001/batch-00000']",
+    ]
+    ledger.record_done(Unit("write", 1), {})
+    assert run_gaps(layout, [0, 1], ledger.snapshot(), "write") == [
+        f"the run statistics {layout.run_stats} are not written",
+        "1 failed units ['tag/shard-00001/batch-00000']",
+    ]
+    write_json(layout.fs, layout.run_stats, {"triplets": 0})
+    assert run_gaps(layout, [0, 1], ledger.snapshot(), "write") == []  # a failure left behind decides nothing
+    assert run_gaps(layout, [0, 1, 2], ledger.snapshot(), "write") == [
+        "1 of 3 shards have no 'write' record [2]",
+        "1 failed units ['tag/shard-00001/batch-00000']",
+    ]

@@ -13,7 +13,7 @@ from fsspec.core import url_to_fs
 
 from storage.atomic import read_json
 from storage.layout import RunLayout, shard_name
-from storage.ledger import Ledger, Unit
+from storage.ledger import Ledger, run_gaps
 from storage.manifest import PlanManifest, RunRecord
 from storage.rules import passing_mask
 
@@ -75,26 +75,16 @@ class RunSource:
 
     def missing(self) -> list[str]:
         """What the ledger lacks for this run to count as finished (empty: finished)."""
-        layout = self.layout
-        write = self.record.chain[-1].stage if self.record.chain else "write"
-        snap = Ledger(layout).snapshot()
-        unwritten = [sh.shard for sh in self.plan.shards if Unit(write, sh.shard).rel() not in snap["done"]]
-        out = []
-        if unwritten:
-            out.append(
-                f"{len(unwritten)} of {len(self.plan.shards)} shards have no '{write}' record {unwritten[:10]}"
-            )
-        if not self.fs.exists(layout.run_stats):
-            out.append(f"the run statistics {layout.run_stats} are not written")
-        if out and snap["failed"]:  # (the same test as flows/status.is_finished; failures only explain it)
-            out.append(f"{len(snap['failed'])} failed units {sorted(snap['failed'])[:5]}")
-        return out
+        write = self.record.chain[-1].stage if self.record.chain else "write"  # the run's last stage
+        return run_gaps(
+            self.layout, [sh.shard for sh in self.plan.shards], Ledger(self.layout).snapshot(), write
+        )
 
     def check_finished(self) -> None:
         miss = self.missing()
         if miss:
             raise RunNotFinished(
-                f"{self} is not finished: {'; '.join(miss)} (`reltag status --out ROOT --run-key {self.run_key}` "
+                f"{self} is not finished: {'; '.join(miss)} (`reltag status --out ROOT --run {self.run_key}` "
                 "shows what is left; rerunning `reltag run` finishes it)"
             )
 
