@@ -52,7 +52,7 @@ class Compute:
     call them, so the plain loop and the flows are measured alike."""
 
     NAMES = (("tasks.run.pipeline", "run_batch_stage"), ("tasks.stages.write", "finalize_shard"),
-             ("tasks.stages.write", "rollup_stats"), ("tasks.run.start", "plan_run"),
+             ("tasks.stages.write", "rollup_stats"), ("tasks.stages.plan.start", "plan_run"),
              ("flows.label", "run_batch_stage"), ("flows.label", "finalize_shard"),
              ("flows.label", "rollup_stats"), ("flows.label", "plan_run"))  # fmt: skip
 
@@ -92,7 +92,7 @@ def plain_loop(params) -> None:
     """Every unit of the run, in order, then the run's statistics (run.json: the run is finished), without
     Prefect."""
     import tasks.run.pipeline as pipeline
-    import tasks.run.start as planning
+    import tasks.stages.plan.start as planning
     import tasks.stages.write as write
     from tasks.run.registry import batch_stages
 

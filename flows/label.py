@@ -19,7 +19,7 @@ from tasks.run.pipeline import run_batch_stage
 from tasks.run.registry import batch_stages
 from tasks.run.registry import stage as get_stage
 from tasks.run.schedule import DONE, FAILED, BatchBoard, run_stage, worth_retrying
-from tasks.run.start import plan_run
+from tasks.stages.plan.start import plan_run
 from tasks.stages.write import finalize_shard, rollup_stats
 
 
@@ -126,12 +126,16 @@ def run_shard(ctx: RunContext, shard: int, n_batches: int, n_total: int, snap: d
             advance(name, n_total)
         return {"shard": shard, "skipped": True}
     bs = ctx.config.plan.batch_size
-    done = {(n, b) for n in batch_stages() for b in range(n_batches) if Unit(n, shard, b).rel() in snap["done"]}
+    done = {
+        (n, b) for n in batch_stages() for b in range(n_batches) if Unit(n, shard, b).rel() in snap["done"]
+    }
     for name, b in sorted(done):
         advance(name, min(bs, max(0, n_total - b * bs)))
     board = BatchBoard(batch_stages(), n_batches, done)
     # submitted in stage order: a worker waits only on the ones before it, so any pool size finishes
-    futures = [stage_task.submit(ctx, name, shard, board) for name in batch_stages() if _has_work(board, name)]
+    futures = [
+        stage_task.submit(ctx, name, shard, board) for name in batch_stages() if _has_work(board, name)
+    ]
     for fut in futures:
         fut.wait()
     failed = [Unit(n, shard, b).rel() for n, b in board.units(FAILED)]

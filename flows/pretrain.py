@@ -250,7 +250,7 @@ def pretrain_on_label(label_flow_run: str) -> str | None:
     from flows.label import start_pretraining
     from flows.params import LabelParams
     from flows.status import finished_summary
-    from tasks.run.start import run_context
+    from tasks.stages.plan.start import run_context
 
     log = get_run_logger()
     fr_id = label_flow_run.removeprefix("prefect.flow-run.")

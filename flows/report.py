@@ -34,8 +34,8 @@ def load_run(run: RunLayout, top: int = 6, per_group: int = 3):
     import pyarrow.parquet as pq
 
     from storage import schemas
+    from storage.layout import shard_records
     from tasks.audit.report import PICK_COLUMNS, RunData, gallery_image_ids, gallery_picks
-    from tasks.stages.plan import shard_records
 
     check_finished(run)
     slim = read_triplets(run, PICK_COLUMNS)

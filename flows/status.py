@@ -118,7 +118,7 @@ def run_status(layout: RunLayout) -> dict:
 def finished_summary(params) -> dict | None:
     """The run's summary if it is complete (its statistics written and every shard's write unit recorded),
     else None. Reads checksums (cached), the plan and one ledger listing; starts nothing."""
-    from tasks.run.start import run_context
+    from tasks.stages.plan.start import run_context
 
     ctx = run_context(
         params.annotations, params.images, params.out, params.captions, params.dataset_name, params.config

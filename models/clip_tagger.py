@@ -42,6 +42,7 @@ CROPS_PER_FORWARD = 64
 #: Prompts per text forward.
 TEXTS_PER_FORWARD = 256
 
+
 def relation_prompt(subject: str, relation: str, obj: str) -> str:
     """The positive prompt of a (subject class, relation text, object class) triple."""
     return f"a photo of {subject} {relation} {obj}"
@@ -149,7 +150,11 @@ class ClipRelationScorer:
             raise ValueError(f"CLIP model directory {model!r} does not exist")
         try:
             net = CLIPModel.from_pretrained(
-                model, revision=revision, use_safetensors=True, trust_remote_code=False, dtype=torch_dtype(dtype, "CLIP tagger")
+                model,
+                revision=revision,
+                use_safetensors=True,
+                trust_remote_code=False,
+                dtype=torch_dtype(dtype, "CLIP tagger"),
             )
             tokenizer = CLIPTokenizer.from_pretrained(model, revision=revision)
             image_processor = CLIPImageProcessorPil.from_pretrained(model, revision=revision)

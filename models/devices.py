@@ -5,7 +5,11 @@ from __future__ import annotations
 import torch
 
 #: the dtypes a config may name for model weights and activations
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
 def torch_dtype(name: str, what: str = "model") -> torch.dtype:

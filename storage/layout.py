@@ -122,7 +122,7 @@ class RunLayout:
         return self.path("_ledger")
 
 
-def read_shard_images(layout: RunLayout, shard: int) -> list[ImageRecord]:
+def shard_records(layout: RunLayout, shard: int) -> list[ImageRecord]:
     """The planned images of one shard (`images/shard-XXXXX.parquet`), as ImageRecords."""
     with layout.fs.open(layout.images(shard), "rb") as f:
         return schemas.from_table(pq.read_table(f, schema=schemas.IMAGES), ImageRecord)

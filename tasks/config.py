@@ -31,7 +31,10 @@ class PlanConfig(_Frozen):
 
     shard_size: int = Field(1000, ge=1, description="images per shard", json_schema_extra=cli("shard-size"))
     batch_size: int = Field(
-        250, ge=1, description="images per batch inside a shard (the unit of resume)", json_schema_extra=cli("batch-size")
+        250,
+        ge=1,
+        description="images per batch inside a shard (the unit of resume)",
+        json_schema_extra=cli("batch-size"),
     )
     box_policy: Literal["clip", "quarantine"] = Field(
         "clip",
@@ -97,9 +100,15 @@ class CaptionConfig(_Frozen):
         json_schema_extra=cli("blip2-model"),
     )
     n_cap: int = Field(
-        10, ge=1, le=100, description="captions per image (N_Cap); 1 switches to beam search", json_schema_extra=cli("n-cap")
+        10,
+        ge=1,
+        le=100,
+        description="captions per image (N_Cap); 1 switches to beam search",
+        json_schema_extra=cli("n-cap"),
     )
-    top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus sampling's p", json_schema_extra=cli("top-p"))
+    top_p: float = Field(
+        0.9, gt=0.0, le=1.0, description="nucleus sampling's p", json_schema_extra=cli("top-p")
+    )
     top_k: int = Field(
         50,
         ge=0,
@@ -125,7 +134,9 @@ class CaptionConfig(_Frozen):
         8, ge=1, description="images per generate call", json_schema_extra=cli("caption-batch-size")
     )
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
-        "float32", description="the captioners' weights and activations", json_schema_extra=cli("caption-dtype")
+        "float32",
+        description="the captioners' weights and activations",
+        json_schema_extra=cli("caption-dtype"),
     )
     device: str = Field(
         "cpu", description="cpu, cuda or cuda:N (in no key)", json_schema_extra=cli("caption-device")
@@ -211,7 +222,9 @@ class TagConfig(_Frozen):
         json_schema_extra=cli("tag-grouping"),
     )
     n_q: int = Field(100, ge=1, le=100, description="R-Tagger pair slots per group (N_Q; the model has 100)")
-    device: str = Field("cpu", description="cpu, cuda or cuda:N (in no key)", json_schema_extra=cli("tag-device"))
+    device: str = Field(
+        "cpu", description="cpu, cuda or cuda:N (in no key)", json_schema_extra=cli("tag-device")
+    )
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     clip_model: str = Field(
         "openai/clip-vit-large-patch14",
@@ -231,10 +244,12 @@ class ThresholdConfig(_Frozen):
     eta: float = Field(
         0.2, ge=0.0, le=1.0, description="keep triplets with confidence >= eta", json_schema_extra=cli("eta")
     )
-    rule: Literal["paper", "relation_only"] = Field(  # storage.rules.RULES (a type: tests pin that they agree)
-        "paper",
-        description="paper: p_subject * p_object * p_relation; relation_only: p_relation (reference code)",
-        json_schema_extra=cli("rule"),
+    rule: Literal["paper", "relation_only"] = (
+        Field(  # storage.rules.RULES (a type: tests pin that they agree)
+            "paper",
+            description="paper: p_subject * p_object * p_relation; relation_only: p_relation (reference code)",
+            json_schema_extra=cli("rule"),
+        )
     )
     clip_eta: float = Field(
         0.8,
@@ -287,11 +302,15 @@ def register_section(name: str, model: type[BaseModel]) -> None:
     error naming both."""
     if name in PipelineConfig.model_fields:
         if PipelineConfig.model_fields[name].annotation is not model:
-            raise ValueError(f"config section {name!r} is built in; a stage cannot redefine it with {model.__name__}")
+            raise ValueError(
+                f"config section {name!r} is built in; a stage cannot redefine it with {model.__name__}"
+            )
         return
     old = _SECTIONS.get(name)
     if old is not None and old is not model:
-        raise ValueError(f"config section {name!r} is already {old.__name__}; cannot register {model.__name__}")
+        raise ValueError(
+            f"config section {name!r} is already {old.__name__}; cannot register {model.__name__}"
+        )
     _SECTIONS[name] = model
 
 
@@ -310,7 +329,8 @@ class PipelineConfig(_Frozen):
         "objects365",
         description="the folder under the output root",
         json_schema_extra=cli(
-            "dataset", default="inferred with the vocabulary: " + ", ".join(sorted(set(DATASET_OF_VOCABULARY.values())))
+            "dataset",
+            default="inferred with the vocabulary: " + ", ".join(sorted(set(DATASET_OF_VOCABULARY.values()))),
         ),
     )
     plan: PlanConfig = PlanConfig()
@@ -342,7 +362,9 @@ class PipelineConfig(_Frozen):
             return getattr(self, name)
         extra = self.__pydantic_extra__ or {}
         if name not in extra:
-            raise ValueError(f"config has no section {name!r}; sections are {[*type(self).model_fields, *extra]}")
+            raise ValueError(
+                f"config has no section {name!r}; sections are {[*type(self).model_fields, *extra]}"
+            )
         return extra[name]
 
     @model_validator(mode="after")

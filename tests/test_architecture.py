@@ -74,7 +74,9 @@ def test_the_graph_reads_the_imports_it_should():
     assert not any(t.startswith("tasks") for t, _ in GRAPH["models.matcher"])
 
 
-@pytest.mark.parametrize("name", sorted(m for m in MODULES if not m.endswith("__main__")))  # scripts run on import
+@pytest.mark.parametrize(
+    "name", sorted(m for m in MODULES if not m.endswith("__main__"))
+)  # scripts run on import
 def test_every_module_imports(name):
     importlib.import_module(name)
 

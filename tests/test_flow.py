@@ -230,7 +230,9 @@ def test_cli_runs_lists_and_key_prefix_picks(prefect_harness, tmp_path, capsys):
     captured = capsys.readouterr()
     assert json.loads(captured.out)["run_key"] == key and f"showing run {key}" in captured.err
     assert main(["status", "--out", out, "--run", "zzz"]) == 2
-    assert capsys.readouterr().err.startswith(f"reltag status: error: no run under {out} has a key starting 'zzz'")
+    assert capsys.readouterr().err.startswith(
+        f"reltag status: error: no run under {out} has a key starting 'zzz'"
+    )
 
 
 def test_stages_of_consecutive_batches_run_side_by_side(prefect_harness, tmp_path, monkeypatch):

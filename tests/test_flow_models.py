@@ -114,6 +114,8 @@ def test_blip_input_size_must_fit_the_vision_encoder(models_dir):
     with pytest.raises(
         ValueError, match=r"caption image_size 384 does not fit the BLIP captioner .* takes \d+x\d+"
     ):
-        build_captioners(CaptionConfig(captioner="blip", model=str(models_dir / "blip"), image_size=384), None)
+        build_captioners(
+            CaptionConfig(captioner="blip", model=str(models_dir / "blip"), image_size=384), None
+        )
     (cap,) = build_captioners(CaptionConfig(captioner="blip", model=str(models_dir / "blip")), None)
     assert cap.image_size == cap.processor.image_processor.size["height"] != 384

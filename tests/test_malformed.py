@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from storage import schemas
-from storage.layout import RunLayout
+from storage.layout import RunLayout, shard_records
 from storage.records import Quarantined
 from tasks.config import PlanConfig
-from tasks.stages.plan import plan_shards, shard_records
+from tasks.stages.plan import plan_shards
 from tasks.stages.plan.detections import _NonFinite
 
 CATS = [{"id": 1, "name": "Person"}, {"id": 2, "name": "Chair"}]
@@ -151,8 +151,23 @@ def _cli(tmp_path, monkeypatch, det_text, caps=None):
     det.write_text(det_text)
     cap = tmp_path / "caps.json"
     cap.write_text(json.dumps(caps or {"annotations": [{"image_id": 1, "caption": "a man"}]}))
-    return main(["run", "--annotations", str(det), "--images", str(tmp_path), "--captions", str(cap),
-                 "--out", str(tmp_path / "out"), "--vocabulary", "o365", "--dataset", "m"])  # fmt: skip (no inference)
+    return main(
+        [
+            "run",
+            "--annotations",
+            str(det),
+            "--images",
+            str(tmp_path),
+            "--captions",
+            str(cap),
+            "--out",
+            str(tmp_path / "out"),
+            "--vocabulary",
+            "o365",
+            "--dataset",
+            "m",
+        ]
+    )  # fmt: skip (no inference)
 
 
 GOOD = {"images": [_img(1)], "annotations": [_ann(1, 1)], "categories": CATS}
@@ -196,7 +211,7 @@ def test_captions_of_other_images_are_refused_before_any_flow(tmp_path, monkeypa
 
 def test_captions_covering_few_images_warn_with_the_count(tmp_path, caplog):
     from tasks.config import PipelineConfig
-    from tasks.run.start import plan_run
+    from tasks.stages.plan.start import plan_run
 
     images = [_img(i) for i in range(1, 5)]
     for i in range(1, 5):

@@ -20,11 +20,11 @@ import json
 import pytest
 
 from models.matcher import Vocabulary
-from storage.layout import RunLayout
+from storage.layout import RunLayout, shard_records
 from storage.records import Box, Candidate, ImageRecord, ParsedRelation
 from tasks.config import MatchConfig, PlanConfig
 from tasks.stages.match import SlotGroup, match_batch, reference_slot_groups
-from tasks.stages.plan import plan_shards, shard_records
+from tasks.stages.plan import plan_shards
 
 # COCO ids (models/data/synonyms/coco_object_names.json)
 PERSON, BENCH, DOG, FRISBEE, HOT_DOG = 1, 15, 18, 34, 58

@@ -10,7 +10,7 @@ from storage.ledger import Ledger
 from tasks.config import PipelineConfig, PlanConfig
 from tasks.run.pipeline import run_batch_stage
 from tasks.run.registry import batch_stages
-from tasks.run.start import plan_run
+from tasks.stages.plan.start import plan_run
 from tasks.stages.write import finalize_shard
 
 

@@ -8,12 +8,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage import schemas
-from storage.layout import RunLayout
+from storage.layout import RunLayout, shard_records
 from storage.records import Quarantined
 from tasks.config import PipelineConfig, PlanConfig
 from tasks.images import unsafe_name
-from tasks.run.start import plan_run
-from tasks.stages.plan import plan_shards, read_categories, shard_records
+from tasks.stages.plan import plan_shards, read_categories
+from tasks.stages.plan.start import plan_run
 
 CATS = [{"id": 1, "name": "Person"}, {"id": 2, "name": "Chair"}]
 
@@ -259,7 +259,7 @@ def test_run_key_changes_with_config_and_input_and_planning_is_idempotent(tmp_pa
 def test_input_checksums_are_cached_by_size_and_mtime(tmp_path, monkeypatch):
     import os
 
-    import tasks.run.start as pr
+    import tasks.stages.plan.start as pr
 
     det = _write(tmp_path, [_img(1)], [_ann(1, 1)])
     calls = []
@@ -339,7 +339,7 @@ def test_size_mismatch_can_rescale_the_boxes_instead(tmp_path):
 
 
 def test_a_plan_is_keyed_by_its_image_root_and_a_root_without_the_images_is_refused(tmp_path):
-    from tasks.run.start import run_context
+    from tasks.stages.plan.start import run_context
 
     det = _write(tmp_path, [_img(1)], [_ann(1, 1)])
     caps = tmp_path / "caps.json"

@@ -359,7 +359,9 @@ def test_report_errors(demo_root, tmp_path, capsys):
     assert _report(root, "--per-group", "0")[0] == 2
     assert capsys.readouterr().err.strip() == "reltag report: error: --per-group must be at least 1, got 0"
     assert _report(root, "--run", "zzzz")[0] == 2
-    assert capsys.readouterr().err.startswith(f"reltag report: error: no run under {root} has a key starting 'zzzz'")
+    assert capsys.readouterr().err.startswith(
+        f"reltag report: error: no run under {root} has a key starting 'zzzz'"
+    )
     assert _report(root, "--compare", run.run_key, run.run_key[:4])[0] == 2
     assert f"--compare names run {run.run_key} twice" in capsys.readouterr().err
     Path(run.run_stats).unlink()  # as if the run had not finished

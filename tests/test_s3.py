@@ -227,7 +227,7 @@ _WRITER = textwrap.dedent(
     from storage.ledger import Ledger
     from tasks.config import PipelineConfig, PlanConfig
     from tasks.run.pipeline import run_batch_stage
-    from tasks.run.start import plan_run
+    from tasks.stages.plan.start import plan_run
 
     out, mode = sys.argv[1], sys.argv[2]
     b = "s3://{bucket}/in/"
@@ -253,7 +253,7 @@ def test_a_writer_killed_before_its_ledger_record_leaves_the_unit_undone(s3, mod
     is complete, so a writer killed between the two (or while writing) leaves no record, and the unit is
     redone by the next worker, which takes the dead writer's lease over at once."""
     from tasks.run.pipeline import run_batch_stage
-    from tasks.run.start import plan_run
+    from tasks.stages.plan.start import plan_run
 
     fs, endpoint = s3
     out = f"s3://{BUCKET}/out-writer-{mode}"

@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from storage import schemas
-from storage.layout import RunLayout
+from storage.layout import RunLayout, shard_records
 from storage.records import ImageRecord, Quarantined
 from tasks.config import PlanConfig
 from tasks.images import load_image
-from tasks.stages.plan import plan_shards, shard_records
+from tasks.stages.plan import plan_shards
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE_DIRS = ("flows", "tasks", "models", "kernels", "storage", "benchmarks", "examples")

@@ -77,7 +77,7 @@ def _params(args, run: bool = True, dataset: str | None = None):
     that have no synonym list. dataset: the name used when neither the config nor a flag gives one."""
     from flows.params import LabelParams
     from tasks.config import PipelineConfig, check_tagger_numbering, fill_inferred
-    from tasks.run.start import cached_categories, check_inputs
+    from tasks.stages.plan.start import cached_categories, check_inputs
 
     data = config_data(args.config, args)
     if dataset is not None and data.get("dataset") is None:

@@ -95,10 +95,10 @@ def cmd_show(args) -> int:
 
     from flows.status import plan_of, run_record
     from storage import schemas
+    from storage.layout import shard_records
     from storage.records import Triplet
     from tasks.audit.visualize import contact_sheet, draw_triplets
     from tasks.images import load_image
-    from tasks.stages.plan import shard_records
 
     if args.n_images < 1:
         raise ValueError(f"--n-images must be at least 1, got {args.n_images}")

@@ -11,8 +11,8 @@ from flows.cli.config_flags import _add_run_args, _params
 
 
 def cmd_plan(args) -> int:
-    from tasks.run.start import plan_run, validate_captions
     from tasks.stages.caption import captioner_names
+    from tasks.stages.plan.start import plan_run, validate_captions
 
     p = _params(args, run=False)
     validate_captions(p.captions, p.config)
@@ -67,13 +67,13 @@ def _run(params, stage_threads: int | None = None) -> int:
 
     summary = finished_summary(params)  # a finished run is answered from the ledger, before Prefect loads
     if summary is None:
-        from tasks.run.start import validate_captions
+        from tasks.stages.plan.start import validate_captions
 
         validate_captions(
             params.captions, params.config
         )  # before Prefect: a bad file is one line, not retried
 
-        from tasks.run.start import plan_run
+        from tasks.stages.plan.start import plan_run
 
         # plan here, before Prefect starts: a bad detection or captions file is one line and exit 2, not a
         # failed flow run (the flow's plan task then finds the plan and the run record written)

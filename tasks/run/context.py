@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from models.matcher import Vocabulary
 from storage import schemas
 from storage.atomic import read_json
-from storage.layout import RunLayout, read_shard_images
+from storage.layout import RunLayout, shard_records
 from storage.manifest import PlanManifest
 from storage.records import ImageRecord, VerifiedImage
 from tasks.config import PipelineConfig
@@ -91,7 +91,7 @@ def plan_manifest(ctx: RunContext) -> PlanManifest:
 
 @functools.lru_cache(maxsize=4)
 def shard_images(ctx: RunContext, shard: int) -> tuple[ImageRecord, ...]:
-    return tuple(read_shard_images(ctx.layout, shard))
+    return tuple(shard_records(ctx.layout, shard))
 
 
 def batch_images(ctx: RunContext, shard: int, batch: int) -> list[ImageRecord]:

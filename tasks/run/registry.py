@@ -122,11 +122,15 @@ def register(st: Stage, *, before: str | None = None) -> Stage:
             )
         at = len(_STAGES) if before is None else _index(before)
         if st.input is not None and st.input not in names[:at]:
-            raise ValueError(f"stage {st.name!r}: input stage {st.input!r} is not registered before it ({names[:at]})")
+            raise ValueError(
+                f"stage {st.name!r}: input stage {st.input!r} is not registered before it ({names[:at]})"
+            )
         if st.per_batch and st.record is None:
             raise ValueError(f"batch stage {st.name!r} declares no record type")
         if st.record is not None and st.schema is None and st.record not in schemas.SCHEMAS:
-            raise ValueError(f"stage {st.name!r}: record {st.record.__name__} has no schema in storage.schemas")
+            raise ValueError(
+                f"stage {st.name!r}: record {st.record.__name__} has no schema in storage.schemas"
+            )
         if st.config is not None:
             register_section(st.section, st.config)
         _STAGES.insert(at, st)
@@ -142,7 +146,9 @@ def unregister(name: str) -> None:
 
 
 #: folders of the layout that are not a stage's (storage/layout.py)
-_RESERVED_FOLDERS = frozenset({"images", "quarantine", "rejects", "stats", "runs", "report", "_ledger", "_leases"})
+_RESERVED_FOLDERS = frozenset(
+    {"images", "quarantine", "rejects", "stats", "runs", "report", "_ledger", "_leases"}
+)
 
 
 def _index(name: str) -> int:

@@ -146,7 +146,9 @@ def _stage_batch(ctx: RunContext, shard: int, batch: int) -> StageOutput:
 def parser_revision(cfg: PipelineConfig, inputs: dict) -> str:
     """The parser's identity: SceneGraphParser, spaCy and the spaCy model's package versions."""
     v, model = package_version, cfg.parse.spacy_model
-    return f"SceneGraphParser=={v('SceneGraphParser')};spacy=={v('spacy')};{model}=={v(model.replace('_', '-'))}"
+    return (
+        f"SceneGraphParser=={v('SceneGraphParser')};spacy=={v('spacy')};{model}=={v(model.replace('_', '-'))}"
+    )
 
 
 STAGE = register(

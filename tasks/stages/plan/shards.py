@@ -17,7 +17,6 @@ import pyarrow as pa
 from storage import schemas
 from storage.atomic import write_table
 from storage.layout import RunLayout
-from storage.records import ImageRecord
 from tasks.config import PlanConfig
 from tasks.images import BadImage, check_header, unsafe_name
 from tasks.stages.plan.annotations import (
@@ -406,11 +405,3 @@ def _build_shard(
         ],
         schema=schemas.IMAGES,
     )
-
-
-def shard_records(layout: RunLayout, shard: int) -> list[ImageRecord]:
-    """The planned images of one shard."""
-    import pyarrow.parquet as pq
-
-    with layout.fs.open(layout.images(shard), "rb") as f:
-        return schemas.from_table(pq.read_table(f, schema=schemas.IMAGES), ImageRecord)

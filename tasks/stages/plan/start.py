@@ -178,7 +178,9 @@ def run_context(
         inputs["captions_sha256"] = cap_sha
     pkey, links = chain(cfg, inputs)
     keys = tuple((link.stage, link.key) for link in links)
-    ctx = RunContext(out, dataset, links[-1].key, images, captions, cfg.model_dump_json(), pkey, keys, folders())
+    ctx = RunContext(
+        out, dataset, links[-1].key, images, captions, cfg.model_dump_json(), pkey, keys, folders()
+    )
     return RunInputs(ctx, links, ann_sha, ann_bytes, cap_sha)
 
 
