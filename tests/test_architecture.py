@@ -142,3 +142,15 @@ def test_a_cycle_is_found_when_there_is_one():
             test_import_graph_has_no_cycle()
     finally:
         GRAPH = saved
+
+
+def test_the_run_engine_knows_no_stage():
+    # tasks/run (context, registry, execution, leases, schedule) is below the stages: they register with it
+    wrong = [
+        f"{m}:{line} imports {t}"
+        for m, edges in GRAPH.items()
+        if m.startswith("tasks.run")
+        for t, line in edges
+        if t.startswith(("tasks.stages", "tasks.audit"))
+    ]
+    assert wrong == []
