@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -33,3 +35,25 @@ class LabelParams(BaseModel):
     @property
     def dataset_name(self) -> str:
         return self.dataset or self.config.dataset
+
+
+def read_config_file(path: str) -> dict:
+    """A config file (YAML by its .yaml/.yml ending, JSON otherwise) as a mapping; every problem is one
+    ValueError naming the file: unreadable, not parseable (the parser's words on one line), or not a mapping."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ValueError(f"config file {path} cannot be read: {e.strerror or e}") from e
+    kind = "plain YAML" if path.endswith((".yaml", ".yml")) else "valid JSON"
+    try:
+        if kind == "plain YAML":
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: the parser's words, on one line
+        raise ValueError(f"config file {path} is not {kind}: {' '.join(str(e).split())}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping, not {type(data).__name__}")
+    return data

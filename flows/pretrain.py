@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from flows.params import read_config_file
 from models.rlipv2.pretrain import StepInfo
 from models.rlipv2.pretrain_settings import PretrainSettings
 from models.rlipv2.pretrain_state import LOSS_LOG, CheckpointStore, LossLog, run_identity
@@ -271,28 +272,17 @@ def pretrain_on_label(label_flow_run: str) -> str | None:
 
 
 def params_from_cli(args) -> PretrainParams:
-    """PretrainParams from `reltag pretrain` flags: --settings (YAML/JSON mapping of PretrainSettings fields)
+    """PretrainParams from `reltag pretrain` flags: --config (YAML/JSON mapping of PretrainSettings fields)
     with --steps, --device, --batch-size, --tiny on top. Raises ValueError (pydantic's included) on a bad value."""
     import dataclasses
-    import json
 
     data: dict = {}
     if args.settings:
-        text = Path(args.settings).read_text()
-        if args.settings.endswith((".yaml", ".yml")):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError(f"settings file {args.settings} must hold a mapping, not {type(data).__name__}")
+        data = read_config_file(args.settings)
         known = {f.name for f in dataclasses.fields(PretrainSettings)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(
-                f"settings file {args.settings}: unknown fields {unknown}; known: {sorted(known)}"
-            )
+            raise ValueError(f"config file {args.settings}: unknown fields {unknown}; known: {sorted(known)}")
     for flag, field in (("steps", "max_steps"), ("device", "device"), ("batch_size", "batch_size")):
         if getattr(args, flag) is not None:
             data[field] = getattr(args, flag)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import build_parser, load_config, main
+from flows.cli import build_parser, main
+from flows.cli.config_flags import config_data
+from tasks.config import PipelineConfig
 
 
 def test_help_explains_each_command(capsys):
@@ -36,12 +38,12 @@ def test_config_file_and_flags(tmp_path):
             "0.4",
         ]
     )
-    cfg = load_config(args.config, args)
+    cfg = PipelineConfig.model_validate(config_data(args.config, args))
     assert cfg.threshold.eta == 0.4 and cfg.caption.n_cap == 5
     args = build_parser().parse_args(
         ["run", "--annotations", "a", "--images", "i", "--out", "o", "--captioner", "blip,blip2"]
     )
-    assert load_config(None, args).caption.captioner == ("blip", "blip2")
+    assert PipelineConfig.model_validate(config_data(None, args)).caption.captioner == ("blip", "blip2")
 
 
 def test_bad_config_is_one_clear_line(tmp_path, capsys):

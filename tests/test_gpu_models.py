@@ -286,6 +286,7 @@ def msda_backend(monkeypatch):
             monkeypatch.setenv(kernels.BACKEND_ENV, "cuda")
         else:
             monkeypatch.delenv(kernels.BACKEND_ENV, raising=False)
+        kernels.reset_backends()  # the backend is chosen once per device type: choose again under the new env
 
     return use
 

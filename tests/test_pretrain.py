@@ -312,13 +312,19 @@ def test_cli_refuses_bad_input_in_one_line_before_prefect_starts(tmp_path, capsy
     assert err == f"reltag pretrain: error: source '{tmp_path / 'nope.json'}' does not exist"
     bad = tmp_path / "s.yaml"
     bad.write_text("batch_size: 0\n")
-    assert main(["pretrain", "--source", VG, "--out", str(tmp_path), "--settings", str(bad)]) == 2
+    assert main(["pretrain", "--source", VG, "--out", str(tmp_path), "--config", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("reltag pretrain: error: ") and "batch_size must be >= 1, got 0" in err
     assert len(err.splitlines()) == 1
     bad.write_text("learning_rate: 0.1\n")
-    assert main(["pretrain", "--source", VG, "--out", str(tmp_path), "--settings", str(bad)]) == 2
-    assert "unknown fields ['learning_rate']" in capsys.readouterr().err
+    assert main(["pretrain", "--source", VG, "--out", str(tmp_path), "--config", str(bad)]) == 2
+    assert f"config file {bad}: unknown fields ['learning_rate']" in capsys.readouterr().err
+    bad.write_text("- a list\n")
+    assert main(["pretrain", "--source", VG, "--out", str(tmp_path), "--config", str(bad)]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"reltag pretrain: error: config file {bad} must hold a mapping, not list"
+    )
 
 
 @pytest.mark.flow

@@ -7,9 +7,8 @@ import os
 import sys
 
 from flows.cli.common import EXAMPLES, one_line
-from flows.cli.config_flags import load_config
 
-__all__ = ["EXAMPLES", "build_parser", "load_config", "main", "one_line"]
+__all__ = ["EXAMPLES", "build_parser", "main", "one_line"]
 
 
 def build_parser() -> argparse.ArgumentParser:

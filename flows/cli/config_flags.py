@@ -5,33 +5,15 @@ its config field: tasks.config.flags), and the flow's parameters built from both
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
+from flows.params import read_config_file
 from tasks.config import flags
 
 
 def config_data(path: str | None, args: argparse.Namespace) -> dict:
     """The raw config mapping: the config file (YAML or JSON) with the command-line flags applied on top."""
-    data: dict = {}
-    if path:
-        try:
-            text = Path(path).read_text()
-        except OSError as e:
-            raise ValueError(f"config file {path} cannot be read: {e.strerror or e}") from e
-        kind = "plain YAML" if path.endswith((".yaml", ".yml")) else "valid JSON"
-        try:
-            if kind == "plain YAML":
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-            else:
-                data = json.loads(text)
-        except Exception as e:  # yaml.YAMLError / json.JSONDecodeError: the parser's words, on one line
-            raise ValueError(f"config file {path} is not {kind}: {' '.join(str(e).split())}") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    data: dict = read_config_file(path) if path else {}
     for f in flags():
         v = getattr(args, f.dest, None)
         if v is None:
@@ -41,13 +23,6 @@ def config_data(path: str | None, args: argparse.Namespace) -> dict:
         else:
             data.setdefault(f.section, {})[f.field] = v
     return data
-
-
-def load_config(path: str | None, args: argparse.Namespace):
-    """Config file (YAML or JSON) with the command-line flags applied on top (nothing inferred)."""
-    from tasks.config import PipelineConfig
-
-    return PipelineConfig.model_validate(config_data(path, args))
 
 
 def _add_run_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
