@@ -11,13 +11,13 @@ from flows.cli.config_flags import _add_run_args, _params
 
 
 def cmd_plan(args) -> int:
-    from tasks.stages.caption import captioner_names
+    from tasks.stages.caption import uses_human_captions
     from tasks.stages.plan.start import plan_run, validate_captions
 
     p = _params(args, run=False)
     validate_captions(p.captions, p.config)
     # human captions name the run by their file's checksum: without the file, the plan alone
-    record = p.captions is not None or "oracle" not in captioner_names(p.config.caption)
+    record = p.captions is not None or not uses_human_captions(p.config.caption)
     ctx, plan = plan_run(
         p.annotations, p.images, p.out, p.captions, p.dataset_name, p.config, record_run=record
     )
