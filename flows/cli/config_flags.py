@@ -1,5 +1,5 @@
 """The pipeline's settings on the command line: the config file, the flags that override it (each declared on
-its config field: tasks.config.flags), and the flow's parameters built from both with every input checked
+its config field: tasks.flags), and the flow's parameters built from both with every input checked
 (`reltag plan`, `run`, `demo`)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from flows.params import read_config_file
-from tasks.config import flags
+from tasks.flags import flags
 
 
 def config_data(path: str | None, args: argparse.Namespace) -> dict:
