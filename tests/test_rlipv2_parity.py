@@ -22,6 +22,13 @@ from tests.rlipv2_reference import (
     reference_state_dict,
     roberta_pooled_f64,
 )
+from tests.tolerances import (
+    assert_within,
+    rtagger_chain_length,
+    rtagger_logit_tol,
+    sigmoid_prob_tol,
+    softmax_max_tol,
+)
 
 CLASS_KEYS = ["person", "dog", "bicycle", "dining table", "tv"]
 NO_OBJECT = "no objects"
@@ -57,7 +64,21 @@ ROBERTA_BASE = {
 }  # fmt: skip
 
 # fp32 model vs float64 re-statement
-TOL = {"prob": 1e-4, "pooled": 1e-5, "text": 1e-4, "memory": 2e-4, "logit": 4e-4, "box": 1e-5, "batch": 1e-5}
+TOL = {"prob": 1e-4, "pooled": 1e-5, "text": 1e-4, "memory": 2e-4, "logit": 4e-4, "box": 1e-5}
+
+
+def batch_prob_tol(model, scores, slots) -> dict[str, np.ndarray]:
+    """Bounds on |p1 - p2| for scores of the same slots decoded from one encoder state in other decoder batch
+    shapes (other groups per forward, other rows of a GEMM): the logits within rtagger_logit_tol of the decoder
+    chain (tests/tolerances.py), mapped through the sigmoid (p_relation) and the top-1 softmax over the entity
+    texts (p_subject, p_object)."""
+    z = rtagger_logit_tol(model, rtagger_chain_length(model, model.cfg.n_q))
+    n_ent = len(ENTITIES)
+    return {
+        "p_relation": sigmoid_prob_tol(scores.p_relation, z),
+        "p_subject": softmax_max_tol(scores.p_subject, z, n_ent),
+        "p_object": softmax_max_tol(scores.p_object, z, n_ent),
+    }
 
 
 def reference_args(s=TINY) -> argparse.Namespace:
@@ -374,9 +395,15 @@ def test_tag_image_scores_match_reference(ref_sd, text_dir, converted, name):
     assert_close(scores.p_object, ref["p_object"], TOL["prob"], "p_object")
     if name == "one_group":
         # a repeated pair has the same entity queries, so the same entity scores; its relation scores differ,
-        # as in the reference: the relation query content verb_tgt[i] + verb_tgt[Q + i] is learned per slot
-        assert_close(scores.p_subject[2], scores.p_subject[0], TOL["batch"], "repeated pair p_subject")
-        assert_close(scores.p_object[2], scores.p_object[0], TOL["batch"], "repeated pair p_object")
+        # as in the reference: the relation query content verb_tgt[i] + verb_tgt[Q + i] is learned per slot.
+        # Slots 0 and 2 are other rows of the same GEMMs, which float32 may sum in another order (row tiles):
+        # batch_prob_tol of the decoder chain (~2e-2 here, the random reference weights' |projection_text| is 21;
+        # slot 1, another pair, is 0.37 away in p_subject; measured: equal)
+        tol = batch_prob_tol(converted, scores, case["slots"])
+        assert_within(
+            scores.p_subject[2], scores.p_subject[0], tol["p_subject"][0], "repeated pair p_subject"
+        )
+        assert_within(scores.p_object[2], scores.p_object[0], tol["p_object"][0], "repeated pair p_object")
         assert np.abs(scores.p_relation[2] - scores.p_relation[0]).max() > 1e-3
 
 
@@ -499,11 +526,17 @@ def test_scores_do_not_depend_on_other_images_or_grouping_of_the_encoder(ref_sd,
     _, cb = score(b)
     assert cb == {"encoder_passes": 1, "decoder_groups": 1}
     again, _ = score(a)  # after another image of another size, with the phrase cache warm
+    # the same float32 computation: one image at its own size, its phrases read from the cache (as `alone` read
+    # them or filled it), the same groups per forward: nothing of the other image can reach it, bit for bit
+    for f in ("p_relation", "p_subject", "p_object"):
+        assert np.array_equal(getattr(again, f), getattr(alone, f)), f"{f} after another image"
+    # one group per decoder forward instead of both: the same encoder state, the decoder's GEMMs with half the
+    # rows, which float32 may sum in another order: batch_prob_tol of the decoder chain (p_relation <= 3.2e-3;
+    # measured 3e-7; two groups swapped move it by 0.98)
     one_per_forward, _ = score(a, groups_per_forward=1)
-    for name, other in (("after another image", again), ("one group per forward", one_per_forward)):
-        assert_close(other.p_relation, alone.p_relation, TOL["batch"], f"p_relation {name}")
-        assert_close(other.p_subject, alone.p_subject, TOL["batch"], f"p_subject {name}")
-        assert_close(other.p_object, alone.p_object, TOL["batch"], f"p_object {name}")
+    tol = batch_prob_tol(converted, alone, a["slots"])
+    for f in ("p_relation", "p_subject", "p_object"):
+        assert_within(getattr(one_per_forward, f), getattr(alone, f), tol[f], f"{f} one group per forward")
     # the reference's cost model (the image repeated once per group, a batch of 2 through the encoder) is another
     # float32 summation order: it agrees with the float64 reference as closely as the single pass does
     batched, cr = score(a, reference_style=True)
