@@ -84,6 +84,12 @@ def test_toy_stage_is_in_the_help_and_the_config(toy, capsys):
     assert (
         "--toy-weight" in help_text and "toy.weight: what each triplet counts for (default: 1)" in help_text
     )
+    assert "(sections plan/caption/parse/match/tag/threshold/toy)" in help_text
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "label a dataset: plan, verify, caption, parse, match, tag, threshold, toy, write" in " ".join(
+        capsys.readouterr().out.split()
+    )
     assert PipelineConfig().section("toy") == ToyConfig()  # filled with its defaults
     assert PipelineConfig.model_validate({"toy": {"weight": 3}}).section("toy").weight == 3
     with pytest.raises(ValueError, match="weight"):

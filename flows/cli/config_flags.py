@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from flows.params import read_config_file
+from tasks.config import section_models
 from tasks.flags import flags
 
 
@@ -32,7 +33,8 @@ def _add_run_args(p: argparse.ArgumentParser, inputs: bool = True) -> None:
         p.add_argument("--captions", help="COCO-Captions JSON (for the oracle captioner)")
     p.add_argument("--out", required=True, help="output root (local path or fsspec URI)")
     p.add_argument(
-        "--config", help="pipeline config, YAML or JSON (sections plan/caption/parse/match/tag/threshold)"
+        "--config",
+        help="pipeline config, YAML or JSON (sections " + "/".join(n for n in section_models() if n) + ")",
     )
     p.add_argument(
         "--stage-threads", type=int, default=None,

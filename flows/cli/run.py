@@ -6,8 +6,10 @@ import os
 import sys
 from pathlib import Path
 
+import tasks.stages  # noqa: F401  (registers the built-in stages, which the help lists)
 from flows.cli.common import EXAMPLES
 from flows.cli.config_flags import _add_run_args, _params
+from tasks.run.registry import stages
 
 
 def cmd_plan(args) -> int:
@@ -121,7 +123,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_plan)
     p = sub.add_parser(
         "run",
-        help="label a dataset: plan, verify, caption, parse, match, tag, threshold, write",
+        help="label a dataset: " + ", ".join(["plan", *(s.name for s in stages())]),
         description="Run the label-dataset flow and print `output: <root>/<dataset>/<plan-key>`. Rerunning the "
         "same command after a crash resumes: finished batches are skipped, the rest redone.",
     )
