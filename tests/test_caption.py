@@ -259,3 +259,16 @@ def test_cuda_device_without_gpu_is_a_clear_error(tmp_path):
         build_captioners(cfg, None)
     with pytest.raises(ValueError, match="caption device 'gpu0' is not a torch device"):
         build_captioners(CaptionConfig(captioner="blip", model=str(tmp_path), device="gpu0"), None)
+
+
+def test_the_configs_captioner_choices_are_the_registered_captioners():
+    # the choices are a type in tasks/config.py; the registry is the caption stage's: they must agree (lavis is
+    # a choice only to be refused with the reason)
+    import typing
+
+    from tasks.stages.caption import CAPTIONERS
+
+    ann = CaptionConfig.model_fields["captioner"].annotation
+    names = {str(a) for alt in typing.get_args(ann) for a in typing.get_args(alt) if isinstance(a, str)}
+    names |= {str(a) for alt in typing.get_args(ann) for x in typing.get_args(alt) for a in typing.get_args(x)}
+    assert names - {"lavis"} == set(CAPTIONERS) == {"oracle", "blip", "blip2"}

@@ -197,3 +197,13 @@ def test_the_configs_rule_choices_are_the_rules_storage_applies():
         == set(RULES)
         == {"paper", "relation_only"}
     )
+
+
+def test_the_configs_tagger_choices_are_the_registered_taggers():
+    import typing
+
+    from tasks.config import TagConfig
+    from tasks.stages.tag import TAGGERS
+
+    assert set(typing.get_args(TagConfig.model_fields["tagger"].annotation)) == set(TAGGERS)
+    assert set(TAGGERS) == {"greedy_overlap", "rtagger", "clip"}
