@@ -190,6 +190,8 @@ def test_registration_refuses_what_would_break_the_pipeline():
         registry.register(TOY.__class__(**{**_fields(TOY), "folder": "captions"}))
     with pytest.raises(ValueError, match="input stage 'write' is not registered before it"):
         registry.register(TOY.__class__(**{**_fields(TOY), "input": "write"}), before="write")
+    with pytest.raises(ValueError, match="would come after the shard-level stage 'write'.*before='write'"):
+        registry.register(TOY)
     assert "toy" not in [s.name for s in registry.stages()]
 
 

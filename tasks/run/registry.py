@@ -125,6 +125,12 @@ def register(st: Stage, *, before: str | None = None) -> Stage:
             raise ValueError(
                 f"stage {st.name!r}: input stage {st.input!r} is not registered before it ({names[:at]})"
             )
+        if st.per_batch and any(not s.per_batch for s in _STAGES[:at]):
+            last = next(s.name for s in _STAGES[:at] if not s.per_batch)
+            raise ValueError(
+                f"batch stage {st.name!r} would come after the shard-level stage {last!r}, which writes the "
+                f"product: register it with before={last!r}"
+            )
         if st.per_batch and st.record is None:
             raise ValueError(f"batch stage {st.name!r} declares no record type")
         if st.record is not None and st.schema is None and st.record not in schemas.SCHEMAS:
