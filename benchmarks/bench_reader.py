@@ -155,7 +155,8 @@ def write_run(
              "p_subject": p[:, 0], "p_object": p[:, 1], "p_relation": p[:, 2],
              "relation_rank": np.ones(nr, np.int16),
              "caption_ids": pa.ListArray.from_arrays(pa.array(np.arange(nr + 1, dtype=np.int32)), pa.array(np.zeros(nr, np.int16))),
-             "n_captions": np.ones(nr, np.int16), "tagger": ["synth"] * nr, "run_key": [run_key] * nr}
+             "n_captions": np.ones(nr, np.int16), "tagger": ["synth"] * nr, "run_key": [run_key] * nr,
+             "caption_source_ids": pa.nulls(nr, TRIPLETS.field("caption_source_ids").type)}
         ).cast(TRIPLETS)  # fmt: skip
         for path, table in ((layout.images(k), images), (layout.triplets(k), trip)):
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -250,6 +250,12 @@ def test_non_contiguous_inputs(cpu_kernel, force):
 
 
 @pytest.mark.compiler
+def test_cpu_kernel_is_built_with_openmp(cpu_kernel):
+    # without -fopenmp, at::parallel_for in the extension silently runs on one thread (kernels/_build.py)
+    assert cpu_kernel.built_with_openmp() is True
+
+
+@pytest.mark.compiler
 def test_cpu_kernel_result_does_not_depend_on_thread_count(cpu_kernel, force):
     force("cpu")
     inputs = make_inputs(1, [(9, 5), (3, 3)], 1, 64, 13, 3, dtype=torch.float64, seed=9)

@@ -266,10 +266,19 @@ std::vector<at::Tensor> ms_deform_attn_cpu_backward(const at::Tensor& value, con
   return {grad_value, grad_loc.sum(0), grad_attn.sum(0)};
 }
 
+bool built_with_openmp() {
+#ifdef _OPENMP
+  return true;
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "reltag multi-scale deformable attention, C++ CPU kernel";
   m.def("forward", &ms_deform_attn_cpu_forward, "MSDA forward (CPU, fp32/fp64)");
   m.def("backward", &ms_deform_attn_cpu_backward, "MSDA backward (CPU, fp32/fp64) -> grad value, loc, attn");
+  m.def("built_with_openmp", &built_with_openmp, "whether at::parallel_for runs in parallel in this build");
 }
