@@ -9,7 +9,7 @@ from fsspec.core import url_to_fs
 import tasks.stages  # noqa: F401  (registers the built-in stages)
 from storage.atomic import read_json
 from storage.layout import RunLayout
-from storage.ledger import Ledger, Unit, run_gaps
+from storage.ledger import Ledger, Unit, run_gaps, unwritten
 from storage.manifest import PlanManifest, RunRecord
 from tasks.run.registry import folders, last_stage, stages
 
@@ -18,7 +18,8 @@ WRITE = last_stage().name  # the shard-level stage that writes the product
 
 def unwritten_shards(plan: PlanManifest, snap: dict[str, set[str]]) -> list:
     """The plan's shards whose triplet file is not recorded as written, from one ledger listing."""
-    return [sh for sh in plan.shards if Unit(WRITE, sh.shard).rel() not in snap["done"]]
+    todo = set(unwritten([sh.shard for sh in plan.shards], snap, WRITE))
+    return [sh for sh in plan.shards if sh.shard in todo]
 
 
 def unfinished(

@@ -98,6 +98,11 @@ class Ledger:
         return out
 
 
+def unwritten(shards: list[int], snap: dict[str, set[str]], write_stage: str) -> list[int]:
+    """The shards whose `write_stage` unit is not done in a ledger snapshot: what a shard being written means."""
+    return [sh for sh in shards if Unit(write_stage, sh).rel() not in snap["done"]]
+
+
 def run_gaps(layout: RunLayout, shards: list[int], snap: dict[str, set[str]], write_stage: str) -> list[str]:
     """What a run lacks to count as finished, one phrase per gap (empty: finished): the one rule, used by the CLI,
     the flows and the pre-training readers. A run is finished when every shard's `write_stage` unit is done in the
@@ -110,12 +115,10 @@ def run_gaps(layout: RunLayout, shards: list[int], snap: dict[str, set[str]], wr
         snap: a ledger snapshot (Ledger.snapshot()).
         write_stage: the shard-level stage whose unit says a shard is written (the registry's last stage).
     """
-    unwritten = [sh for sh in shards if Unit(write_stage, sh).rel() not in snap["done"]]
+    todo = unwritten(shards, snap, write_stage)
     out = []
-    if unwritten:
-        out.append(
-            f"{len(unwritten)} of {len(shards)} shards have no '{write_stage}' record {unwritten[:10]}"
-        )
+    if todo:
+        out.append(f"{len(todo)} of {len(shards)} shards have no '{write_stage}' record {todo[:10]}")
     if not layout.fs.exists(layout.run_stats):
         out.append(f"the run statistics {layout.run_stats} are not written")
     if out and snap["failed"]:
