@@ -22,6 +22,18 @@ from models.rlipv2.pretrain_data import EpochBatches, batch_predicates, open_sou
 from models.rlipv2.pretrain_settings import PretrainSettings
 from models.rlipv2.pretrain_state import CheckpointStore, LossLog, rng_state, set_rng_state
 
+
+def _weights_hash(model) -> str:
+    """sha256 of every weight of a model, in state-dict order: equal exactly when the weights are."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 REPO = Path(__file__).resolve().parent.parent
 VG = str(REPO / "examples" / "vg_tiny" / "relationships.json")
 VG_IDS = [1000, 1001, 1002, 1003]
@@ -200,14 +212,13 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, result_dir: str) -> 
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
     import torch.distributed as dist
 
-    from models.rlipv2.checkpoint import state_revision
     from models.rlipv2.pretrain import pretrain
 
     seen, revisions = [], []
 
     def on_step(info):
         seen.append(info.image_ids)
-        revisions.append(state_revision(info.model))
+        revisions.append(_weights_hash(info.model))
 
     try:
         res = pretrain([VG], out, PretrainSettings(tiny=True, batch_size=1, max_steps=2, checkpoint_every=1),

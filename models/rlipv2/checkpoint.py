@@ -81,15 +81,6 @@ def load_checkpoint(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def state_revision(model: RLIPv2ParSeD) -> str:
-    """Content hash of an in-memory model (config + weights), for runners built without a checkpoint dir."""
-    h = hashlib.sha256(offline_config(model).hash(64).encode())
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def save_training_state(state: dict, path: str | Path) -> None:
     """torch.save of the training state (optimizer, scheduler, RNG, step, data position, history), written
     under a temporary name and renamed. Only tensors, numbers, strings, lists and dicts: it loads with
