@@ -34,7 +34,8 @@ class EncodedImages:
     Tensor[L]; valid_ratios Tensor[B, L, 2]; text Tensor[K, B, T, d]: the fused phrases after each of the K
     fusion rounds, resized to d (entity texts first, "no objects" last of them, then relation texts);
     n_entity: entity texts per row (padded to the longest); entity_mask Tensor[B, Te], rel_mask Tensor[B, Tr]
-    bool, True = padding.
+    bool, True = padding; phrases Tensor[B, Te + Tr, R]: the pooled phrase features before the encoder (same
+    layout as text, not resized; the training objective's Relation Pseudo-Labels read the relation part).
     """
 
     memory: torch.Tensor
@@ -46,6 +47,7 @@ class EncodedImages:
     n_entity: int
     entity_mask: torch.Tensor
     rel_mask: torch.Tensor
+    phrases: torch.Tensor | None = None
 
 
 @dataclass
@@ -259,6 +261,7 @@ class RLIPv2ParSeD(nn.Module):
             n_entity=n_ent,
             entity_mask=lang_mask[:, :n_ent],
             rel_mask=lang_mask[:, n_ent:],
+            phrases=lang,
         )
 
     def _phrases(self, entity_texts, rel_texts, dtype, device, use_cache):
@@ -296,6 +299,7 @@ class RLIPv2ParSeD(nn.Module):
         entity_block: torch.Tensor | None = None,
         pair_block: torch.Tensor | None = None,
         all_layers: bool = False,
+        lang_aux: bool = True,
     ) -> DecoderOutput:
         """Decode G groups of Q pair slots; group g reads image img_index[g] of `state`.
 
@@ -303,6 +307,8 @@ class RLIPv2ParSeD(nn.Module):
         the unpadded image, sub_labels/obj_labels Tensor[G, Q] long (index into the image's entity texts),
         pair_valid Tensor[G, Q] bool (False = empty slot: zero queries, hidden as keys from every query, as
         the reference's key padding mask does; its own outputs are never read). Learned-query mode otherwise.
+        lang_aux: decoder layer l is scored against fusion round l (the reference's --lang_aux_loss, on in every
+        script reltag follows); False: every layer against the last round.
         entity_block Tensor[G, 2Q, 2Q] / pair_block Tensor[G, Q, Q] bool add blocked (query, key) pairs
         (the denoising mask between noised copies of one region while training).
         """
@@ -370,7 +376,8 @@ class RLIPv2ParSeD(nn.Module):
         heads = []
         for lvl in wanted:
             o = layers_out[lvl]
-            ent_logits, rel_logits = self._heads(state, img_index, lvl, o["h_sub"], o["h_obj"], o["h_rel"])
+            rnd = lvl if lang_aux else state.text.shape[0] - 1
+            ent_logits, rel_logits = self._heads(state, img_index, rnd, o["h_sub"], o["h_obj"], o["h_rel"])
             heads.append(
                 {"sub_boxes": o["sub_boxes"], "obj_boxes": o["obj_boxes"], "sub_logits": ent_logits[0],
                  "obj_logits": ent_logits[1], "rel_logits": rel_logits}

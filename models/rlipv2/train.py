@@ -13,17 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from models.rlipv2.boxes import xywh_pixels_to_cxcywh
 from models.rlipv2.checkpoint import save_checkpoint
 from models.rlipv2.config import RLIPv2Config
+from models.rlipv2.criterion import Criterion, LossSettings, PairTargets
 from models.rlipv2.data import VGImage, load_vg
 from models.rlipv2.denoising import flip_labels, noise_boxes, pair_block_mask, region_block_mask
+from models.rlipv2.label_sequence import batch_texts, text_frequencies
 from models.rlipv2.losses import pair_losses
-from models.rlipv2.matcher import hungarian_match
-from models.rlipv2.model import RLIPv2ParSeD
+from models.rlipv2.model import DecoderOutput, EncodedImages, RLIPv2ParSeD
 from models.rlipv2.preprocess import preprocess_image
 from models.rlipv2.tagger import entity_texts, pad_images
 from storage.paths import safe_local_path
@@ -97,13 +97,34 @@ def make_batch(
     predicates: list[str],
     generator: torch.Generator | None = None,
     denoise: bool = True,
+    shared_texts: bool | None = None,
+    frequencies: dict | None = None,
+    negative_texts: int = 0,
+    sampling: str = "freq",
 ) -> TrainBatch:
     """Build queries and targets: the annotated pairs of each image, dn_groups noised copies each (Appendix E).
 
     image_root: the folder the records' file names are relative to (never left: '..', symlinks), or None for
-    records whose file names a reader has already resolved and checked (RelationDataset)."""
+    records whose file names a reader has already resolved and checked (RelationDataset).
+    shared_texts: every image gets the same texts, the reference's merge_batch_data (default: on without denoising,
+    i.e. pre-training; off in R-Tagger mode, where each image keeps its own labels): the entity texts are
+    entity_texts(model, the batch's labels merged first seen first), then `predicates`, each extended to
+    label_sequence.split_lengths(negative_texts) with texts sampled from `frequencies` (a
+    RelationDataset.class_frequencies() dict) by `sampling` ("freq" / "random") from `generator` (Label Sequence
+    Extension, --negative_text_sampling), "no objects" last. No frequencies or negative_texts 0: merged only."""
     cfg = model.cfg
     copies = cfg.dn_groups if denoise else 1
+    if shared_texts is None:
+        shared_texts = not denoise
+    shared = None
+    if shared_texts:
+        merged = entity_texts(model, [o.name for im in images for o in im.objects])[
+            :-1
+        ]  # without "no objects"
+        ent_list, predicates = batch_texts(
+            [merged], [predicates], frequencies, negative_texts, sampling, generator
+        )
+        shared = ent_list + [cfg.no_object_text]
     pixels, ents, per_image = [], [], []
     for im in images:
         if image_root is None:
@@ -116,7 +137,7 @@ def make_batch(
             path = safe_local_path(str(image_root), im.file_name)  # never outside image_root ('..', symlinks)
         pixels.append(preprocess_image(Image.open(path), cfg))
         labels = [o.name for o in im.objects]
-        ent = entity_texts(model, labels)
+        ent = list(shared) if shared is not None else entity_texts(model, labels)
         ents.append(ent)
         by_id = {o.object_id: o for o in im.objects}
         pairs = sorted({(r.subject_id, r.object_id) for r in im.relationships})
@@ -208,41 +229,45 @@ def tagger_loss(model: RLIPv2ParSeD, batch: TrainBatch) -> dict[str, torch.Tenso
     )  # fmt: skip
 
 
-def detect_loss(model: RLIPv2ParSeD, batch: TrainBatch) -> dict[str, torch.Tensor]:
-    """Pre-training mode: learned queries, Hungarian matching per image, unmatched queries -> "no objects"."""
-    cfg = model.cfg
-    state = model.encode(batch.pixels, batch.pixel_mask, batch.entity_texts, batch.rel_texts)
-    b = batch.pixels.shape[0]
-    out = model.decode(state, torch.arange(b))
-    gathered: dict[str, list[torch.Tensor]] = {k: [] for k in range(11)}
-    noobj = []
-    for i in range(b):
-        n = batch.n_pairs[i]
-        tgt = (batch.tgt_sub_boxes[i, :n], batch.tgt_obj_boxes[i, :n], batch.tgt_sub_labels[i, :n],
-               batch.tgt_obj_labels[i, :n], batch.tgt_rels[i, :n])  # fmt: skip
-        qi, ti = hungarian_match(
-            out.sub_boxes[i], out.obj_boxes[i], out.sub_logits[i], out.obj_logits[i], out.rel_logits[i], *tgt,
-            w_l1=cfg.w_l1, w_giou=cfg.w_giou, w_cls=cfg.w_cls, w_rel=cfg.w_rel,
+def batch_targets(batch: TrainBatch) -> list[PairTargets]:
+    """The criterion's targets from a TrainBatch: each image's first n_pairs rows (the distinct annotated pairs)."""
+    return [
+        PairTargets(
+            sub_boxes=batch.tgt_sub_boxes[i, :n],
+            obj_boxes=batch.tgt_obj_boxes[i, :n],
+            sub_labels=batch.tgt_sub_labels[i, :n],
+            obj_labels=batch.tgt_obj_labels[i, :n],
+            rels=batch.tgt_rels[i, :n],
         )  # fmt: skip
-        preds = (out.sub_boxes[i], out.obj_boxes[i], out.sub_logits[i], out.obj_logits[i], out.rel_logits[i])
-        for k, p in enumerate(preds):
-            gathered[k].append(p[qi])
-        for k, tt in enumerate(tgt):
-            gathered[5 + k].append(tt[ti])
-        gathered[10].append((~state.rel_mask[i])[None].expand(len(qi), -1))
-        unmatched = torch.ones(cfg.n_q, dtype=torch.bool)
-        unmatched[qi] = False
-        no_obj = len(batch.entity_texts[i]) - 1
-        for logits in (out.sub_logits[i][unmatched], out.obj_logits[i][unmatched]):
-            if len(logits):
-                noobj.append(F.cross_entropy(logits, torch.full((len(logits),), no_obj), reduction="sum"))
-    terms = pair_losses(cfg, *[torch.cat(gathered[k]) for k in range(11)])
-    n_match = max(sum(batch.n_pairs), 1)
-    terms["loss_noobj"] = (
-        cfg.w_cls * cfg.no_object_weight * torch.stack(noobj).sum() / n_match if noobj else terms["loss"] * 0
-    )
-    terms["loss"] = terms["loss"] + terms["loss_noobj"]
-    return terms
+        for i, n in enumerate(batch.n_pairs)
+    ]
+
+
+def model_outputs(out: DecoderOutput, state: EncodedImages, img_index: torch.Tensor) -> dict:
+    """RLIPv2ParSeD's decoder output as the criterion's output dict (models.rlipv2.criterion.Criterion): the last
+    layer's boxes and logits, `aux` (the earlier layers), `entity_pad` / `rel_pad`, and `rel_phrases` (the
+    relation texts' features before fusion)."""
+    d = {
+        "sub_boxes": out.sub_boxes, "obj_boxes": out.obj_boxes, "sub_logits": out.sub_logits,
+        "obj_logits": out.obj_logits, "rel_logits": out.rel_logits, "aux": out.aux,
+        "entity_pad": state.entity_mask[img_index], "rel_pad": state.rel_mask[img_index],
+    }  # fmt: skip
+    if state.phrases is not None:
+        d["rel_phrases"] = state.phrases[img_index, state.n_entity :]
+    return d
+
+
+def detect_loss(
+    model: RLIPv2ParSeD, batch: TrainBatch, settings: LossSettings = LossSettings()
+) -> dict[str, torch.Tensor]:
+    """Pre-training mode: learned queries, the reference's full pre-training objective (criterion.Criterion:
+    Hungarian matching per image and decoder layer, boxes, classes with "no objects", relation quality focal loss
+    with quality and pseudo-labels). The batch's texts (make_batch shared_texts / Label Sequence Extension)
+    are the data side of the same objective."""
+    state = model.encode(batch.pixels, batch.pixel_mask, batch.entity_texts, batch.rel_texts)
+    img_index = torch.arange(batch.pixels.shape[0], device=batch.pixels.device)
+    out = model.decode(state, img_index, all_layers=settings.aux_loss, lang_aux=settings.lang_aux_loss)
+    return Criterion(settings)(model_outputs(out, state, img_index), batch_targets(batch))
 
 
 def train(
@@ -256,6 +281,7 @@ def train(
     batch_size: int = 2,
     fixed_batch: bool = False,
     model: RLIPv2ParSeD | None = None,
+    loss: LossSettings = LossSettings(),
 ) -> tuple[RLIPv2ParSeD, list[dict[str, float]]]:
     """Train for `steps` steps on a VG-style relationships file; save a checkpoint to `out` if given.
 
@@ -265,6 +291,7 @@ def train(
         tiny: build the tiny architecture with a word-level tokenizer over the data's words (offline runs);
             otherwise the full architecture from the hub ids / local dirs in RLIPv2Config, pretrained parts.
         fixed_batch: reuse the first batch with the same noise every step (tests: the loss must go down).
+        loss: the pre-training objective's settings (detect mode; negative texts drawn from the file's names).
     Returns: the model and the per-step loss terms.
     """
     if mode not in ("tagger", "detect"):
@@ -290,7 +317,7 @@ def train(
             model = RLIPv2ParSeD(cfg, load_tokenizer(cfg.text_model), pretrained=True)
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-4)
-    loss_fn = tagger_loss if mode == "tagger" else detect_loss
+    freq = text_frequencies(images) if mode == "detect" else None
     history = []
     for step in range(steps):
         if fixed_batch:
@@ -299,9 +326,12 @@ def train(
             start = (step * batch_size) % len(images)
             chosen, gen_seed = (images + images)[start : start + batch_size], seed + step
         gen = torch.Generator().manual_seed(gen_seed)
-        batch = make_batch(model, chosen, data.parent, predicates, gen, denoise=(mode == "tagger"))
+        batch = make_batch(
+            model, chosen, data.parent, predicates, gen, denoise=(mode == "tagger"), frequencies=freq,
+            negative_texts=loss.negative_text_sampling, sampling=loss.sampling_strategy,
+        )  # fmt: skip
         t0 = time.perf_counter()
-        terms = loss_fn(model, batch)
+        terms = tagger_loss(model, batch) if mode == "tagger" else detect_loss(model, batch, loss)
         opt.zero_grad()
         terms["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)  # Deformable DETR's max_norm
