@@ -1,4 +1,10 @@
-"""Checkpoints: safetensors weights + config.json (+ tokenizer files) in one directory; revision = content hash."""
+"""Checkpoints: safetensors weights + config.json (+ tokenizer files) in one directory; revision = content hash.
+
+Which model a checkpoint holds: RLIPv2-ParSeDA writes `"model": "parseda"` into its config file (an RLIPv2Config
+reader, such as the tag stage's, refuses it by the unknown keys); RLIPv2-ParSeD's config file is unchanged
+(no key = ParSeD, as every earlier checkpoint). Both record the model in the weights' metadata too, and
+load_checkpoint checks that the two agree.
+"""
 
 from __future__ import annotations
 
@@ -9,36 +15,51 @@ from pathlib import Path
 
 import torch
 
-from models.rlipv2.config import RLIPv2Config
+from models.rlipv2.config import ParSeDAConfig, RLIPv2Config
 from models.rlipv2.model import RLIPv2ParSeD
+from models.rlipv2.parseda import RLIPv2ParSeDA
 from models.rlipv2.text import roberta_config_dict
 from models.rlipv2.tokenizer import load_tokenizer
 
 CONFIG_NAME = "rlipv2_config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
+MODEL_KEY = "model"
+#: model name -> (config class, model class)
+MODELS = {"parsed": (RLIPv2Config, RLIPv2ParSeD), "parseda": (ParSeDAConfig, RLIPv2ParSeDA)}
+Model = RLIPv2ParSeD | RLIPv2ParSeDA
 
 
-def offline_config(model: RLIPv2ParSeD) -> RLIPv2Config:
+def model_kind(model: Model) -> str:
+    """'parsed' or 'parseda'."""
+    for kind, (_, cls) in MODELS.items():
+        if type(model) is cls:
+            return kind
+    raise ValueError(f"not an RLIPv2 model: {type(model).__name__}")
+
+
+def offline_config(model: Model) -> RLIPv2Config:
     """The model's config with the text encoder's config inlined, so loading needs no hub access."""
     d = model.cfg.to_dict()
     d["text_config"] = roberta_config_dict(model.transformer.text_encoder)
-    return RLIPv2Config.from_dict(d)
+    return type(model.cfg).from_dict(d)
 
 
-def save_checkpoint(model: RLIPv2ParSeD, out_dir: str | Path) -> str:
+def save_checkpoint(model: Model, out_dir: str | Path) -> str:
     """Write config, weights and tokenizer; files go to a temp name first and are renamed. Returns the revision."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    kind = model_kind(model)
     cfg = offline_config(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"config_hash": cfg.hash()})
+    save_file(state, str(tmp), metadata={"config_hash": cfg.hash(), MODEL_KEY: kind})
     os.replace(tmp, out / WEIGHTS_NAME)
     tmp = out / (CONFIG_NAME + ".tmp")
-    tmp.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True))
+    stored = cfg.to_dict() | ({MODEL_KEY: kind} if kind != "parsed" else {})
+    tmp.write_text(json.dumps(stored, indent=2, sort_keys=True))
     os.replace(tmp, out / CONFIG_NAME)
     model.tokenizer.save_pretrained(str(out / TOKENIZER_DIR))
     return checkpoint_revision(out)
@@ -55,10 +76,23 @@ def checkpoint_revision(ckpt_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_checkpoint(
-    ckpt_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32
-) -> RLIPv2ParSeD:
-    """Rebuild the model from its stored config and load the weights strictly (missing/unexpected keys raise)."""
+def checkpoint_model(ckpt_dir: str | Path) -> str:
+    """'parsed' or 'parseda': the model a checkpoint directory holds (its config file says; no key = ParSeD)."""
+    path = Path(ckpt_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(ckpt_dir)!r} has no {CONFIG_NAME}")
+    kind = json.loads(path.read_text()).get(MODEL_KEY, "parsed")
+    if kind not in MODELS:
+        raise ValueError(
+            f"checkpoint {str(ckpt_dir)!r}: {CONFIG_NAME} names model {kind!r}, not one of {list(MODELS)}"
+        )
+    return kind
+
+
+def load_checkpoint(ckpt_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Model:
+    """Rebuild the model (ParSeD or ParSeDA, as the config file says) from its stored config and load the weights
+    strictly (missing/unexpected keys raise)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     ckpt = Path(ckpt_dir)
@@ -67,10 +101,20 @@ def load_checkpoint(
             raise ValueError(
                 f"checkpoint {str(ckpt)!r} has no {name}; expected {CONFIG_NAME}, {WEIGHTS_NAME}, {TOKENIZER_DIR}/"
             )
-    cfg = RLIPv2Config.from_dict(json.loads((ckpt / CONFIG_NAME).read_text()))
+    kind = checkpoint_model(ckpt)
+    with safe_open(str(ckpt / WEIGHTS_NAME), framework="pt") as f:
+        stamped = (f.metadata() or {}).get(MODEL_KEY)
+    if stamped is not None and stamped != kind:
+        raise ValueError(
+            f"checkpoint {str(ckpt)!r}: {CONFIG_NAME} says model {kind!r} but {WEIGHTS_NAME} was written by {stamped!r}"
+        )
+    cfg_cls, model_cls = MODELS[kind]
+    stored = json.loads((ckpt / CONFIG_NAME).read_text())
+    stored.pop(MODEL_KEY, None)
+    cfg = cfg_cls.from_dict(stored)
     tok_dir = ckpt / TOKENIZER_DIR
     tokenizer = load_tokenizer(str(tok_dir) if tok_dir.is_dir() else cfg.text_model)
-    model = RLIPv2ParSeD(cfg, tokenizer, pretrained=False)
+    model = model_cls(cfg, tokenizer, pretrained=False)
     state = load_file(str(ckpt / WEIGHTS_NAME))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

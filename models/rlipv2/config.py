@@ -117,3 +117,53 @@ class RLIPv2Config:
     def hash(self, n: int = 16) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:n]
+
+
+# the fusion gates the reference's RLIPv2_BiAttentionBlockForCheckpoint has and reltag implements:
+# "GLIP" = per-channel gammas (the tagger's default), "VXAc" = the first gamma as one scalar per direction
+FUSION_GATINGS = ("GLIP", "VXAc")
+
+
+@dataclass(slots=True)
+class ParSeDAConfig(RLIPv2Config):
+    """RLIPv2-ParSeDA (DAB-Deformable-DETR with the asymmetric language-image fusion), the paper's main model.
+
+    Defaults: the flags of the reference's ParSeDA pre-training (JacobYuan7/RLIPv2,
+    scripts/RLIP_ParSeDA/train_RLIP_ParSeDA_v2_mixed_vgcocoo365_resnet.sh): `--RLIP_ParSeDA_v2 --with_box_refine
+    --num_feature_levels 4 --num_patterns 0 --dim_feedforward 2048 --dropout 0.0 --enc_layers 6 --dec_layers 3
+    --num_queries 200 --fusion_type GLIP_attn --gating_mechanism VXAc --verb_query_tgt_type vanilla_MBF
+    --fusion_interval 2 --fusion_last_vis --lang_aux_loss --subject_class --use_no_obj_token`. Backbone, position
+    encoding, text encoder and fusion layout are ParSeD's (the same reference builders); what differs is the
+    gate, the DAB decoders (anchor boxes -> sine embedding -> `ref_point_head`, scaled by `query_scale`) and the
+    relation query content (`verb_tgt_generator`, a 16-branch MultiBranchFusion of the last subject and object
+    states, plus the learned `verb_tgt_embed` rows). `--pe_temperatureH/W 20` are parsed but unused: the ResNet
+    builder of ParSeDA (build_DDETR_backbone) uses DETR's PositionEmbeddingSine with temperature 10000.
+    """
+
+    d_ffn: int = 2048
+    dropout: float = 0.0
+    fusion_gating: str = "VXAc"
+    fusion_dropout: float = (
+        0.1  # RLIPv2_VLFuse builds its bi-attention with dropout=0.1 whatever --dropout says
+    )
+    mbf_cardinality: int = 16  # MultiBranchFusion(256, 256, 256, 16) in the reference
+
+    def __post_init__(self) -> None:
+        RLIPv2Config.__post_init__(self)  # slots dataclasses break zero-argument super()
+        if self.fusion_gating not in FUSION_GATINGS:
+            raise ValueError(
+                f"ParSeDAConfig: fusion_gating {self.fusion_gating!r}; implemented: {list(FUSION_GATINGS)}"
+            )
+        if self.d_model % self.mbf_cardinality:
+            raise ValueError(
+                f"ParSeDAConfig: d_model {self.d_model} not divisible by mbf_cardinality {self.mbf_cardinality}"
+            )
+        if self.d_model % 4:
+            raise ValueError(
+                f"ParSeDAConfig: d_model {self.d_model} must be a multiple of 4 (box sine embedding)"
+            )
+        if self.n_fusion != self.dec_layers:
+            raise ValueError(
+                f"ParSeDAConfig: {self.n_fusion} fusion rounds but {self.dec_layers} decoder layers; the reference's "
+                f"lang_aux_loss scores decoder layer l against fusion round l and needs one round per layer"
+            )

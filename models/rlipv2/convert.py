@@ -1,5 +1,7 @@
-"""Convert the reference R-Tagger checkpoint (JacobYuan7/RLIPv2, `{'model': state_dict, 'epoch', 'args'}`) into a
-reltag checkpoint directory (safetensors weights, rlipv2_config.json, tokenizer/).
+"""Convert a reference checkpoint (JacobYuan7/RLIPv2, `{'model': state_dict, 'epoch', 'args'}`) into a reltag
+checkpoint directory (safetensors weights, rlipv2_config.json, tokenizer/): the R-Tagger and the other
+RLIPv2-ParSeD checkpoints (`--RLIP_ParSeD_v2`), or RLIPv2-ParSeDA (`--RLIP_ParSeDA_v2`: the paper's main model;
+recognised by args.RLIP_ParSeDA_v2 or by its `refpoint_embed`).
 
     python -m models.rlipv2.convert --reference checkpoint.pth --text-model roberta-base|DIR --out DIR \\
         [--vocabulary coco|o365|none]
@@ -24,8 +26,9 @@ from pathlib import Path
 
 import torch
 
-from models.rlipv2.config import RLIPv2Config
+from models.rlipv2.config import FUSION_GATINGS, ParSeDAConfig, RLIPv2Config
 from models.rlipv2.model import RLIPv2ParSeD
+from models.rlipv2.parseda import RLIPv2ParSeDA
 
 _ALIAS = re.compile(r"^transformer\.(ho_decoder|verb_decoder)\.(sub|obj)_bbox_embed\.(\d+)\.(.+)$")
 _DROPPED_BUFFERS = (
@@ -73,17 +76,50 @@ def _count(sd: dict, pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := rx.match(k))})
 
 
-def _need(sd: dict, key: str) -> torch.Tensor:
+def _need(sd: dict, key: str, what: str = "an RLIP_ParSeD_v2") -> torch.Tensor:
     if key not in sd:
-        raise ValueError(f"reference state dict has no {key!r}: not an RLIP_ParSeD_v2 tagger checkpoint")
+        raise ValueError(f"reference state dict has no {key!r}: not {what} checkpoint")
     return sd[key]
+
+
+def reference_model(sd: dict, args: argparse.Namespace | None) -> str:
+    """'parseda' for an RLIP_ParSeDA_v2 checkpoint (args flag, or DAB's anchor embedding in the weights), else
+    'parsed'."""
+    a = vars(args) if args is not None else {}
+    if a.get("RLIP_ParSeDA_v2") or "refpoint_embed.weight" in sd:
+        return "parseda"
+    return "parsed"
+
+
+# flags of the reference's ParSeDA that change the network; the value reltag implements, and why
+_PARSEDA_REFUSALS = {
+    "use_dab": (True, "ParSeDA's decoders are DAB decoders"),
+    "num_patterns": (
+        0,
+        "pattern embeddings (num_patterns > 0) are not implemented (the reference asserts 0)",
+    ),
+    "verb_query_tgt_type": (
+        "vanilla_MBF",
+        "only the released relation query content (vanilla_MBF) is implemented",
+    ),
+    "lang_aux_loss": (
+        True,
+        "decoder layer l is scored against fusion round l (lang_aux_loss) in the released model",
+    ),
+    "high_dim_query_update": (False, "high_dim_query_update is not implemented"),
+    "no_sine_embed": (False, "the box sine embedding is the one implemented"),
+}
 
 
 def config_from_reference(
     sd: dict[str, torch.Tensor], args: argparse.Namespace | None, text_config: dict, class_keys: list[str]
 ) -> RLIPv2Config:
-    """Architecture sizes from the tensor shapes; head and point counts from args (not visible in shapes)."""
+    """Architecture sizes from the tensor shapes; head and point counts from args (not visible in shapes).
+    A ParSeDA checkpoint gives a ParSeDAConfig."""
     a = vars(args) if args is not None else {}
+    model = reference_model(sd, args)
+    what = "an RLIP_ParSeDA_v2" if model == "parseda" else "an RLIP_ParSeD_v2"
+    enc = "transformer.encoder" if model == "parseda" else "transformer.ho_encoder"
     refusals = {
         "fusion_type": ("GLIP_attn", "only the GLIP_attn fusion of the released tagger is implemented"),
         "with_box_refine": (True, "the tagger was trained with box refinement"),
@@ -94,31 +130,41 @@ def config_from_reference(
         "clamp_min_for_underflow": (False, "fusion score clamping is not implemented"),
         "clamp_max_for_overflow": (False, "fusion score clamping is not implemented"),
     }
+    if model == "parseda":
+        refusals.update(_PARSEDA_REFUSALS)
+        gating = a.get("gating_mechanism", "GLIP")
+        if gating not in FUSION_GATINGS:
+            raise ValueError(
+                f"reference args.gating_mechanism = {gating!r}, reltag implements {list(FUSION_GATINGS)}: the "
+                f"other gates add parameters and arithmetic the released ParSeDA does not use"
+            )
     for name, (want, why) in refusals.items():
         if name in a and a[name] != want:
             raise ValueError(f"reference args.{name} = {a[name]!r}, reltag needs {want!r}: {why}")
     if "backbone" in a and a["backbone"] != "resnet50":
         raise ValueError(f"reference args.backbone = {a['backbone']!r}; only resnet50 is implemented")
-    level_embed = _need(sd, "transformer.level_embed")
+    level_embed = _need(sd, "transformer.level_embed", what)
     n_levels, d = level_embed.shape
     depths = tuple(_count(sd, rf"^backbone\.0\.body\.layer{i}\.(\d+)\.conv1\.weight$") for i in range(1, 5))
     widths = tuple(int(_need(sd, f"backbone.0.body.layer{i}.0.conv1.weight").shape[0]) for i in range(1, 5))
     stem = int(_need(sd, "backbone.0.body.conv1.weight").shape[0])
-    enc_layers = _count(sd, r"^transformer\.ho_encoder\.layers\.(\d+)\.")
-    n_fusion = _count(sd, r"^transformer\.ho_encoder\.VLFuse_layers\.(\d+)\.")
+    enc_rx = re.escape(enc)
+    enc_layers = _count(sd, rf"^{enc_rx}\.layers\.(\d+)\.")
+    n_fusion = _count(sd, rf"^{enc_rx}\.VLFuse_layers\.(\d+)\.")
     dec_layers = _count(sd, r"^transformer\.ho_decoder\.layers\.(\d+)\.")
     if n_fusion == 0 or enc_layers % n_fusion:
         raise ValueError(f"reference state dict has {enc_layers} encoder layers and {n_fusion} fusion blocks")
-    d_ffn = int(_need(sd, "transformer.ho_encoder.layers.0.linear1.weight").shape[0])
-    fusion_dim = int(_need(sd, "transformer.ho_encoder.VLFuse_layers.0.b_attn.attn.v_proj.weight").shape[0])
-    n_queries = int(_need(sd, "transformer.verb_tgt.weight").shape[0])
+    d_ffn = int(_need(sd, f"{enc}.layers.0.linear1.weight", what).shape[0])
+    fusion_dim = int(_need(sd, f"{enc}.VLFuse_layers.0.b_attn.attn.v_proj.weight", what).shape[0])
+    queries_key = "tgt_embed.weight" if model == "parseda" else "transformer.verb_tgt.weight"
+    n_queries = int(_need(sd, queries_key, what).shape[0])
     n_heads = int(a.get("nheads", 8))
     n_points = int(a.get("enc_n_points", 4))
     if int(a.get("dec_n_points", n_points)) != n_points:
         raise ValueError(
             f"reference enc_n_points {n_points} != dec_n_points {a['dec_n_points']}; reltag uses one"
         )
-    offsets = int(_need(sd, "transformer.ho_encoder.layers.0.self_attn.sampling_offsets.weight").shape[0])
+    offsets = int(_need(sd, f"{enc}.layers.0.self_attn.sampling_offsets.weight", what).shape[0])
     if offsets != n_heads * n_levels * n_points * 2:
         raise ValueError(
             f"sampling_offsets has {offsets} outputs, but nheads {n_heads} x levels {n_levels} x points "
@@ -128,7 +174,15 @@ def config_from_reference(
                       ("dec_layers", dec_layers), ("num_queries", n_queries), ("num_feature_levels", n_levels)):  # fmt: skip
         if name in a and int(a[name]) != val:
             raise ValueError(f"reference args.{name} = {a[name]} but the weights have {val}")
-    return RLIPv2Config(
+    extra = {}
+    if model == "parseda":
+        extra = dict(
+            fusion_gating=a.get("gating_mechanism", "GLIP"),
+            mbf_cardinality=_count(sd, r"^transformer\.verb_tgt_generator\.fc_1\.(\d+)\.weight$"),
+        )
+    cls = ParSeDAConfig if model == "parseda" else RLIPv2Config
+    return cls(
+        **extra,
         backbone_depths=depths,
         backbone_widths=widths,
         backbone_stem=stem,
@@ -146,7 +200,7 @@ def config_from_reference(
         fusion_heads=int(a.get("fusion_heads", FUSION_HEADS)),
         dec_layers=dec_layers,
         n_q=n_queries // 2,
-        dropout=float(a.get("dropout", 0.1)),
+        dropout=float(a.get("dropout", 0.0 if model == "parseda" else 0.1)),
         entity_names=list(class_keys),
     )
 
@@ -179,8 +233,9 @@ def convert_reference(
     args: argparse.Namespace | None,
     text_model: str,
     class_keys: list[str],
-) -> RLIPv2ParSeD:
-    """Build reltag's model from a reference state dict; every tensor is placed, none is left over."""
+) -> RLIPv2ParSeD | RLIPv2ParSeDA:
+    """Build reltag's model (ParSeD or ParSeDA, as the checkpoint is) from a reference state dict; every tensor
+    is placed, none is left over."""
     from transformers import AutoConfig
 
     from models.rlipv2.text import ROBERTA_KEYS
@@ -197,7 +252,8 @@ def convert_reference(
     text_config = {k: getattr(tconf, k) for k in ROBERTA_KEYS}
     cfg = config_from_reference(state_dict, args, text_config, class_keys)
     mapped = map_reference_keys(state_dict, cfg.dec_layers)
-    model = RLIPv2ParSeD(cfg, tokenizer, pretrained=False)
+    cls = RLIPv2ParSeDA if isinstance(cfg, ParSeDAConfig) else RLIPv2ParSeD
+    model = cls(cfg, tokenizer, pretrained=False)
     own = model.state_dict()
     missing = sorted(set(own) - set(mapped))
     unexpected = sorted(set(mapped) - set(own))
@@ -207,7 +263,7 @@ def convert_reference(
             f"{k}: reference {tuple(mapped[k].shape)} vs reltag {tuple(own[k].shape)}" for k in wrong[:10]
         ]
         raise ValueError(
-            f"reference state dict does not fit RLIPv2-ParSeD: {len(missing)} missing {missing[:10]}, "
+            f"reference state dict does not fit {type(model).__name__}: {len(missing)} missing {missing[:10]}, "
             f"{len(unexpected)} unexpected {unexpected[:10]}, {len(wrong)} with other shapes {shapes}"
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in mapped.items()}, strict=True)
