@@ -74,6 +74,13 @@ class PlanConfig(_Frozen):
         return self.image_threads if self.image_threads is not None else max(1, os.cpu_count() or 1)
 
 
+#: Named captioner settings: a name -> (the captioners it stands for, the n_cap it needs). `blip+blip2` is the
+#: paper's best row of Table 21 (15.34): BLIP and BLIP-2, nucleus sampling, 10 captions each, 20 per image. A
+#: preset is expanded when the config is read, so it is one spelling of its captioner list (same config, same
+#: keys).
+CAPTIONER_PRESETS: dict[str, tuple[tuple[str, ...], int]] = {"blip+blip2": (("blip", "blip2"), 10)}
+
+
 class CaptionConfig(_Frozen):
     """Captioner settings with the paper's defaults (Sec. 4.2.1; BLIP ViT-L fine-tuned on COCO)."""
 
@@ -81,7 +88,9 @@ class CaptionConfig(_Frozen):
         Literal["oracle", "blip", "blip2", "lavis"] | tuple[Literal["oracle", "blip", "blip2", "lavis"], ...]
     ) = Field(
         "oracle",
-        description="several, comma-separated, concatenate their captions (blip,blip2: the paper's best row)",
+        description="several, comma-separated, concatenate their captions; preset 'blip+blip2' = the paper's "
+        "best row (Table 21: BLIP + BLIP-2 nucleus, 10 captions each, 20 per image), the same run as blip,blip2 "
+        "with n_cap 10",
         json_schema_extra=cli("captioner"),
     )
     model: str = Field(
@@ -139,6 +148,25 @@ class CaptionConfig(_Frozen):
     device: str = Field(
         "cpu", description="cpu, cuda or cuda:N (in no key)", json_schema_extra=cli("caption-device")
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        # a preset is its captioner list; a setting that contradicts the preset's row is an error, not a silent
+        # other row
+        if not isinstance(data, dict) or not isinstance(data.get("captioner"), str):
+            return data
+        name = data["captioner"].strip()
+        if name not in CAPTIONER_PRESETS:
+            return data
+        names, n_cap = CAPTIONER_PRESETS[name]
+        given = data.get("n_cap", n_cap)
+        if str(given).strip() != str(n_cap):
+            raise ValueError(
+                f"captioner preset {name!r} is {' + '.join(names)} with {n_cap} captions each, but n_cap is "
+                f"{given!r}; leave n_cap unset, or name the captioners ({','.join(names)}) for another count"
+            )
+        return {**data, "captioner": names}
 
     @field_validator("captioner", mode="before")
     @classmethod

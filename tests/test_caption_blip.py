@@ -384,3 +384,51 @@ print(json.dumps([c.text for c in out.captions]))
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == here
     assert seed == batch_seed("run-B", 3, 7)
+
+
+def test_the_paper_best_row_preset_is_blip_and_blip2_ten_each_and_keys_like_the_list(
+    blip_dir, blip2_dir, photos
+):
+    """`blip+blip2` (paper Table 21, 15.34): 20 nucleus captions per image, 10 by each model, in that order, with
+    the captioner that wrote each; the same config and stage keys as spelling the list out."""
+    import json
+
+    from tasks.config import PipelineConfig
+    from tasks.run.registry import chain
+
+    root, recs = photos
+    models = dict(model=blip_dir, blip2_model=blip2_dir, image_size=SIZE, max_length=10, min_length=4)
+    preset = CaptionConfig(captioner="blip+blip2", **models)
+    assert preset == CaptionConfig(captioner="blip,blip2", n_cap=10, **models)
+    assert preset.captioner == ("blip", "blip2") and preset.n_cap == 10
+    caps = build_captioners(preset, None)
+    out = caption_batch(recs[:2], caps, root, seed=7, cfg=preset)
+    for im in recs[:2]:
+        rows = [c for c in out.captions if c.image_id == im.image_id]
+        assert [c.caption_id for c in rows] == list(range(20))  # before de-duplication
+        assert [c.captioner for c in rows] == [f"blip:{blip_dir}"] * 10 + [f"blip2:{blip2_dir}"] * 10
+        assert {json.loads(c.sampling)["mode"] for c in rows[:10]} == {"nucleus"}
+        assert [c.captioner_revision for c in rows] == [caps[0].revision] * 10 + [caps[1].revision] * 10
+    inputs = {"annotations_sha256": "a" * 64, "images_root": "/i"}
+    keys = {
+        spelling: [
+            link.key
+            for link in chain(PipelineConfig.model_validate({"caption": {**models, **extra}}), inputs)[1]
+        ]
+        for spelling, extra in {
+            "preset": {"captioner": "blip+blip2"},
+            "list": {"captioner": "blip,blip2"},
+            "list and n_cap": {"captioner": ["blip", "blip2"], "n_cap": 10},
+        }.items()
+    }
+    assert keys["preset"] == keys["list"] == keys["list and n_cap"]
+    other = chain(
+        PipelineConfig.model_validate({"caption": {**models, "captioner": "blip,blip2", "n_cap": 5}}), inputs
+    )
+    assert other[1][1].key != keys["preset"][1]  # the caption stage (after verify)
+    with pytest.raises(
+        ValueError, match=r"preset 'blip\+blip2' is blip \+ blip2 with 10 captions each, but n_cap is 5"
+    ):
+        CaptionConfig(captioner="blip+blip2", n_cap=5)
+    with pytest.raises(ValueError, match="captioner"):
+        CaptionConfig(captioner="blip+oracle")
