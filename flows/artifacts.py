@@ -63,6 +63,14 @@ def summary_markdown(summary: dict, report_link: str) -> str:
         for u in summary["unmatched_nouns"][:TOP_NOUNS]
     ]
     missing = summary["classes_without_synonyms"]
+    y = summary.get("matching_yield") or {}
+    yield_line = (
+        f"Matching yield: {y['relations_with_candidates']} of {y['relations']} parsed relations became candidates "
+        f"({y['yield']:.3f}); lost: " + (", ".join(f"{k} {v}" for k, v in y["lost"].items()) or "none")
+        + (f"; top synonym extensions: " + ", ".join(f"{k} ({n})" for k, n in y["extension_candidates"][:5])
+           if y.get("extension_candidates") else "")
+        if y else "Matching yield: not recorded."
+    )  # fmt: skip
     return "\n".join(
         [
             f"# reltag run `{summary['run_key']}` ({summary['dataset']})",
@@ -76,6 +84,8 @@ def summary_markdown(summary: dict, report_link: str) -> str:
             "## Funnel",
             "",
             _md_table(funnel_rows(summary)),
+            yield_line,
+            "",
             f"## Unmatched head nouns (top {TOP_NOUNS} of {len(summary['unmatched_nouns'])})",
             "",
             _md_table(nouns),

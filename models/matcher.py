@@ -9,7 +9,127 @@ from functools import cache
 from importlib import resources
 from typing import Literal
 
-RULE_RANK = {"name": 0, "synonym": 1, "lemma": 2}
+RULE_RANK = {"name": 0, "synonym": 1, "extension": 2, "lemma": 3}
+
+#: Partitive and collective heads (correct mode): in "a group of sheep" the entity is the noun after "of".
+#: A head listed here, with an "of" complement in the same caption, is matched by its complement; without one
+#: it is matched as itself. Containers ("a cup of coffee", "a plate of food", "a box of donuts") are NOT
+#: here: the container is the object in the picture. Kinds, for the stats and the docs:
+PARTITIVES: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "group",
+            "bunch",
+            "couple",
+            "pair",
+            "herd",
+            "flock",
+            "pack",
+            "team",
+            "crowd",
+            "fleet",
+            "swarm",
+            "school",
+            "troop",
+            "family",
+            "litter",
+            "cluster",
+            "collection",
+            "set",
+            "bundle",
+            "assortment",
+            "variety",
+            "selection",
+            "array",
+            "number",
+            "lot",
+            "lots",
+            "dozen",
+            "handful",
+            "bevy",
+            "gaggle",
+            "brood",
+            "pod",
+            "colony",
+            "gang",
+            "band",
+            "party",
+            "line",
+            "row",
+            "column",
+            "stack",
+            "pile",
+            "heap",
+            "mound",
+            "display",
+            "arrangement",
+            "series",
+            "bouquet",
+        ),
+        "collective",
+    ),
+    **dict.fromkeys(
+        (
+            "one",
+            "two",
+            "three",
+            "four",
+            "five",
+            "several",
+            "some",
+            "both",
+            "each",
+            "all",
+            "many",
+            "few",
+            "most",
+            "none",
+            "any",
+            "rest",
+        ),
+        "quantity",
+    ),  # "two of the dogs"
+    **dict.fromkeys(
+        (
+            "slice",
+            "piece",
+            "half",
+            "chunk",
+            "bit",
+            "portion",
+            "serving",
+            "helping",
+            "bite",
+            "wedge",
+            "sliver",
+            "scoop",
+            "segment",
+            "part",
+        ),
+        "portion",
+    ),  # "a slice of pizza"
+    # "some kind of bird"; not "model" ("a model of a space shuttle" is no shuttle)
+    **dict.fromkeys(("kind", "type", "sort", "breed"), "kind"),
+    # "the back of a truck": the part is inside the whole's box
+    **dict.fromkeys(
+        (
+            "top",
+            "side",
+            "front",
+            "back",
+            "edge",
+            "middle",
+            "corner",
+            "end",
+            "bottom",
+            "rear",
+            "center",
+            "centre",
+            "surface",
+        ),
+        "region",
+    ),
+}
 
 # Irregular plurals seen in captions; regular ones are handled by suffix rules checked against the vocabulary.
 IRREGULAR = {
@@ -84,6 +204,83 @@ def _o365_v1_to_v2() -> dict[str, str | None]:
     return {name: m["v2"] for name, m in _o365_v1()["to_v2"].items()}
 
 
+#: reltag's synonym extensions, kept apart from the reference lists (see SOURCES.md): every added phrase with
+#: the list key of the class it maps to and why.
+EXTENSION_FILES = {"coco": "coco_extensions.json", "o365": "o365_extensions.json"}
+
+
+@dataclass(slots=True, frozen=True)
+class Extension:
+    """One added phrase: the paraphrase-list key of its class and the reason it names that class."""
+
+    phrase: str
+    key: str
+    why: str
+    not_with_of: bool = False  # not for an entity with an "of" complement ("a pitcher of water" is a jug)
+
+
+@cache
+def extensions(synonyms: str) -> tuple[Extension, ...]:
+    """The extension file of a vocabulary, validated: every entry names a listed class, says why, and adds a
+    phrase that the class's own names and reference synonyms do not already have."""
+    if synonyms not in EXTENSION_FILES:
+        raise ValueError(f"synonyms must be one of {sorted(EXTENSION_FILES)}, got {synonyms!r}")
+    name = EXTENSION_FILES[synonyms]
+    data = _read_json(name)
+    para = _read_json("o365_obj_paraphrase.json" if synonyms == "o365" else "coco_obj_paraphrase.json")
+    if data.get("vocabulary") != synonyms or not isinstance(data.get("entries"), list):
+        raise ValueError(f"{name}: needs 'vocabulary': {synonyms!r} and an 'entries' list")
+    out, seen = [], set()
+    for i, e in enumerate(data["entries"]):
+        phrase, key, why = (e.get(k) if isinstance(e, dict) else None for k in ("phrase", "class", "why"))
+        where = f"{name} entry {i} ({phrase!r} -> {key!r})"
+        if not isinstance(phrase, str) or " ".join(words(phrase)) != phrase:
+            raise ValueError(f"{where}: the phrase must be lower-case words separated by single spaces")
+        if key not in para:
+            raise ValueError(f"{where}: {key!r} is not a class key of the {synonyms} synonym lists")
+        if not isinstance(why, str) or not why.strip():
+            raise ValueError(f"{where}: says no 'why'")
+        listed = {" ".join(words(p)) for p in para[key]} | {" ".join(words(n)) for n in _split_names(key)}
+        if phrase in listed:
+            raise ValueError(f"{where}: the reference list of {key!r} already has {phrase!r}")
+        if (phrase, key) in seen:
+            raise ValueError(f"{where}: listed twice")
+        seen.add((phrase, key))
+        flag = e.get("not_with_of", False)
+        if not isinstance(flag, bool):
+            raise ValueError(f"{where}: 'not_with_of' must be true or false, got {flag!r}")
+        out.append(Extension(phrase, key, why, flag))
+    return tuple(out)
+
+
+def extension_phrases(synonyms: str) -> dict[str, tuple[str, ...]]:
+    """Paraphrase-list key -> its extension phrases, in file order."""
+    out: dict[str, list[str]] = {}
+    for e in extensions(synonyms):
+        out.setdefault(e.key, []).append(e.phrase)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def extensions_sha256(synonyms: str) -> str:
+    """Checksum of the extension file (part of the match stage's revision when extensions are on)."""
+    import hashlib
+
+    blob = resources.files("models.data.synonyms").joinpath(EXTENSION_FILES[synonyms]).read_bytes()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def partitive_kind(head: str) -> str | None:
+    """The PARTITIVES kind of an entity's head noun ("groups" -> collective), or None."""
+    ws = words(head)
+    if not ws:
+        return None
+    w = ws[-1]
+    for cand in (w, IRREGULAR.get(w, w), w[:-2] if w.endswith("es") else w, w[:-1] if w.endswith("s") else w):
+        if cand in PARTITIVES:
+            return PARTITIVES[cand]
+    return None
+
+
 @dataclass(slots=True, frozen=True)
 class VocabClass:
     """One annotated class with the phrases that name it."""
@@ -93,6 +290,7 @@ class VocabClass:
     key: str  # paraphrase-list key ("" when the class has no list)
     names: tuple[str, ...]  # lower-cased own names ("Cabinet/shelf" -> cabinet, shelf)
     synonyms: tuple[str, ...]  # the paraphrase list (order kept; used by the reference matcher)
+    extensions: tuple[str, ...] = ()  # reltag's extension phrases (correct mode only; see extensions/)
 
 
 @dataclass(slots=True, frozen=True)
@@ -117,19 +315,20 @@ class Vocabulary:
     present in the image.
     """
 
-    def __init__(self, classes: list[VocabClass], synonyms: str):
+    def __init__(self, classes: list[VocabClass], synonyms: str, extensions_on: bool = False):
         ids = [c.category_id for c in classes]
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise ValueError(f"vocabulary {synonyms!r} has duplicate category ids {dup}")
         self.synonyms_source = synonyms
+        self.extensions = extensions_on
         self.classes = classes
         self.by_id = {c.category_id: c for c in classes}
         self._vocab_words: set[str] = set()
         phrases: list[tuple[tuple[str, ...], int, str, str]] = []  # words, category id, rule, phrase
         for c in classes:
             seen: set[tuple[str, ...]] = set()
-            for rule, plist in (("name", c.names), ("synonym", c.synonyms)):
+            for rule, plist in (("name", c.names), ("synonym", c.synonyms), ("extension", c.extensions)):
                 for p in plist:
                     w = tuple(words(p))
                     if w and w not in seen:
@@ -140,13 +339,27 @@ class Vocabulary:
         self._lemma: dict[tuple[str, ...], list[tuple[int, str, str]]] = {}
         for w, cid, rule, p in phrases:
             self._exact.setdefault(w, []).append((cid, rule, p))
-            self._lemma.setdefault(tuple(self.lemma(x) for x in w), []).append((cid, rule, p))
+            # a lemma match keeps the "extension" rule: the stats count what each extension phrase bought
+            lemma_rule = "extension" if rule == "extension" else "lemma"
+            self._lemma.setdefault(tuple(self.lemma(x) for x in w), []).append((cid, lemma_rule, p))
         self.max_words = max((len(w) for w, *_ in phrases), default=0)
+        # (category id, extension phrase) that do not name an entity with an "of" complement
+        flagged = (
+            {(e.key, e.phrase) for e in extensions(synonyms) if e.not_with_of} if extensions_on else set()
+        )
+        self._not_with_of = {
+            (c.category_id, p) for c in classes for p in c.extensions if (c.key, p) in flagged
+        }
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
-    def from_categories(cls, categories: list[dict], synonyms: Literal["o365", "coco"]) -> Vocabulary:
+    def from_categories(
+        cls, categories: list[dict], synonyms: Literal["o365", "coco"], extensions: bool = False
+    ) -> Vocabulary:
         """Vocabulary for a detection file's categories `[{"id", "name"}, ...]` with a shipped synonym list.
+
+        extensions: also reltag's extension phrases of that list (models/data/synonyms/extensions/), for the
+        correct mode; the reference lists are never changed by them.
 
         o365: the paraphrase keys are the official names lower-cased and typo-fixed, in id order, so a
         category takes the key at its official position when its name is the official one (case and
@@ -162,6 +375,7 @@ class Vocabulary:
         else:
             para = _read_json("coco_obj_paraphrase.json")
             key_of_official = {(i, n): n for n, i in _read_json("coco_object_names.json").items()}
+        ext = extension_phrases(synonyms) if extensions else {}
         out = []
         for d in categories:
             if not isinstance(d, dict) or "id" not in d or "name" not in d:
@@ -181,12 +395,15 @@ class Vocabulary:
             if key is not None:  # the typo-fixed key is a name too ("Bakset" -> "basket")
                 names = list(dict.fromkeys(names + _split_names(key)))
             out.append(
-                VocabClass(cid, name, key or "", tuple(names), tuple(para.get(key, ())) if key else ())
-            )
-        return cls(out, synonyms)
+                VocabClass(
+                    cid, name, key or "", tuple(names), tuple(para.get(key, ())) if key else (),
+                    tuple(ext.get(key, ())) if key else (),
+                )
+            )  # fmt: skip
+        return cls(out, synonyms, extensions)
 
     @classmethod
-    def load(cls, synonyms: Literal["o365", "coco"]) -> Vocabulary:
+    def load(cls, synonyms: Literal["o365", "coco"], extensions: bool = False) -> Vocabulary:
         """The full shipped list: all 365 Objects365 or all 80 COCO classes with their official ids."""
         if synonyms == "o365":
             cats = _read_json("o365_categories.json")
@@ -194,7 +411,7 @@ class Vocabulary:
             cats = [{"id": i, "name": n} for n, i in _read_json("coco_object_names.json").items()]
         else:
             raise ValueError(f"synonyms must be 'o365' or 'coco', got {synonyms!r}")
-        return cls.from_categories(cats, synonyms)
+        return cls.from_categories(cats, synonyms, extensions)
 
     # ---- lemmas ---------------------------------------------------------------------------------------
     def lemma(self, w: str) -> str:
@@ -218,7 +435,9 @@ class Vocabulary:
         return w
 
     # ---- correct mode ---------------------------------------------------------------------------------
-    def match(self, text: str, head: str = "", present: set[int] | None = None) -> Match | None:
+    def match(
+        self, text: str, head: str = "", present: set[int] | None = None, of_complement: bool = False
+    ) -> Match | None:
         """The class the entity `text` names, or None.
 
         Args:
@@ -226,6 +445,8 @@ class Vocabulary:
             head: the entity's head noun (sng_parser's head, compounds included: "tennis shoes"); its last
                 word must be inside the matched phrase. Empty: the span's last word.
             present: category ids annotated in the image; None accepts every class.
+            of_complement: the entity has an "of" complement in its caption ("a pitcher" -of-> "water"); the
+                extension phrases marked not_with_of do not apply to it.
         """
         toks = words(text)
         if not toks:
@@ -243,9 +464,11 @@ class Vocabulary:
                 exact = self._exact.get(tuple(toks[start:end]), [])
                 entries = [(cid, rule, p) for cid, rule, p in exact]
                 got = {cid for cid, _, _ in exact}
-                for cid, _rule, p in self._lemma.get(tuple(lem[start:end]), []):
+                for cid, rule, p in self._lemma.get(tuple(lem[start:end]), []):
                     if cid not in got:
-                        entries.append((cid, "lemma", p))
+                        entries.append((cid, rule, p))
+                if of_complement and self._not_with_of:
+                    entries = [e for e in entries if (e[0], e[2]) not in self._not_with_of]
                 if not entries:
                     continue
                 n = end - start
@@ -262,6 +485,24 @@ class Vocabulary:
             return None
         cid, rule, p = min(ok, key=lambda e: (RULE_RANK[e[1]], e[0], e[2]))
         return Match(cid, self.by_id[cid].label, rule, p, start, end)
+
+    def match_phrase(
+        self, phrase: str, present: set[int] | None = None, partitives: bool = True
+    ) -> Match | None:
+        """The class a whole noun phrase names, the way the correct-mode match stage decides it.
+
+        The stage gets entities already split by the parser ("a group" -of-> "sheep"); this takes the phrase as
+        written: "a group of sheep" -> sheep (a partitive head with an "of" complement is matched by the
+        complement), "a cup of coffee" -> cup (the head is the noun before "of"), "a man's hat" -> hat.
+        """
+        ws = words(phrase.replace("'s ", " ").replace("’s ", " "))  # possessive: "a man's hat" -> a man hat
+        if "of" in ws:
+            k = ws.index("of")
+            before, after = " ".join(ws[:k]), " ".join(ws[k + 1 :])
+            if partitives and partitive_kind(before) and after:
+                return self.match_phrase(after, present, partitives)
+            return self.match(before, "", present, of_complement=bool(after)) if before else None
+        return self.match(" ".join(ws), "", present)
 
     # ---- reference mode -------------------------------------------------------------------------------
     def match_reference(self, span: str, image_classes: list[int]) -> Match | None:

@@ -223,6 +223,27 @@ class MatchConfig(_Frozen):
         description="'reference' reproduces the original substring, last-class-wins matcher",
         json_schema_extra=cli("match-mode"),
     )
+    partitives: bool = Field(
+        True,
+        description="correct mode: a partitive or collective head with an 'of' complement is matched by the "
+        "complement ('a group of sheep' -> sheep; models.matcher.PARTITIVES)",
+        json_schema_extra=cli("partitives"),
+    )
+    extensions: bool = Field(
+        True,
+        description="correct mode: also match reltag's synonym extensions (models/data/synonyms/*_extensions.json: "
+        "'table' -> dining table, 'kid' -> person, ...), kept apart from the reference lists",
+        json_schema_extra=cli("synonym-extensions"),
+    )
+
+    def key_settings(self) -> dict:
+        """The settings that name the match stage's output: the correct-mode switches only in that mode, so a
+        reference-mode run keeps its key."""
+        d = self.model_dump(mode="json")
+        if self.mode == "reference":
+            d.pop("partitives")
+            d.pop("extensions")
+        return d
 
 
 class TagConfig(_Frozen):

@@ -50,6 +50,8 @@ def _flag(section: str | None, name: str, f, extra: dict) -> Flag:
             a = typing.get_args(a)[0]
         if typing.get_origin(a) is Literal:
             choices += [str(c) for c in typing.get_args(a) if str(c) not in choices]
+    if ann is bool:
+        choices = ["true", "false"]
     types = [a for a in ([ann] if not typing.get_args(ann) else typing.get_args(ann)) if a in (int, float)]
     where = f"{section}.{name}" if section else name
     text = f"{where}: {f.description}" if f.description else where

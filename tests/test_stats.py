@@ -162,9 +162,9 @@ def test_match_stats_count_unmatched_nouns_with_their_first_captions():
     im1 = _img(1, [(10, 1, "Person", (0, 0, 10, 10)), (11, 3, "Chair", (0, 0, 10, 10))])
     im2 = _img(2, [(20, 1, "Person", (0, 0, 10, 10))])
     rels = [
-        _rel(2, 1, "a blorft", "on", "a chair"),  # subject names no class
+        _rel(2, 1, "a blorft", "on", "a chair"),  # subject names no class, no chair in image 2: both fail
         _rel(1, 3, "a man", "near", "a blorft"),  # object names no class
-        _rel(1, 0, "a blorft", "under", "a zorp"),  # both: the subject is the reason
+        _rel(1, 0, "a blorft", "under", "a zorp"),  # both sides name no class
         _rel(1, 1, "a man", "on", "a chair"),  # matched, one pair
         _rel(2, 0, "a man", "next to", "a man"),  # matched, one person box: no pair
         _rel(2, 2, "a man", "on", "a chair"),  # a chair, but not in image 2
@@ -172,10 +172,10 @@ def test_match_stats_count_unmatched_nouns_with_their_first_captions():
     texts = {(r.image_id, r.caption_id): f"caption {r.image_id}/{r.caption_id}" for r in rels}
     out = match_batch([im1, im2], rels, MatchConfig(), vocab, texts)
     s = out.stats
-    assert s["relations_unmatched"] == {
-        "subject_no_class": 2, "object_no_class": 1, "object_class_not_in_image": 1,
-    }  # fmt: skip
+    assert s["relations_unmatched"] == {"no_object_match": 2, "no_match_either": 2}
+    assert s["entity_unmatched"] == {"no_class": 4, "class_not_in_image": 2}
     assert s["relations_matched"] == 2 and s["relations_without_pairs"] == 1 and s["pairs"] == 1
+    assert s["relations_with_candidates"] == 1 and s["yield_rate"] == 0.1667  # 1 of 6, as the view rounds it
     assert s["top_unmatched_heads"] == [["blorft", 3], ["zorp", 1]]
     assert "unmatched_examples" not in s  # hidden: in the run's audit only
     # examples: the first 3 by (image_id, caption_id), whatever the order of the relations
@@ -277,7 +277,7 @@ def test_funnel_rows_and_drops_pinned():
             relations_matched=Count(12),
             pairs=Count(9),
             relations_without_pairs=Count(1),
-            relations_unmatched=Tally({"subject_no_class": 10, "object_class_not_in_image": 8}),
+            relations_unmatched=Tally({"no_subject_match": 10, "no_object_match": 8}),
         ),  # fmt: skip
         "tag": Stats(tag_rows=Count(11)),
         "threshold": Stats(accepted=Count(7), reject_reasons=Tally({"below_eta": 4})),
@@ -296,8 +296,11 @@ def test_funnel_rows_and_drops_pinned():
         ("captions", 19, {"no_captions": 1, "unreadable_image": 1}),
         ("unique_captions", 17, {"duplicate": 2}),
         ("relations", 30, {"no_relation": 2, "not_parsed": 1}),
-        ("matched", 12, {"subject_no_class": 10, "object_class_not_in_image": 8}),
+        ("matched", 12, {"no_subject_match": 10, "no_object_match": 8}),
         ("candidate_pairs", 9, {"no_distinct_box_pair": 1}),
+        ("region_captions", 0, {}),  # the region stage: no statistics given here
+        ("region_relations", 0, {}),
+        ("region_new_candidates", 0, {}),
         ("tagged", 11, {}),
         ("accepted", 7, {"below_eta": 4}),
     ]
@@ -380,6 +383,7 @@ def test_run_audit_matches_an_independent_computation_from_the_parquet_outputs(
         "relations": len(parses),
         "matched": run["stages"]["match"]["relations_matched"],
         "candidate_pairs": len({(c["image_id"], c["subject_ann_id"], c["object_ann_id"]) for c in cands}),
+        **dict.fromkeys(("region_captions", "region_relations", "region_new_candidates"), 0),  # region stage off
         "tagged": len(tagged),
         "accepted": len(triplets),
     }

@@ -223,6 +223,29 @@ def _eta_sweep(stats: dict, record: RunRecord) -> str:
     return _img(_png_uri(fig), "eta sweep") + note + table
 
 
+def _yield(stats: dict) -> str:
+    """Matching yield: how many parsed relations became candidates, what was lost and why, and what the
+    partitive heads and the synonym extensions bought."""
+    y = stats.get("matching_yield")
+    if not y:
+        return _na("the matching yield")
+    lost = ", ".join(f"{_e(k)} {int(v):,}" for k, v in y["lost"].items()) or "none"
+    parts = [
+        f"<p>{int(y['relations_with_candidates']):,} of {int(y['relations']):,} parsed relations became candidates "
+        f"(yield {float(y['yield']):.3f}). Lost: {lost}.</p>"
+    ]
+    if y.get("partitive_matches"):
+        part = ", ".join(f"{_e(k)} {int(v):,}" for k, v in y["partitive_matches"].items())
+        parts.append(f"<p>Entities matched through a partitive head ('a group of sheep'): {part}.</p>")
+    ext = y.get("extension_candidates") or []
+    if ext:
+        rows = [[_e(k), f'<span class="num">{int(n):,}</span>'] for k, n in ext]
+        parts.append(_table(["synonym extension", "candidates it matched"], rows, "extensions"))
+    else:
+        parts.append("<p>No candidate came from a synonym extension (off, or none used).</p>")
+    return "\n".join(parts)
+
+
 def _nouns(stats: dict) -> str:
     parts = []
     nouns = stats.get("unmatched_nouns")
@@ -376,6 +399,7 @@ def report_html(
         ("scores", "Scores", _scores(st)),
         ("eta", "Eta sweep", _eta_sweep(st, rec)),
         ("gallery", "Gallery", _gallery(data, load, top, per_group)),
+        ("yield", "Matching yield", _yield(st)),
         ("nouns", "Unmatched nouns", _nouns(st)),
         ("lineage", "Settings and lineage", _lineage(data)),
     ]

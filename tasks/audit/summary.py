@@ -87,6 +87,29 @@ def unmatched_nouns(match: Stats | None) -> list[dict]:
     ]
 
 
+def matching_yield(match: Stats | None) -> dict:
+    """Parsed relations -> relations that became candidates, the losses by reason (no_subject_match,
+    no_object_match, no_match_either, partitive_link), and what the partitives and each synonym extension
+    matched: {"relations", "relations_with_candidates", "yield", "lost", "partitive_matches",
+    "extension_candidates": [[phrase -> class, candidates]]}; {} without match statistics."""
+    if match is None or match.stat("relations") is None:
+        return {}
+
+    def tally(name):
+        t = match.stat(name)
+        return t if isinstance(t, Tally) else Tally()
+
+    n, got = match.count("relations"), match.count("relations_with_candidates")
+    return {
+        "relations": n,
+        "relations_with_candidates": got,
+        "yield": round(got / n, 4) if n else 0.0,
+        "lost": dict(tally("relations_unmatched").most_common()),
+        "partitive_matches": dict(tally("partitive_matches").most_common()),
+        "extension_candidates": [[k, v] for k, v in tally("extension_candidates").most_common()],
+    }
+
+
 def audit(stages: Mapping[str, Stats], plan_counts: Mapping | None, no_synonyms: list[str]) -> dict:
     """The auditor's statistics of a shard or a run, from its merged statistics (stages + "shard")."""
     thr = stages.get("threshold")
@@ -108,6 +131,7 @@ def audit(stages: Mapping[str, Stats], plan_counts: Mapping | None, no_synonyms:
         "eta_sweep": eta_sweep(thr),
         "eta_sweep_note": ETA_SWEEP_NOTE,
         "unmatched_nouns": unmatched_nouns(stages.get("match")),
+        "matching_yield": matching_yield(stages.get("match")),
         "classes_without_synonyms": list(no_synonyms),
         "triplets_per_image": per_image.view() if per_image is not None else {},
     }
@@ -147,6 +171,7 @@ TABLE_SCHEMAS: dict[str, pa.Schema] = {
         [("noun", pa.string()), ("count", pa.int64()), ("examples", pa.list_(pa.string()))]
     ),
     "classes_without_synonyms": pa.schema([("class_name", pa.string())]),
+    "extension_candidates": pa.schema([("extension", pa.string()), ("candidates", pa.int64())]),
     "triplets_per_image": pa.schema([("triplets", pa.int32()), ("images", pa.int64())]),
 }
 
@@ -180,6 +205,9 @@ def audit_tables(a: Mapping) -> dict[str, pa.Table]:
             {"noun": u["noun"], "count": u["count"], "examples": u["examples"]} for u in a["unmatched_nouns"]
         ],
         "classes_without_synonyms": [{"class_name": c} for c in a["classes_without_synonyms"]],
+        "extension_candidates": [
+            {"extension": k, "candidates": n} for k, n in a.get("matching_yield", {}).get("extension_candidates", [])
+        ],
         "triplets_per_image": [{"triplets": int(k), "images": n} for k, n in a["triplets_per_image"].items()],
     }
     return {name: pa.Table.from_pylist(rows[name], schema=schema) for name, schema in TABLE_SCHEMAS.items()}

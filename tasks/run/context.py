@@ -113,13 +113,18 @@ def verified_images(ctx: RunContext, shard: int, batch: int) -> list[ImageRecord
 
 
 @functools.lru_cache(maxsize=4)
-def vocabulary(categories_json: str, name: str) -> Vocabulary:
-    return Vocabulary.from_categories(json.loads(categories_json), name)
+def vocabulary(categories_json: str, name: str, extensions: bool = False) -> Vocabulary:
+    return Vocabulary.from_categories(json.loads(categories_json), name, extensions)
 
 
 def run_vocabulary(ctx: RunContext) -> Vocabulary:
-    """The run's vocabulary over its plan's categories (cached per process)."""
-    return vocabulary(json.dumps(plan_manifest(ctx).categories, sort_keys=True), ctx.config.match.vocabulary)
+    """The run's vocabulary over its plan's categories (cached per process), with the synonym extensions when
+    the config matches in correct mode with extensions on."""
+    m = ctx.config.match
+    return vocabulary(
+        json.dumps(plan_manifest(ctx).categories, sort_keys=True), m.vocabulary,
+        m.extensions and m.mode == "correct",
+    )  # fmt: skip
 
 
 def load_pixels(ctx: RunContext, images: list[ImageRecord], stage: str):

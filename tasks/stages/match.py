@@ -6,9 +6,9 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from models.matcher import Match, Vocabulary
+from models.matcher import Match, Vocabulary, extensions_sha256, partitive_kind, words
 from storage.records import Candidate, Caption, ImageRecord, ParsedRelation
-from tasks.config import MatchConfig
+from tasks.config import MatchConfig, PipelineConfig
 from tasks.run.context import RunContext, batch_images, read_stage, run_vocabulary
 from tasks.run.registry import FunnelRow, Stage, StageOutput, register
 from tasks.stats import NOUN_EXAMPLES, Count, Examples, Group, Label, Ratio, Stats, Tally
@@ -100,16 +100,53 @@ def _index_images(images: list[ImageRecord], mode: str) -> dict[int, _Image]:
     return out
 
 
-def _match(vocab: Vocabulary, mode: str, text: str, head: str, img: _Image) -> tuple[Match | None, str]:
+def _match(
+    vocab: Vocabulary, mode: str, text: str, head: str, img: _Image, of_complement: bool = False
+) -> tuple[Match | None, str]:
     """(match, reason): reason is "" when matched, else no_class / class_not_in_image (correct mode) or
     no_class_in_image (reference mode, which cannot tell the two apart)."""
     if mode == "reference":
         m = vocab.match_reference(text, img.class_order)
         return m, "" if m else "no_class_in_image"
-    m = vocab.match(text, head, img.present)
+    m = vocab.match(text, head, img.present, of_complement)
     if m is not None:
         return m, ""
-    return None, "no_class" if vocab.match(text, head, None) is None else "class_not_in_image"
+    return None, "no_class" if vocab.match(text, head, None, of_complement) is None else "class_not_in_image"
+
+
+def _is_of(r: ParsedRelation) -> bool:
+    return words(r.relation) == ["of"]
+
+
+@dataclass(slots=True)
+class _Complements:
+    """Per caption entity (image, caption, span), the entities its "of" relations point at: "A group" -of->
+    "sheep". A partitive head with exactly one distinct complement is matched by it (correct mode)."""
+
+    of: dict[tuple[int, int, str], set[tuple[str, str]]]
+
+    @classmethod
+    def of_relations(cls, relations: list[ParsedRelation]) -> _Complements:
+        of: dict[tuple[int, int, str], set[tuple[str, str]]] = {}
+        for r in relations:
+            if _is_of(r):
+                of.setdefault((r.image_id, r.caption_id, r.subject_text), set()).add(
+                    (r.object_text, r.object_head)
+                )
+        return cls(of)
+
+    def has(self, r: ParsedRelation, text: str) -> bool:
+        return (r.image_id, r.caption_id, text) in self.of
+
+    def resolve(self, r: ParsedRelation, text: str, head: str) -> tuple[str, str, str]:
+        """(text, head, partitive word) to match: the complement of a partitive head, else the entity itself
+        (partitive word "")."""
+        if partitive_kind(head):
+            comp = self.of.get((r.image_id, r.caption_id, text), set())
+            if len(comp) == 1:
+                ((ctext, chead),) = comp
+                return ctext, chead, words(head)[-1]
+        return text, head, ""
 
 
 def match_batch(
@@ -146,6 +183,13 @@ def match_batch(
         raise ValueError(
             f"MatchConfig.vocabulary is {cfg.vocabulary!r} but the vocabulary was built from {vocab.synonyms_source!r} lists"
         )
+    if vocab.extensions and not (cfg.mode == "correct" and cfg.extensions):
+        raise ValueError(
+            f"the vocabulary carries synonym extensions but match.mode is {cfg.mode!r} with extensions "
+            f"{cfg.extensions}: the extensions are for the correct mode with match.extensions on"
+        )
+    correct = cfg.mode == "correct"
+    comps = _Complements.of_relations(relations) if correct else _Complements({})
     idx = _index_images(images, cfg.mode)
     # (image_id, subject ann, object ann, relation) -> [caption ids, first support key, first relation, matches]
     rows: dict[tuple[int, int, int, str], list] = {}
@@ -154,6 +198,7 @@ def match_batch(
     examples: dict[str, set] = {}  # head noun -> {((image_id, caption_id), caption text)}
     relations_unmatched: Counter = Counter()  # per relation: the first unmatched side and its reason
     rules: Counter = Counter()
+    partitives_used: Counter = Counter()  # partitive word -> entities matched through its complement
     n_matched = 0
     n_without_pairs = 0
     for seq, r in enumerate(relations):
@@ -163,9 +208,21 @@ def match_batch(
                 f"relation {seq} (caption {r.caption_id}, {r.subject_text!r} {r.relation!r} {r.object_text!r}) "
                 f"names image {r.image_id}, which is not in this batch"
             )
-        ms, why_s = _match(vocab, cfg.mode, r.subject_text, r.subject_head, img)
-        mo, why_o = _match(vocab, cfg.mode, r.object_text, r.object_head, img)
-        for m, why, head in ((ms, why_s, r.subject_head), (mo, why_o, r.object_head)):
+        if correct and cfg.partitives and _is_of(r) and partitive_kind(r.subject_head):
+            # "a group" -of-> "sheep" is how the group is made of sheep, not a relation between two things
+            relations_unmatched["partitive_link"] += 1
+            continue
+        sides = []
+        for text, head in ((r.subject_text, r.subject_head), (r.object_text, r.object_head)):
+            part = ""
+            if correct and cfg.partitives:
+                text, head, part = comps.resolve(r, text, head)
+            m, why = _match(vocab, cfg.mode, text, head, img, correct and comps.has(r, text))
+            if m is not None and part:
+                partitives_used[part] += 1
+            sides.append((m, why, head))
+        (ms, why_s, _), (mo, why_o, _) = sides
+        for m, why, head in sides:
             if m is None:
                 reasons[why] += 1
                 if why != "class_not_in_image":
@@ -177,7 +234,10 @@ def match_batch(
             else:
                 rules[m.rule] += 1
         if ms is None or mo is None:
-            relations_unmatched[f"subject_{why_s}" if ms is None else f"object_{why_o}"] += 1
+            relations_unmatched[
+                "no_match_either" if ms is None and mo is None else "no_subject_match" if ms is None
+                else "no_object_match"
+            ] += 1  # fmt: skip
             continue
         n_matched += 1
         paired = False
@@ -205,9 +265,13 @@ def match_batch(
         return (img.order, img.box_index[key[1]], img.box_index[key[2]], last)
 
     candidates = []
+    extension_use: Counter = Counter()  # "phrase -> class": candidates whose subject or object it matched
     for key in sorted(rows, key=order):
         cids, _, r, ms, mo, sb, ob = rows[key]
         caption_ids = sorted(cids)
+        for m in {(ms.synonym, ms.label) if ms.rule == "extension" else None,
+                  (mo.synonym, mo.label) if mo.rule == "extension" else None} - {None}:  # fmt: skip
+            extension_use[f"{m[0]} -> {m[1]}"] += 1
         candidates.append(
             Candidate(
                 image_id=key[0],
@@ -235,8 +299,16 @@ def match_batch(
         relations=Count(len(relations)),
         relations_matched=Count(n_matched),
         match_rate=Ratio(n_matched, len(relations)),
-        # per unmatched relation: which side failed first and why (subject_no_class, object_class_not_in_image..)
+        # parsed relations that became candidates (matched, with a distinct box pair)
+        relations_with_candidates=Count(n_matched - n_without_pairs),
+        yield_rate=Ratio(n_matched - n_without_pairs, len(relations)),
+        # per relation lost in matching: no_subject_match / no_object_match / no_match_either, and (correct mode,
+        # partitives on) partitive_link: "a group" -of-> "sheep", the link that resolves the group to sheep
         relations_unmatched=Tally(dict(relations_unmatched)),
+        # partitive word -> entities matched through its "of" complement ("group" in "a group of sheep")
+        partitive_matches=Tally(dict(partitives_used)),
+        # extension phrase -> class: candidates it matched a subject or object of (what the extensions bought)
+        extension_candidates=Tally(dict(extension_use), form="pairs"),
         # matched relations that gave no pair (e.g. "a man next to a man" with one person box)
         relations_without_pairs=Count(n_without_pairs),
         entity_rules=Tally(dict(rules)),
@@ -336,10 +408,19 @@ def _stage_batch(ctx: RunContext, shard: int, batch: int) -> StageOutput:
     return StageOutput(out.candidates, stats=out.stats)
 
 
+def _revision(cfg: PipelineConfig, inputs: dict) -> str:
+    """The extension file's checksum when the run matches with it: editing the file re-keys the stage."""
+    m = cfg.match
+    if m.mode == "correct" and m.extensions:
+        return "extensions:" + extensions_sha256(m.vocabulary)[:16]
+    return ""
+
+
 STAGE = register(
     Stage(
         "match", "parse", Candidate, "candidates", "match",
-        settings=lambda cfg: cfg.match.model_dump(mode="json"),
+        settings=lambda cfg: cfg.match.key_settings(),
+        revision=_revision,
         compute=_stage_batch,
         stats=("relations_matched", "relations_unmatched", "pairs", "relations_without_pairs"),
         funnel=(
