@@ -282,3 +282,28 @@ def test_correct_mode_keys_follow_each_switch_and_the_extension_file():
     }
     assert len(keys) == 3
     assert _match_link(PipelineConfig(match={"extensions": False})).revision == ""
+
+
+def test_the_audit_and_the_report_show_the_yield_and_what_the_extensions_bought(coco_ext):
+    from tasks.audit.report import _yield
+    from tasks.audit.summary import audit, audit_tables
+
+    im = _image(1, "person", "person", "skis", "dining table")
+    rels = PAIR_OF_SKIS[:2] + [_rel(1, 2, "A kid", "kid", "at", "a table", "table")]
+    a = audit({"match": match_batch([im], rels, MatchConfig(vocabulary="coco"), coco_ext).stats}, None, [])
+    assert a["matching_yield"] == {
+        "relations": 3,
+        "relations_with_candidates": 2,
+        "yield": 0.6667,
+        "lost": {"partitive_link": 1},
+        "partitive_matches": {"pair": 1},
+        "extension_candidates": [["kid -> person", 2], ["table -> dining table", 2]],
+    }
+    assert audit_tables(a)["extension_candidates"].to_pylist() == [
+        {"extension": "kid -> person", "candidates": 2},
+        {"extension": "table -> dining table", "candidates": 2},
+    ]
+    html = _yield(a)
+    assert "2 of 3 parsed relations became candidates (yield 0.667). Lost: partitive_link 1." in html
+    assert "pair 1" in html and "kid -&gt; person" in html
+    assert "the matching yield: not available for this run" in _yield({})  # a run from before the yield stats

@@ -229,10 +229,12 @@ def _yield(stats: dict) -> str:
     y = stats.get("matching_yield")
     if not y:
         return _na("the matching yield")
-    lost = ", ".join(f"{_e(k)} {int(v):,}" for k, v in y["lost"].items()) or "none"
+    lost = ", ".join(
+        f"{_e(k)} {int(v):,}" for k, v in sorted(y["lost"].items(), key=lambda kv: (-kv[1], kv[0]))
+    )
     parts = [
         f"<p>{int(y['relations_with_candidates']):,} of {int(y['relations']):,} parsed relations became candidates "
-        f"(yield {float(y['yield']):.3f}). Lost: {lost}.</p>"
+        f"(yield {float(y['yield']):.3f}). Lost: {lost or 'none'}.</p>"
     ]
     if y.get("partitive_matches"):
         part = ", ".join(f"{_e(k)} {int(v):,}" for k, v in y["partitive_matches"].items())
