@@ -174,6 +174,11 @@ IRREGULAR = {
 }
 
 _WORD = re.compile(r"[a-z0-9]+")
+#: The body parts that the reference lists give the person class ("hand", "head", "hair", ...). Owned by another
+#: thing ("the cow's head") they name that thing, not a person (correct mode).
+BODY_PARTS = frozenset(("hand", "limb", "leg", "head", "hair", "foot", "eye", "wrist", "fist", "waist"))
+# "'s" / "s'" followed by a space: the possessor ends where it starts
+_POSSESSIVE = re.compile(r"(?:['’]s|(?<=s)['’])(?=\s)")
 
 
 def words(text: str) -> list[str]:
@@ -269,6 +274,12 @@ def extensions_sha256(synonyms: str) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def _possessor(text: str) -> str | None:
+    """The text before the last possessive marker ("the cows' heads" -> "the cows"), or None."""
+    ms = list(_POSSESSIVE.finditer(text.lower()))
+    return text[: ms[-1].start()] if ms and ms[-1].start() > 0 else None
+
+
 def partitive_kind(head: str) -> str | None:
     """The PARTITIVES kind of an entity's head noun ("groups" -> collective), or None."""
     ws = words(head)
@@ -309,10 +320,12 @@ class Vocabulary:
     """Phrases of every class, indexed by their words and by their words' lemmas.
 
     Correct mode (`match`): the phrase must cover the entity's head word; the longest phrase wins; on a tie in
-    length the rule ranks name < synonym < lemma, then the lowest category id wins. The span is chosen over
-    the whole vocabulary before the image's classes are consulted, so "a hot dog" is a hot dog even when only
-    a dog is annotated (and then matches nothing); a phrase listed for several classes picks among those
-    present in the image.
+    length the rule ranks name < synonym < extension < lemma, then the lowest category id wins. The span is
+    chosen over the whole vocabulary before the image's classes are consulted, so "a hot dog" is a hot dog
+    even when only a dog is annotated (and then matches nothing); a phrase listed for several classes picks
+    among those present in the image. A body part that the lists give the person class, owned by something
+    ("the cow's head"), names its owner instead. Extension phrases (reltag's, built with extensions=True)
+    match like the others, except those marked not_with_of on an entity with an "of" complement.
     """
 
     def __init__(self, classes: list[VocabClass], synonyms: str, extensions_on: bool = False):
@@ -480,6 +493,10 @@ class Vocabulary:
         if best is None:
             return None
         _, start, end, entries = best
+        if all(e[2] in BODY_PARTS for e in entries) and (owner := _possessor(text)) is not None:
+            # "the cow's head" is in the cow's box, whoever else is in the picture; an owner that names no
+            # annotated class ("the statue's head") matches nothing rather than a person
+            return self.match(owner, "", present)
         ok = [e for e in entries if present is None or e[0] in present]
         if not ok:
             return None
@@ -495,14 +512,15 @@ class Vocabulary:
         written: "a group of sheep" -> sheep (a partitive head with an "of" complement is matched by the
         complement), "a cup of coffee" -> cup (the head is the noun before "of"), "a man's hat" -> hat.
         """
-        ws = words(phrase.replace("'s ", " ").replace("’s ", " "))  # possessive: "a man's hat" -> a man hat
-        if "of" in ws:
-            k = ws.index("of")
-            before, after = " ".join(ws[:k]), " ".join(ws[k + 1 :])
-            if partitives and partitive_kind(before) and after:
+        of = re.search(r"\bof\b", phrase.lower())
+        if of:
+            before, after = phrase[: of.start()].strip(), phrase[of.end() :].strip()
+            if partitives and partitive_kind(before) and words(after):
                 return self.match_phrase(after, present, partitives)
-            return self.match(before, "", present, of_complement=bool(after)) if before else None
-        return self.match(" ".join(ws), "", present)
+            return (
+                self.match(before, "", present, of_complement=bool(words(after))) if words(before) else None
+            )
+        return self.match(phrase, "", present)
 
     # ---- reference mode -------------------------------------------------------------------------------
     def match_reference(self, span: str, image_classes: list[int]) -> Match | None:

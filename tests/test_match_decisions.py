@@ -94,6 +94,16 @@ COCO_DECISIONS = [
     ("the man's dog", ["person", "dog"], "dog"),
     ("a woman's purse", ["person", "handbag"], "handbag"),
     ("a man's tie", ["person", "tie"], "tie"),
+    # body parts the reference lists give the person class: an owner takes them
+    ("a woman's hand", ["person"], "person"),
+    ("a hand", ["person", "cell phone"], "person"),
+    ("the cow's head", ["person", "cow"], "cow"),
+    ("the cows' heads", ["cow", "person"], "cow"),
+    ("the cow's head", ["cow"], "cow"),
+    ("the dog's eyes", ["dog", "person"], "dog"),
+    ("the horse's legs", ["horse", "person"], "horse"),
+    ("the statue's head", ["person"], None),
+    ("the giraffe's head", ["person"], None),  # a giraffe, not annotated: never the person
     ("a laptop computer", ["laptop", "tv"], "laptop"),
     ("a computer monitor", ["tv", "laptop", "keyboard"], "tv"),
     ("a microwave oven", ["microwave", "oven"], "microwave"),
