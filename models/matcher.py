@@ -222,6 +222,7 @@ class Extension:
     key: str
     why: str
     not_with_of: bool = False  # not for an entity with an "of" complement ("a pitcher of water" is a jug)
+    not_after: tuple[str, ...] = ()  # not right after these words ("its mother" is an animal's)
 
 
 @cache
@@ -254,7 +255,10 @@ def extensions(synonyms: str) -> tuple[Extension, ...]:
         flag = e.get("not_with_of", False)
         if not isinstance(flag, bool):
             raise ValueError(f"{where}: 'not_with_of' must be true or false, got {flag!r}")
-        out.append(Extension(phrase, key, why, flag))
+        after = e.get("not_after", [])
+        if not isinstance(after, list) or not all(isinstance(w, str) and words(w) == [w] for w in after):
+            raise ValueError(f"{where}: 'not_after' must be a list of lower-case words, got {after!r}")
+        out.append(Extension(phrase, key, why, flag, tuple(after)))
     return tuple(out)
 
 
@@ -325,7 +329,8 @@ class Vocabulary:
     even when only a dog is annotated (and then matches nothing); a phrase listed for several classes picks
     among those present in the image. A body part that the lists give the person class, owned by something
     ("the cow's head"), names its owner instead. Extension phrases (reltag's, built with extensions=True)
-    match like the others, except those marked not_with_of on an entity with an "of" complement.
+    match like the others, except those marked not_with_of on an entity with an "of" complement and those
+    right after a word of their not_after list ("its mother").
     """
 
     def __init__(self, classes: list[VocabClass], synonyms: str, extensions_on: bool = False):
@@ -362,6 +367,18 @@ class Vocabulary:
         )
         self._not_with_of = {
             (c.category_id, p) for c in classes for p in c.extensions if (c.key, p) in flagged
+        }
+        # (category id, extension phrase) -> the words right before the phrase that veto it
+        after = (
+            {(e.key, e.phrase): set(e.not_after) for e in extensions(synonyms) if e.not_after}
+            if extensions_on
+            else {}
+        )
+        self._not_after = {
+            (c.category_id, p): after[(c.key, p)]
+            for c in classes
+            for p in c.extensions
+            if (c.key, p) in after
         }
 
     # ---- construction ---------------------------------------------------------------------------------
@@ -482,6 +499,10 @@ class Vocabulary:
                         entries.append((cid, rule, p))
                 if of_complement and self._not_with_of:
                     entries = [e for e in entries if (e[0], e[2]) not in self._not_with_of]
+                if start and self._not_after:
+                    entries = [
+                        e for e in entries if toks[start - 1] not in self._not_after.get((e[0], e[2]), ())
+                    ]
                 if not entries:
                     continue
                 n = end - start

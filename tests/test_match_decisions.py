@@ -149,6 +149,10 @@ COCO_DECISIONS = [
     ("a rider", ["person", "horse"], "person"),
     ("a jockey", ["person", "horse"], "person"),
     ("a kid", ["dog"], None),
+    ("its mother", ["cow", "person"], None),  # "a calf standing next to its mother"
+    ("its baby", ["elephant", "person"], None),
+    ("her mother", ["person"], "person"),
+    ("a father", ["person", "frisbee"], "person"),
     # animals
     ("a calf", ["cow"], "cow"),
     ("a calf", ["elephant"], "elephant"),

@@ -232,6 +232,7 @@ def test_every_extension_has_provenance_and_adds_something_new(name):
         ({"phrase": "man", "class": "person", "why": "x"}, "already has 'man'"),
         ({"phrase": "Kid ", "class": "person", "why": "x"}, "lower-case words"),
         ({"phrase": "kid", "class": "person", "why": "x", "not_with_of": "yes"}, "'not_with_of' must be"),
+        ({"phrase": "kid", "class": "person", "why": "x", "not_after": "its"}, "'not_after' must be a list"),
     ],
 )
 def test_a_bad_extension_entry_is_refused_naming_it(monkeypatch, entry, message):
