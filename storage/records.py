@@ -86,6 +86,38 @@ class Candidate:
 
 
 @dataclass(slots=True)
+class RegionCaption:
+    """One caption of the union box of one candidate pair (dense captioning on pairwise union regions, paper
+    Table 21, last row), with one candidate it gave that pair; a caption that gave none is one row whose
+    candidate fields are null. Written by the region stage (tasks/stages/region.py)."""
+
+    image_id: int
+    box_a_ann_id: int  # the captioned pair, in the orientation the match stage met it first
+    box_b_ann_id: int
+    union_box: list[float]  # x, y, w, h in pixels: the crop that was captioned (union of both boxes, clamped)
+    caption_id: int  # -1 - k for the image's k-th region caption: never a position in the image's captions
+    text: str
+    captioner: str
+    captioner_revision: str
+    sampling: str  # JSON of the beam-search settings
+    n_relations: int  # relations parsed from the caption (matched or not)
+    # the candidate: this pair in either orientation, and the relation text that names both of its classes
+    subject_ann_id: int | None = None
+    object_ann_id: int | None = None
+    subject_category_id: int | None = None
+    object_category_id: int | None = None
+    subject_label: str | None = None
+    object_label: str | None = None
+    relation: str | None = None
+    relation_lemma: str | None = None
+    subject_rule: str | None = None
+    subject_synonym: str | None = None
+    object_rule: str | None = None
+    object_synonym: str | None = None
+    is_new: bool | None = None  # not among the match stage's candidates (else it adds this caption to one)
+
+
+@dataclass(slots=True)
 class TaggedRelation:
     """A candidate with the tagger's three confidence factors (paper Sec. 4.2.2, Eq. 5)."""
 

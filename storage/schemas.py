@@ -92,6 +92,35 @@ CANDIDATES = pa.schema(
     ]
 )
 
+REGION_CAPTIONS = pa.schema(
+    [
+        ("image_id", pa.int64(), False),
+        ("box_a_ann_id", pa.int64(), False),
+        ("box_b_ann_id", pa.int64(), False),
+        ("union_box", _box, False),
+        ("caption_id", pa.int16(), False),
+        ("text", pa.string(), False),
+        ("captioner", pa.string(), False),
+        ("captioner_revision", pa.string(), False),
+        ("sampling", pa.string(), False),
+        ("n_relations", pa.int16(), False),
+        # the candidate it gave (null: none)
+        ("subject_ann_id", pa.int64(), True),
+        ("object_ann_id", pa.int64(), True),
+        ("subject_category_id", pa.int32(), True),
+        ("object_category_id", pa.int32(), True),
+        ("subject_label", pa.string(), True),
+        ("object_label", pa.string(), True),
+        ("relation", pa.string(), True),
+        ("relation_lemma", pa.string(), True),
+        ("subject_rule", pa.string(), True),
+        ("subject_synonym", pa.string(), True),
+        ("object_rule", pa.string(), True),
+        ("object_synonym", pa.string(), True),
+        ("is_new", pa.bool_(), True),
+    ]
+)
+
 _factors = [
     ("p_subject", pa.float32(), False),
     ("p_object", pa.float32(), False),
@@ -177,6 +206,7 @@ SCHEMAS: dict[type, pa.Schema] = {
     r.Caption: CAPTIONS,
     r.ParsedRelation: PARSES,
     r.Candidate: CANDIDATES,
+    r.RegionCaption: REGION_CAPTIONS,
     r.TaggedRelation: TAGS,
     r.Triplet: TRIPLETS,
     r.Reject: REJECTS,

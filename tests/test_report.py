@@ -48,6 +48,9 @@ FUNNEL = (
     "relations",
     "matched",
     "candidate_pairs",
+    "region_captions",  # the region stage (off in these runs: 0)
+    "region_relations",
+    "region_new_candidates",
     "tagged",
     "accepted",
 )
@@ -124,12 +127,16 @@ def derive_stats(run) -> dict:
         len(parses),
         len(matched),
         len(pairs),
+        0,  # region stage off
+        0,
+        0,
         len(tags),
         len(trips),
     ]
     dropped = [{}, {}, {}, {"duplicate": len(caps) - len(unique)},
                {"no_relation": sum((c["image_id"], c["caption_id"]) not in with_rel for c in unique)},
-               {"unmatched": len(parses) - len(matched)}, {}, {}, dict(Counter(r["reason"] for r in rejects))]  # fmt: skip
+               {"unmatched": len(parses) - len(matched)}, {}, {}, {}, {}, {},
+               dict(Counter(r["reason"] for r in rejects))]  # fmt: skip
     funnel = [
         {"stage": s, "label": s.replace("_", " "), "count": n, "dropped": d}
         for s, n, d in zip(FUNNEL, funnel_counts, dropped)

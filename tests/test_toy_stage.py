@@ -84,11 +84,12 @@ def test_toy_stage_is_in_the_help_and_the_config(toy, capsys):
     assert (
         "--toy-weight" in help_text and "toy.weight: what each triplet counts for (default: 1)" in help_text
     )
-    assert "(sections plan/caption/parse/match/tag/threshold/toy)" in help_text
+    assert "(sections plan/caption/parse/match/tag/threshold/region/toy)" in help_text
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "label a dataset: plan, verify, caption, parse, match, tag, threshold, toy, write" in " ".join(
-        capsys.readouterr().out.split()
+    assert (
+        "label a dataset: plan, verify, caption, parse, match, region, tag, threshold, toy, write"
+        in " ".join(capsys.readouterr().out.split())
     )
     assert PipelineConfig().section("toy") == ToyConfig()  # filled with its defaults
     assert PipelineConfig.model_validate({"toy": {"weight": 3}}).section("toy").weight == 3
@@ -131,7 +132,10 @@ def test_toy_stage_runs_in_the_flow(prefect_harness, toy, tmp_path):
         without = {link.stage: link.key for link in chain(cfg, inputs)[1]}
     finally:
         registry.register(TOY, before="write")
-    assert all(without[s] == with_toy[s] for s in ("verify", "caption", "parse", "match", "tag", "threshold"))
+    assert all(
+        without[s] == with_toy[s]
+        for s in ("verify", "caption", "parse", "match", "region", "tag", "threshold")
+    )
     assert without["write"] != with_toy["write"] and "toy" not in without
     heavier = PipelineConfig.model_validate({**cfg.model_dump(), "toy": {"weight": 4}})
     changed = {link.stage: link.key for link in chain(heavier, inputs)[1]}

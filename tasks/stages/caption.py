@@ -165,7 +165,7 @@ def batch_seed(run_key: str, shard: int, batch: int) -> int:
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") & ((1 << 63) - 1)
 
 
-def _run_captioner(cap: Captioner, images, pixels, seed: int, micro: int, state: dict) -> list[list[str]]:
+def run_captioner(cap: Captioner, images, pixels, seed: int, micro: int, state: dict) -> list[list[str]]:
     """Captions of one captioner in micro-batches; a CUDA OOM halves the micro-batch and retries it."""
     import torch  # here, not at import: `reltag run` on a finished run decides without loading torch
 
@@ -243,7 +243,7 @@ def caption_batch(
     per_image: list[list[tuple[str, Captioner, int | None]]] = [[] for _ in kimages]
     for cap in captioners:
         pix = kpixels if cap.needs_pixels else [None] * len(kimages)
-        texts = _run_captioner(cap, kimages, pix, seed, state["micro_batch"], state)
+        texts = run_captioner(cap, kimages, pix, seed, state["micro_batch"], state)
         # human captions keep their file's annotation ids (captioners without them: None)
         ids = cap.source_ids(kimages) if hasattr(cap, "source_ids") else [[None] * len(t) for t in texts]
         for k, (t, src) in enumerate(zip(texts, ids, strict=True)):

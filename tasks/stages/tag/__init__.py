@@ -2,18 +2,20 @@
 
 A tagger is one module here and one entry in TAGGERS: the settings that change its scores, its model
 identity, and how it tags a batch. The stage itself counts the rows (tag_rows) and ranks nothing: each
-tagger returns its rows ranked within their pairs."""
+tagger returns its rows ranked within their pairs. With the region stage on, the candidates are the match
+stage's and the region stage's (stage_candidates)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from storage.records import Candidate, ImageRecord, TaggedRelation
+from storage.records import Candidate, ImageRecord, RegionCaption, TaggedRelation
 from tasks.config import PipelineConfig
 from tasks.run.context import RunContext, batch_images, load_pixels, read_stage
 from tasks.run.registry import FunnelRow, Stage, StageOutput, register
 from tasks.run.revisions import model_dir_revision
+from tasks.stages.region import merge_region_candidates, region_in_run
 from tasks.stages.tag.common import GREEDY, tag_greedy
 from tasks.stats import Count
 
@@ -87,11 +89,21 @@ TAGGERS: dict[str, TaggerEntry] = {
 }
 
 
+def stage_candidates(ctx: RunContext, shard: int, batch: int) -> tuple[list[Candidate], int]:
+    """What the tag stage scores: the match stage's candidates, plus the region stage's when the run has it on
+    (de-duplicated: a (pair, relation) both have is one candidate with both captions). Returns them and how
+    many the region stage added."""
+    candidates = read_stage(ctx, "match", Candidate, shard, batch)
+    if not region_in_run(ctx):
+        return candidates, 0  # off: the region stage's batches are empty, nothing is read
+    return merge_region_candidates(candidates, read_stage(ctx, "region", RegionCaption, shard, batch))
+
+
 def _stage_batch(ctx: RunContext, shard: int, batch: int) -> StageOutput:
-    out = TAGGERS[ctx.config.tag.tagger].run(
-        ctx, batch_images(ctx, shard, batch), read_stage(ctx, "match", Candidate, shard, batch)
-    )
+    candidates, from_region = stage_candidates(ctx, shard, batch)
+    out = TAGGERS[ctx.config.tag.tagger].run(ctx, batch_images(ctx, shard, batch), candidates)
     out.stats.put("tag_rows", Count(len(out.rows)))  # counted here, for every tagger: the funnel reads it
+    out.stats.put("region_candidates_tagged", Count(from_region))
     return out
 
 
