@@ -348,3 +348,63 @@ def test_make_batch_shares_extended_texts_in_pretraining_mode():
             assert a.entity_texts[i][int(a.tgt_obj_labels[i, p])] == names[o]
     tagger = make_batch(model, images, os.path.dirname(vg), preds, torch.Generator().manual_seed(0))
     assert tagger.entity_texts[0] != tagger.entity_texts[1]  # R-Tagger mode keeps each image's own labels
+
+
+# ------------------------------------------------------------------------------------------------ the model's side
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from models.rlipv2.model import RLIPv2ParSeD
+    from models.rlipv2.tokenizer import build_word_tokenizer
+    from models.rlipv2.train import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config(entity_names=[], n_q=4)
+    tok = build_word_tokenizer(["person", "horse", "cup", "riding on", "holding", "near", cfg.no_object_text])
+    return RLIPv2ParSeD(cfg, tok).eval()
+
+
+def _encode(model):
+    g = torch.Generator().manual_seed(0)
+    px = torch.randn(2, 3, 64, 96, generator=g)
+    mask = torch.zeros(2, 64, 96, dtype=torch.bool)
+    ents = [["person", "horse", "cup", "no objects"]] * 2
+    rels = [["riding on", "holding", "near"]] * 2
+    with torch.no_grad():
+        return model.encode(px, mask, ents, rels)
+
+
+def test_lang_aux_scores_layer_l_against_fusion_round_l(tiny_model):
+    state = _encode(tiny_model)
+    idx = torch.arange(2)
+    with torch.no_grad():
+        on = tiny_model.decode(state, idx, all_layers=True, lang_aux=True)
+        off = tiny_model.decode(state, idx, all_layers=True, lang_aux=False)
+        torch.testing.assert_close(
+            on.rel_logits, off.rel_logits, rtol=0, atol=0
+        )  # the last layer reads the last round
+        assert not torch.allclose(on.aux[0]["rel_logits"], off.aux[0]["rel_logits"])
+        # every round replaced by the last one: the routing no longer matters
+        flat = dataclasses.replace(state, text=state.text[-1:].expand_as(state.text).clone())
+        flat_on = tiny_model.decode(flat, idx, all_layers=True, lang_aux=True)
+    for a, b in zip(flat_on.aux, off.aux):
+        for k in ("sub_logits", "obj_logits", "rel_logits"):
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_model_outputs_feed_the_criterion_with_pre_fusion_phrases(tiny_model):
+    from models.rlipv2.train import model_outputs
+
+    state = _encode(tiny_model)
+    idx = torch.arange(2)
+    with torch.no_grad():
+        out = model_outputs(tiny_model.decode(state, idx, all_layers=True), state, idx)
+        pooled = tiny_model.phrase_features(["riding on", "holding", "near"], use_cache=False)
+    assert len(out["aux"]) == tiny_model.cfg.dec_layers - 1
+    torch.testing.assert_close(out["rel_phrases"][1], pooled)  # before fusion, not resized
+    assert not out["entity_pad"].any() and not out["rel_pad"].any()
+    t = PairTargets(torch.tensor([[0.5, 0.5, 0.2, 0.2]]), torch.tensor([[0.4, 0.6, 0.3, 0.2]]),
+                    torch.tensor([0]), torch.tensor([1]), torch.tensor([[1.0, 0.0, 0.0]]))  # fmt: skip
+    terms = Criterion(LossSettings())(out, [t, t])
+    assert torch.isfinite(terms["loss"]) and "loss_verb_ce_1" in terms
