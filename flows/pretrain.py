@@ -1,5 +1,5 @@
-"""The `pretrain` flow: RLIPv2-ParSeD pre-training on finished runs (models/rlipv2/pretrain.py does the work),
-and `pretrain-on-label`, which an event trigger starts when a labelling run completes."""
+"""The `pretrain` flow: RLIPv2-ParSeDA (or -ParSeD) pre-training on finished runs (models/rlipv2/pretrain.py does
+the work), and `pretrain-on-label`, which an event trigger starts when a labelling run completes."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.params import read_config_file
 from models.rlipv2.pretrain import StepInfo
-from models.rlipv2.pretrain_settings import PretrainSettings
+from models.rlipv2.pretrain_settings import PretrainSettings, to_flags
 from models.rlipv2.pretrain_state import LOSS_LOG, CheckpointStore, LossLog, run_identity
 
 
@@ -114,8 +114,6 @@ def _train_in_process(params: PretrainParams, run_dir: str) -> dict:
 
 def torchrun_command(params: PretrainParams, run_dir: str) -> list[str]:
     """python -m torch.distributed.run --nproc_per_node N -m models.rlipv2.pretrain with the settings as flags."""
-    import dataclasses
-
     cmd = [
         sys.executable,
         "-m",
@@ -126,13 +124,7 @@ def torchrun_command(params: PretrainParams, run_dir: str) -> list[str]:
     cmd += ["-m", "models.rlipv2.pretrain", "--out", run_dir]
     for s in params.sources:
         cmd += ["--source", s]
-    for f in dataclasses.fields(PretrainSettings):
-        v = getattr(params.settings, f.name)
-        if v is None or v is False:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        cmd += [flag] if v is True else [flag, repr(v) if isinstance(v, float) else str(v)]
-    return cmd
+    return cmd + to_flags(params.settings)
 
 
 def _train_torchrun(params: PretrainParams, run_dir: str) -> dict:
@@ -170,7 +162,8 @@ def _pretrain_run_name() -> str:
 
 @flow(name="pretrain", flow_run_name=_pretrain_run_name, log_prints=True)
 def pretrain_flow(params: PretrainParams) -> dict:
-    """Pre-train RLIPv2-ParSeD on the sources; a rerun resumes from the last checkpoint of the same settings."""
+    """Pre-train RLIPv2-ParSeDA or -ParSeD (settings.model) on the sources; a rerun resumes from the last
+    checkpoint of the same settings."""
     from prefect.concurrency.sync import concurrency
 
     t0 = time.perf_counter()
@@ -273,7 +266,7 @@ def pretrain_on_label(label_flow_run: str) -> str | None:
 
 def params_from_cli(args) -> PretrainParams:
     """PretrainParams from `reltag pretrain` flags: --config (YAML/JSON mapping of PretrainSettings fields)
-    with --steps, --device, --batch-size, --tiny on top. Raises ValueError (pydantic's included) on a bad value."""
+    with --steps, --device, --batch-size, --model, --tiny on top. Raises ValueError (pydantic's included) on a bad value."""
     import dataclasses
 
     data: dict = {}
@@ -283,8 +276,23 @@ def params_from_cli(args) -> PretrainParams:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"config file {args.settings}: unknown fields {unknown}; known: {sorted(known)}")
-    for flag, field in (("steps", "max_steps"), ("device", "device"), ("batch_size", "batch_size")):
-        if getattr(args, flag) is not None:
+        if "loss" in data and not isinstance(data["loss"], dict):
+            raise ValueError(f"config file {args.settings}: loss must be a mapping of LossSettings fields")
+        from models.rlipv2.criterion import LossSettings
+
+        loss_known = {f.name for f in dataclasses.fields(LossSettings)}
+        loss_unknown = sorted(set(data.get("loss", {})) - loss_known)
+        if loss_unknown:
+            raise ValueError(
+                f"config file {args.settings}: unknown loss fields {loss_unknown}; known: {sorted(loss_known)}"
+            )
+    for flag, field in (
+        ("steps", "max_steps"),
+        ("device", "device"),
+        ("batch_size", "batch_size"),
+        ("model", "model"),
+    ):
+        if getattr(args, flag, None) is not None:
             data[field] = getattr(args, flag)
     if args.tiny:
         data["tiny"] = True

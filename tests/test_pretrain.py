@@ -46,12 +46,22 @@ def test_defaults_are_the_reference_pretraining_settings():
     assert (s.epochs, s.lr_drop, s.batch_size, s.clip_max_norm, s.num_queries, s.seed) == (
         20,
         15,
-        8,
+        4,
         0.1,
         200,
         42,
     )
     assert (s.eta, s.rule, s.overlap_filter, s.max_relations) == (0.2, "relation_only", False, 100)
+    # the paper's main model by default; each model's script sets its own images per GPU
+    assert s.model == "parseda" and PretrainSettings(model="parsed").batch_size == 8
+    assert PretrainSettings(model="parsed", batch_size=3).batch_size == 3
+    with pytest.raises(ValueError, match="model 'detr' is not one of"):
+        PretrainSettings(model="detr")
+    # the model is part of the run's identity
+    from models.rlipv2.pretrain_state import run_identity
+
+    ident = {m: run_identity([VG], PretrainSettings(model=m, batch_size=2), 1) for m in ("parsed", "parseda")}
+    assert ident["parsed"] != ident["parseda"]
 
 
 def test_epoch_batches_resume_mid_epoch_gives_the_remaining_batches():
@@ -121,20 +131,34 @@ def test_open_sources_refuses_what_it_cannot_read(tmp_path):
                     "max_relations": 100, "rank": 1, "world_size": 2}  # fmt: skip
 
 
-def test_param_groups_follow_the_reference_names():
-    from models.rlipv2.model import RLIPv2ParSeD
-    from models.rlipv2.tokenizer import build_word_tokenizer
-    from models.rlipv2.train import tiny_config
+@pytest.mark.parametrize(
+    "model_name, learned", [("parsed", "query_embed.weight"), ("parseda", "tgt_embed.weight")]
+)
+def test_param_groups_follow_the_reference_names(model_name, learned):
+    from models.rlipv2.pretrain import build_model
 
-    model = RLIPv2ParSeD(tiny_config(), build_word_tokenizer(["a b"]))
+    model = build_model(PretrainSettings(tiny=True, model=model_name), lambda: ["a b"])
+    assert type(model).__name__ == {"parsed": "RLIPv2ParSeD", "parseda": "RLIPv2ParSeDA"}[model_name]
     g = param_groups(model, PretrainSettings())
     names = {id(p): n for n, p in model.named_parameters()}
     assert [x["lr"] for x in g] == [1.41e-4, 1.41e-5, 1.41e-5]
     assert all(names[id(p)].startswith("backbone.") for p in g[1]["params"])
     assert all("transformer.text_encoder." in names[id(p)] for p in g[2]["params"])
     rest = {names[id(p)] for p in g[0]["params"]}
-    assert "query_embed.weight" in rest and not any("backbone" in n or "text_encoder" in n for n in rest)
+    assert learned in rest and not any("backbone" in n or "text_encoder" in n for n in rest)
     assert sum(len(x["params"]) for x in g) == len(list(model.parameters()))
+
+
+def test_init_checkpoint_of_the_other_model_is_refused(tmp_path):
+    from models.rlipv2.checkpoint import save_checkpoint
+    from models.rlipv2.pretrain import build_model
+
+    parsed = build_model(PretrainSettings(tiny=True, model="parsed"), lambda: ["a b"])
+    save_checkpoint(parsed, tmp_path / "parsed")
+    again = build_model(PretrainSettings(model="parsed", init_checkpoint=str(tmp_path / "parsed")), list)
+    assert type(again) is type(parsed)
+    with pytest.raises(ValueError, match="holds RLIPv2-parsed, but the settings train model 'parseda'"):
+        build_model(PretrainSettings(init_checkpoint=str(tmp_path / "parsed")), list)
 
 
 def test_a_folder_of_another_run_is_refused(tmp_path):
@@ -152,8 +176,9 @@ TRAIN_ARGS = ["--tiny", "--deterministic", "--batch-size", "2", "--max-steps", "
               "--lr-drop", "2", "--dropout", "0.1", "--lr", "0.001", "--keep-checkpoints", "5"]  # fmt: skip
 
 
-def _train_cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "models.rlipv2.pretrain", "--source", VG, "--out", str(out), *TRAIN_ARGS]
+def _train_cmd(out: Path, model: str) -> list[str]:
+    return [sys.executable, "-m", "models.rlipv2.pretrain", "--source", VG, "--out", str(out), *TRAIN_ARGS,
+            "--model", model]  # fmt: skip
 
 
 def _env() -> dict:
@@ -161,10 +186,11 @@ def _env() -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_after_a_checkpoint_then_rerun_gives_the_uninterrupted_losses(tmp_path):
+@pytest.mark.parametrize("model", ["parseda", "parsed"])
+def test_sigkill_after_a_checkpoint_then_rerun_gives_the_uninterrupted_losses(tmp_path, model):
     # 4 images, batch 2: 2 steps an epoch; lr drops x0.1 at epoch 2 (step 4); dropout 0.1 uses the RNG
     ref = subprocess.run(
-        _train_cmd(tmp_path / "ref"), env=_env(), capture_output=True, text=True, timeout=300
+        _train_cmd(tmp_path / "ref", model), env=_env(), capture_output=True, text=True, timeout=300
     )
     assert ref.returncode == 0, ref.stderr[-3000:]
     expected = LossLog.read(tmp_path / "ref" / "loss_log.jsonl")
@@ -172,7 +198,9 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_the_uninterrupted_losses(tm
     assert expected[3]["lr"] == pytest.approx(1e-3) and expected[4]["lr"] == pytest.approx(1e-4)
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_train_cmd(out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _train_cmd(out, model), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     index = out / "checkpoints" / "index.json"
     deadline = time.time() + 240
     while not (index.is_file() and json.loads(index.read_text())["checkpoints"]):
@@ -193,7 +221,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_the_uninterrupted_losses(tm
     (nxt / "model.safetensors").write_bytes(b"\0garbage")
     (nxt / "train_state.pt").write_bytes(b"garbage")
 
-    rerun = subprocess.run(_train_cmd(out), env=_env(), capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(_train_cmd(out, model), env=_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"resumed from {kept[-1]})" in rerun.stdout
     got = LossLog.read(out / "loss_log.jsonl")
@@ -207,7 +235,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_gives_the_uninterrupted_losses(tm
 
 
 # ---------------------------------------------------------------------------------------------- DDP (gloo)
-def _ddp_worker(rank: int, world: int, port: int, out: str, result_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, result_dir: str, model: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")  # fmt: skip
     import torch.distributed as dist
@@ -221,8 +249,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, result_dir: str) -> 
         revisions.append(_weights_hash(info.model))
 
     try:
-        res = pretrain([VG], out, PretrainSettings(tiny=True, batch_size=1, max_steps=2, checkpoint_every=1),
-                       on_step=on_step)  # fmt: skip
+        settings = PretrainSettings(tiny=True, model=model, batch_size=1, max_steps=2, checkpoint_every=1)
+        res = pretrain([VG], out, settings, on_step=on_step)
         Path(result_dir, f"rank{rank}.json").write_text(
             json.dumps({"seen": seen, "revisions": revisions, "losses": [h["loss"] for h in res.history]})
         )
@@ -237,12 +265,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_see_disjoint_data_and_keep_identical_weights(tmp_path):
+@pytest.mark.parametrize("model", ["parseda", "parsed"])
+def test_two_gloo_processes_see_disjoint_data_and_keep_identical_weights(tmp_path, model):
     import torch.multiprocessing as mp
 
     res_dir = tmp_path / "res"
     res_dir.mkdir()
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "out"), str(res_dir)), nprocs=2, join=True)
+    mp.spawn(
+        _ddp_worker, args=(2, _free_port(), str(tmp_path / "out"), str(res_dir), model), nprocs=2, join=True
+    )
     r = [json.loads((res_dir / f"rank{i}.json").read_text()) for i in range(2)]
     seen = [sorted(i for b in x["seen"] for i in b) for x in r]
     assert seen == [[1000, 1001], [1002, 1003]]  # disjoint, every image once (contiguous blocks, as for runs)
@@ -312,6 +343,20 @@ def test_torchrun_command_carries_every_setting():
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert cmd[cmd.index("--lr") + 1] == "0.0003" and cmd[cmd.index("--max-steps") + 1] == "5"
     assert "--tiny" in cmd and "--deterministic" not in cmd and "--dropout" not in cmd
+    assert cmd[cmd.index("--model") + 1] == "parseda" and cmd[cmd.index("--batch-size") + 1] == "4"
+    # the flags rebuild the settings exactly, the loss settings included (booleans that default to on too)
+    import argparse
+
+    from models.rlipv2.criterion import LossSettings
+    from models.rlipv2.pretrain_settings import add_settings_flags, from_flags, to_flags
+
+    s = PretrainSettings(model="parsed", dropout=0.2, loss=LossSettings(eos_coef=0.3, pseudo_verb=False,
+                                                                        sampling_strategy="random"))  # fmt: skip
+    ap = argparse.ArgumentParser()
+    add_settings_flags(ap)
+    assert from_flags(ap.parse_args(to_flags(s))) == s
+    assert from_flags(ap.parse_args(to_flags(p.settings))) == p.settings
+    assert to_flags(s)[to_flags(s).index("--loss-pseudo-verb") + 1] == "false"
     assert cmd[cmd.index("--source") + 1] == VG and cmd[cmd.index("--device") + 1] == "cuda"
 
 

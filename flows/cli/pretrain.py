@@ -1,4 +1,4 @@
-"""`reltag pretrain`: pre-train RLIPv2-ParSeD on finished runs and VG files (the pretrain flow)."""
+"""`reltag pretrain`: pre-train RLIPv2-ParSeDA (or -ParSeD) on finished runs and VG files (the pretrain flow)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def cmd_pretrain(args) -> int:
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "pretrain",
-        help="pre-train RLIPv2-ParSeD on relation data (the pretrain flow); a rerun resumes",
+        help="pre-train RLIPv2-ParSeDA (or -ParSeD) on relation data (the pretrain flow); a rerun resumes",
         description="Train into <out>/<identity>/ (checkpoints/, history.json); the same command after a crash "
         "resumes from the last checkpoint. Defaults: the RLIPv2 reference's pre-training settings.",
     )
@@ -32,7 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--settings", dest="settings", help=argparse.SUPPRESS)  # deprecated: --config
     p.add_argument("--steps", type=int, help="stop after this many steps in total (default: all epochs)")
     p.add_argument("--device", help="cpu, cuda, ... (default: the settings' device)")
-    p.add_argument("--batch-size", type=int, help="images per process and step (default 8)")
+    p.add_argument("--model", choices=["parseda", "parsed"],
+                   help="RLIPv2-ParSeDA (default, the paper's main model) or RLIPv2-ParSeD")  # fmt: skip
+    p.add_argument("--batch-size", type=int,
+                   help="images per process and step (default: the model's reference script, 4 ParSeDA, 8 ParSeD)")  # fmt: skip
     p.add_argument("--tiny", action="store_true", help="the tiny test architecture (offline demo)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="processes (GPUs); > 1 launches torchrun")
     p.add_argument("--log-every", type=int, default=50, help="log the losses every N steps (default 50)")

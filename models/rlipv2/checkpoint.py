@@ -25,6 +25,7 @@ CONFIG_NAME = "rlipv2_config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 MODEL_KEY = "model"
+STAMP_KEY = "reltag"  # the weights file's metadata entry: {"config_hash", "model"} as JSON
 #: model name -> (config class, model class)
 MODELS = {"parsed": (RLIPv2Config, RLIPv2ParSeD), "parseda": (ParSeDAConfig, RLIPv2ParSeDA)}
 Model = RLIPv2ParSeD | RLIPv2ParSeDA
@@ -55,7 +56,10 @@ def save_checkpoint(model: Model, out_dir: str | Path) -> str:
     cfg = offline_config(model)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"config_hash": cfg.hash(), MODEL_KEY: kind})
+    # one metadata entry: safetensors writes its metadata map in an order that varies from process to process,
+    # so two entries would make byte-different files of the same weights (the revision hashes the bytes)
+    stamp = json.dumps({"config_hash": cfg.hash(), MODEL_KEY: kind}, sort_keys=True)
+    save_file(state, str(tmp), metadata={STAMP_KEY: stamp})
     os.replace(tmp, out / WEIGHTS_NAME)
     tmp = out / (CONFIG_NAME + ".tmp")
     stored = cfg.to_dict() | ({MODEL_KEY: kind} if kind != "parsed" else {})
@@ -103,7 +107,8 @@ def load_checkpoint(ckpt_dir: str | Path, device: str = "cpu", dtype: torch.dtyp
             )
     kind = checkpoint_model(ckpt)
     with safe_open(str(ckpt / WEIGHTS_NAME), framework="pt") as f:
-        stamped = (f.metadata() or {}).get(MODEL_KEY)
+        stamp = (f.metadata() or {}).get(STAMP_KEY)
+    stamped = json.loads(stamp).get(MODEL_KEY) if stamp else None  # None: written before models were stamped
     if stamped is not None and stamped != kind:
         raise ValueError(
             f"checkpoint {str(ckpt)!r}: {CONFIG_NAME} says model {kind!r} but {WEIGHTS_NAME} was written by {stamped!r}"

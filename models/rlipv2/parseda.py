@@ -255,11 +255,7 @@ class RLIPv2ParSeDA(nn.Module):
         memory, text = self.transformer.encoder(
             src, pos, mask_flat, ref, spatial_shapes, level_start_index, lang, lang_mask
         )
-        # the pre-fusion phrase features (the criterion's Relation Pseudo-Labels read them), once EncodedImages has
-        # the field (models/rlipv2/model.py, the loss half of issue 22)
-        extra = {"phrases": lang} if "phrases" in EncodedImages.__dataclass_fields__ else {}
         return EncodedImages(
-            **extra,
             memory=memory,
             memory_mask=mask_flat,
             spatial_shapes=spatial_shapes,
@@ -269,6 +265,7 @@ class RLIPv2ParSeDA(nn.Module):
             n_entity=n_ent,
             entity_mask=lang_mask[:, :n_ent],
             rel_mask=lang_mask[:, n_ent:],
+            phrases=lang,  # before fusion: the criterion's Relation Pseudo-Labels read the relation part
         )
 
     def _phrases(self, entity_texts, rel_texts, dtype, device, use_cache):
@@ -301,11 +298,14 @@ class RLIPv2ParSeDA(nn.Module):
         sub_boxes: torch.Tensor | None = None,
         *tagger_args,
         all_layers: bool = False,
+        lang_aux: bool = True,
         **tagger_kwargs,
     ) -> DecoderOutput:
         """Decode one group of Q learned pair slots per entry of img_index (group g reads image img_index[g]).
 
         Returns the last layer's boxes (cx, cy, w, h) and logits; with all_layers, the earlier layers' in `aux`.
+        lang_aux: decoder layer l is scored against fusion round l (`--lang_aux_loss`, in the released scripts);
+        False: every layer against the last round (the reference's text_dec without it).
         R-Tagger arguments (query boxes, labels, masks) are refused: ParSeDA has no tagger mode.
         """
         given = [k for k, v in tagger_kwargs.items() if v is not None]
@@ -355,7 +355,8 @@ class RLIPv2ParSeDA(nn.Module):
         heads = []
         for lvl in wanted:
             o = layers_out[lvl]
-            (sub, obj), rel = self._heads(state, img_index, lvl, o["h_sub"], o["h_obj"], o["h_rel"])
+            rnd = lvl if lang_aux else state.text.shape[0] - 1
+            (sub, obj), rel = self._heads(state, img_index, rnd, o["h_sub"], o["h_obj"], o["h_rel"])
             heads.append(
                 {"sub_boxes": o["sub_boxes"], "obj_boxes": o["obj_boxes"], "sub_logits": sub, "obj_logits": obj,
                  "rel_logits": rel}
@@ -370,10 +371,10 @@ class RLIPv2ParSeDA(nn.Module):
             aux=heads[:-1],
         )
 
-    def _heads(self, state, img_index, lvl, h_sub, h_obj, h_rel):
-        """Logits of decoder layer lvl against the texts of fusion round lvl: (h + a) . projection_text(L2norm(t)
+    def _heads(self, state, img_index, rnd, h_sub, h_obj, h_rel):
+        """Logits of a decoder layer against the texts of fusion round rnd: (h + a) . projection_text(L2norm(t)
         / 2) + BIAS_C; padded texts -inf (the reference pads with zero features and does not mask)."""
-        t = F.normalize(state.text[lvl][img_index], p=2, dim=-1)
+        t = F.normalize(state.text[rnd][img_index], p=2, dim=-1)
         pt = self.projection_text(t / 2.0)  # [G, T, d]
         n = state.n_entity
         ent_t, rel_t = pt[:, :n], pt[:, n:]

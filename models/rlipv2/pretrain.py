@@ -1,11 +1,13 @@
-"""Pre-training RLIPv2-ParSeD (learned queries) on relation datasets: resumable checkpoints, DDP, no Prefect.
+"""Pre-training RLIPv2-ParSeDA or RLIPv2-ParSeD (learned queries) on relation datasets: resumable checkpoints, DDP,
+no Prefect.
 
 Single process:   python -m models.rlipv2.pretrain --source examples/vg_tiny/relationships.json --out /tmp/pt --tiny
 Several GPUs:     python -m torch.distributed.run --nproc_per_node 8 -m models.rlipv2.pretrain --source ... --out ...
 
-The defaults are the reference's pre-training run (JacobYuan7/RLIPv2,
-scripts/RLIP_ParSeD/train_RLIP_ParSeD_v2_mixed_vgcocoo365_resnet.sh, with main.py's argparse defaults for the
-flags that script leaves unset); see PretrainSettings (models/rlipv2/pretrain_settings.py).
+The defaults are the reference's pre-training run of its main model (JacobYuan7/RLIPv2,
+scripts/RLIP_ParSeDA/train_RLIP_ParSeDA_v2_mixed_vgcocoo365_resnet.sh, with main.py's argparse defaults for the
+flags that script leaves unset); `--model parsed` trains RLIPv2-ParSeD instead (its twin script); see
+PretrainSettings (models/rlipv2/pretrain_settings.py).
 
 This module is the training loop and its command line; the data (pretrain_data), checkpoints and resume
 (pretrain_state) and the collectives across processes (pretrain_dist) are beside it.
@@ -26,9 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.rlipv2.checkpoint import load_checkpoint, load_training_state
-from models.rlipv2.config import RLIPv2Config
-from models.rlipv2.model import RLIPv2ParSeD
+from models.rlipv2.checkpoint import MODELS, Model, load_checkpoint, load_training_state, model_kind
+from models.rlipv2.criterion import LossSettings
 from models.rlipv2.pretrain_data import (
     DatasetFactory,
     EpochBatches,
@@ -43,7 +44,7 @@ from models.rlipv2.pretrain_dist import (
     mean_over_ranks,
     min_over_ranks,
 )
-from models.rlipv2.pretrain_settings import PretrainSettings
+from models.rlipv2.pretrain_settings import PretrainSettings, add_settings_flags, from_flags
 from models.rlipv2.pretrain_state import (
     LOSS_LOG,
     STATE_NAME,
@@ -60,19 +61,34 @@ from models.rlipv2.train import detect_loss, make_batch, tiny_config
 class DetectionObjective(nn.Module):
     """The model plus its loss as one forward, so DistributedDataParallel sees the whole step."""
 
-    def __init__(self, model: RLIPv2ParSeD):
+    def __init__(self, model: Model, loss: LossSettings):
         super().__init__()
         self.model = model
+        self.loss = loss
 
     def forward(self, batch) -> dict[str, torch.Tensor]:
-        return detect_loss(self.model, batch)
+        return detect_loss(self.model, batch, self.loss)
 
 
-def build_model(settings: PretrainSettings, texts: Callable[[], list[str]]) -> RLIPv2ParSeD:
-    """A fresh model (seeded by the caller): every image's texts are its own labels and predicates, so the
-    entity vocabulary is empty (models.rlipv2.tagger.entity_texts appends each image's labels)."""
+def model_config(settings: PretrainSettings, **over):
+    """The architecture `settings.model` names: the tiny test sizes (models.rlipv2.train.tiny_config, the same
+    for both models) or the reference's full size (RLIPv2Config / ParSeDAConfig defaults), with `over` on top."""
+    cfg_cls = MODELS[settings.model][0]
+    if settings.tiny:
+        return cfg_cls.from_dict(tiny_config(**over).to_dict())
+    return cfg_cls(**over)
+
+
+def build_model(settings: PretrainSettings, texts: Callable[[], list[str]]) -> Model:
+    """A fresh model of `settings.model` (seeded by the caller): every image's texts are its own labels and
+    predicates, so the entity vocabulary is empty (models.rlipv2.tagger.entity_texts appends each image's labels)."""
     if settings.init_checkpoint:
         model = load_checkpoint(settings.init_checkpoint)
+        if model_kind(model) != settings.model:
+            raise ValueError(
+                f"init_checkpoint {settings.init_checkpoint!r} holds RLIPv2-{model_kind(model)}, but the settings "
+                f"train model {settings.model!r}"
+            )
         if model.cfg.n_q != settings.num_queries // 2:
             raise ValueError(
                 f"init_checkpoint {settings.init_checkpoint!r} has {model.cfg.n_q} pair slots; num_queries "
@@ -82,18 +98,18 @@ def build_model(settings: PretrainSettings, texts: Callable[[], list[str]]) -> R
     over = dict(entity_names=[], n_q=settings.num_queries // 2)
     if settings.dropout is not None:
         over["dropout"] = settings.dropout
+    model_cls = MODELS[settings.model][1]
+    cfg = model_config(settings, **over)
     if settings.tiny:
         from models.rlipv2.tokenizer import build_word_tokenizer
 
-        cfg = tiny_config(**over)
-        return RLIPv2ParSeD(cfg, build_word_tokenizer(texts() + [cfg.no_object_text]))
+        return model_cls(cfg, build_word_tokenizer(texts() + [cfg.no_object_text]))
     from models.rlipv2.tokenizer import load_tokenizer
 
-    cfg = RLIPv2Config(**over)
-    return RLIPv2ParSeD(cfg, load_tokenizer(cfg.text_model), pretrained=True)
+    return model_cls(cfg, load_tokenizer(cfg.text_model), pretrained=True)
 
 
-def param_groups(model: RLIPv2ParSeD, s: PretrainSettings) -> list[dict]:
+def param_groups(model: Model, s: PretrainSettings) -> list[dict]:
     """The reference's three AdamW groups (main.py): names with "backbone", with "text_encoder", the rest."""
     groups: dict[str, list] = {"rest": [], "backbone": [], "text": []}
     for name, p in model.named_parameters():
@@ -124,7 +140,7 @@ class StepInfo:
 
     record: dict
     image_ids: list[int]
-    model: RLIPv2ParSeD
+    model: Model
     total_steps: int
     rank: int
 
@@ -147,7 +163,7 @@ def pretrain(
     on_step: Callable[[StepInfo], None] | None = None,
     on_checkpoint: Callable[[dict], None] | None = None,
 ) -> PretrainResult:
-    """Train RLIPv2-ParSeD with learned queries (Hungarian matching) on `sources`; resume from `out` if it holds
+    """Train RLIPv2-ParSeDA or -ParSeD (settings.model) with learned queries (Hungarian matching) on `sources`; resume from `out` if it holds
     checkpoints of the same run (same sources, settings and number of processes), else start fresh.
 
     Every `checkpoint_every` steps and at the end: weights (safetensors) + config + tokenizer + the training
@@ -179,6 +195,7 @@ def pretrain(
     latest = store.latest()
 
     ds = open_sources(sources, settings, rank, world, dataset_factory)
+    frequencies = getattr(ds, "frequencies", None)  # every rank's images counted (PretrainDataset)
     n_local = len(ds)
     # every rank takes the same number of steps (DDP needs it)
     steps_per_epoch = min_over_ranks(n_local // settings.batch_size, device)
@@ -223,7 +240,7 @@ def pretrain(
     log = LossLog(out / LOSS_LOG)
     if rank == 0:
         log.open(step)
-    objective: nn.Module = DetectionObjective(model)
+    objective: nn.Module = DetectionObjective(model, settings.loss)
     if distributed:
         objective = nn.parallel.DistributedDataParallel(
             objective,
@@ -261,9 +278,13 @@ def pretrain(
         )
         for records in loader:
             t0 = time.perf_counter()
-            batch = _to_device(
-                make_batch(model, records, None, batch_predicates(records), denoise=False), device
-            )
+            # the batch's texts shared by its images, extended with negatives sampled from the data's name
+            # frequencies (Label Sequence Extension) with the global RNG, which checkpoints save and restore
+            batch = make_batch(
+                model, records, None, batch_predicates(records), denoise=False, frequencies=frequencies,
+                negative_texts=settings.loss.negative_text_sampling, sampling=settings.loss.sampling_strategy,
+            )  # fmt: skip
+            batch = _to_device(batch, device)
             terms = objective(batch)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
@@ -303,20 +324,9 @@ def main(argv: list[str] | None = None) -> None:
         "--source", action="append", required=True, help="a VG-format relationships JSON (repeat)"
     )
     ap.add_argument("--out", required=True, help="training folder: checkpoints/, loss_log.jsonl")
-    for f in dataclasses.fields(PretrainSettings):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            ap.add_argument(flag, action="store_true", default=None)
-        else:
-            kind = {"int": int, "float": float, "str": str}.get(str(f.type).split(" |")[0], str)
-            ap.add_argument(flag, type=kind, default=None)
+    add_settings_flags(ap)
     a = ap.parse_args(argv)
-    over = {
-        f.name: getattr(a, f.name)
-        for f in dataclasses.fields(PretrainSettings)
-        if getattr(a, f.name) is not None
-    }
-    settings = PretrainSettings(**over)
+    settings = from_flags(a)
     sources = [s if "://" in s else os.path.abspath(s) for s in a.source]  # the run's identity uses them
     res = pretrain(sources, a.out, settings, on_step=_print_step)
     if int(os.environ.get("RANK", "0")) == 0:

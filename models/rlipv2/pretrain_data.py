@@ -16,7 +16,8 @@ class PretrainDataset(torch.utils.data.Dataset):
     every source that has confidences; rank r takes the contiguous block [r*N//W, (r+1)*N//W) of the N kept
     images in source and file order).
 
-    Training indexes its data (a seeded permutation per epoch, resumable at any step), so this rank's image
+    `frequencies`: RelationDataset.class_frequencies() of the sources (all ranks' images), which the training loop
+    samples negative texts from. Training indexes its data (a seeded permutation per epoch, resumable at any step), so this rank's image
     records are read once, streamed, and held in memory: boxes, texts and relations, never pixels (those are
     decoded per batch). For Objects365 on 8 ranks that is ~210k records per rank.
     """
@@ -31,12 +32,13 @@ class PretrainDataset(torch.utils.data.Dataset):
         rank: int = 0,
         world_size: int = 1,
     ):
-        self.images = list(
-            RelationDataset(
-                list(sources), eta=eta, rule=rule, overlap_filter=overlap_filter, max_relations=max_relations,
-                rank=rank, world_size=world_size,
-            )
+        rd = RelationDataset(
+            list(sources), eta=eta, rule=rule, overlap_filter=overlap_filter, max_relations=max_relations,
+            rank=rank, world_size=world_size,
         )  # fmt: skip
+        # name frequencies over every rank's images, for the negative texts of Label Sequence Extension
+        self.frequencies = rd.class_frequencies()
+        self.images = list(rd)
 
     def __len__(self) -> int:
         return len(self.images)

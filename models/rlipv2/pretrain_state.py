@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.rlipv2.checkpoint import save_checkpoint, save_training_state
-from models.rlipv2.model import RLIPv2ParSeD
+from models.rlipv2.checkpoint import Model, save_checkpoint, save_training_state
 from models.rlipv2.pretrain_settings import PretrainSettings
 
 CHECKPOINTS = "checkpoints"
@@ -79,7 +78,7 @@ class CheckpointStore:
     def path(self, entry: dict) -> Path:
         return self.root / entry["dir"]
 
-    def save(self, model: RLIPv2ParSeD, state: dict, identity: str, keep: int, info: dict) -> dict:
+    def save(self, model: Model, state: dict, identity: str, keep: int, info: dict) -> dict:
         from storage.atomic import write_json
 
         step = state["step"]
