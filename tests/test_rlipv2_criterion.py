@@ -408,3 +408,25 @@ def test_model_outputs_feed_the_criterion_with_pre_fusion_phrases(tiny_model):
                     torch.tensor([0]), torch.tensor([1]), torch.tensor([[1.0, 0.0, 0.0]]))  # fmt: skip
     terms = Criterion(LossSettings())(out, [t, t])
     assert torch.isfinite(terms["loss"]) and "loss_verb_ce_1" in terms
+
+
+def test_gradcheck_in_double():
+    """Analytic gradients of the total against finite differences (float64): logits and the pre-fusion phrases
+    with the default objective; boxes without the quality labels (those are read without gradient, as the
+    reference reads them from its no-grad matcher, so finite differences would see them move)."""
+    outputs, targets = fixed_batch(0)
+
+    def total(settings, **over):
+        return lambda *xs: Criterion(settings)(dict(outputs, **dict(zip(over, xs))), targets)["loss"]
+
+    keys = ("sub_logits", "rel_logits", "rel_phrases")
+    xs = [outputs[k].clone().requires_grad_(True) for k in keys]
+    assert torch.autograd.gradcheck(
+        total(LossSettings(), **dict.fromkeys(keys)), xs, eps=1e-6, atol=1e-6, fast_mode=True
+    )
+    keys = ("sub_boxes", "obj_boxes")
+    xs = [outputs[k].clone().requires_grad_(True) for k in keys]
+    hard = LossSettings(giou_verb_label=False, pseudo_verb=False)
+    assert torch.autograd.gradcheck(
+        total(hard, **dict.fromkeys(keys)), xs, eps=1e-6, atol=1e-6, fast_mode=True
+    )
