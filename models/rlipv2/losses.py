@@ -1,4 +1,5 @@
-"""Losses of Eq. 6: L1 (2.5) + GIoU (1) on subject/object boxes, CE (1) on their classes, focal (1) on relations."""
+"""R-Tagger training losses (Eq. 6): L1 (2.5) + GIoU (1) on subject/object boxes, CE (1) on their classes, focal
+(1) on relations. Pre-training uses the reference's objective instead (models/rlipv2/criterion.py)."""
 
 from __future__ import annotations
 
