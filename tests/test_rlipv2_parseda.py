@@ -312,3 +312,25 @@ def test_config_refuses_what_the_reference_cannot_run():
         ParSeDAConfig(fusion_gating="SXAc")
     with pytest.raises(ValueError, match="3 fusion rounds but 2 decoder layers"):
         ParSeDAConfig(dec_layers=2)
+
+
+def test_converter_refuses_a_parsed_checkpoint_with_another_fusion_gate(tmp_path):
+    """The reference's ParSeD pre-training passes --gating_mechanism VXAc: no extra tensors, so without this
+    check such a checkpoint would load into reltag's ParSeD (the R-Tagger's per-channel gate) and compute
+    something else."""
+    from transformers import RobertaConfig
+
+    from models.rlipv2.convert import convert_reference
+    from models.rlipv2.tokenizer import build_word_tokenizer
+    from tests.rlipv2_reference import TINY, reference_state_dict
+    from tests.test_rlipv2_parity import reference_args as parsed_args
+
+    RobertaConfig(**TINY.text_config()).save_pretrained(str(tmp_path))
+    build_word_tokenizer(ENTITIES, tmp_path)
+    sd = reference_state_dict(TINY, seed=1)
+    args = parsed_args()
+    args.gating_mechanism = "VXAc"
+    with pytest.raises(ValueError, match="args.gating_mechanism = 'VXAc'"):
+        convert_reference(dict(sd), args, str(tmp_path), [])
+    args.gating_mechanism = "GLIP"  # main.py's default, the released tagger's
+    assert type(convert_reference(dict(sd), args, str(tmp_path), [])).__name__ == "RLIPv2ParSeD"

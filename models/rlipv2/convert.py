@@ -130,9 +130,15 @@ def config_from_reference(
         "clamp_min_for_underflow": (False, "fusion score clamping is not implemented"),
         "clamp_max_for_overflow": (False, "fusion score clamping is not implemented"),
     }
+    gating = a.get("gating_mechanism", "GLIP")  # main.py's default
+    if model == "parsed" and gating != "GLIP":
+        # the reference's ParSeD pre-training passes --gating_mechanism VXAc; reltag's ParSeD is the R-Tagger's
+        raise ValueError(
+            f"reference args.gating_mechanism = {gating!r}, reltag's RLIPv2-ParSeD has the R-Tagger's 'GLIP' gate "
+            f"(per-channel gammas); another gate would load without error and compute something else"
+        )
     if model == "parseda":
         refusals.update(_PARSEDA_REFUSALS)
-        gating = a.get("gating_mechanism", "GLIP")
         if gating not in FUSION_GATINGS:
             raise ValueError(
                 f"reference args.gating_mechanism = {gating!r}, reltag implements {list(FUSION_GATINGS)}: the "
