@@ -360,6 +360,32 @@ def test_torchrun_command_carries_every_setting():
     assert cmd[cmd.index("--source") + 1] == VG and cmd[cmd.index("--device") + 1] == "cuda"
 
 
+def test_cli_model_flag_and_loss_settings_reach_the_settings(tmp_path):
+    from flows.cli import build_parser
+    from flows.pretrain import params_from_cli
+
+    ap = build_parser()
+    p = params_from_cli(ap.parse_args(["pretrain", "--source", VG, "--out", str(tmp_path), "--tiny"]))
+    assert p.settings.model == "parseda" and p.settings.batch_size == 4
+    p = params_from_cli(
+        ap.parse_args(["pretrain", "--source", VG, "--out", str(tmp_path), "--model", "parsed"])
+    )
+    assert p.settings.model == "parsed" and p.settings.batch_size == 8
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("model: parsed\nloss:\n  eos_coef: 0.2\n  pseudo_verb: false\n")
+    p = params_from_cli(
+        ap.parse_args(["pretrain", "--source", VG, "--out", str(tmp_path), "--config", str(cfg)])
+    )
+    assert (p.settings.model, p.settings.loss.eos_coef, p.settings.loss.pseudo_verb) == ("parsed", 0.2, False)
+    cfg.write_text("loss:\n  eos_coeff: 0.2\n")
+    with pytest.raises(ValueError, match=r"unknown loss fields \['eos_coeff'\]"):
+        params_from_cli(
+            ap.parse_args(["pretrain", "--source", VG, "--out", str(tmp_path), "--config", str(cfg)])
+        )
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        ap.parse_args(["pretrain", "--source", VG, "--out", str(tmp_path), "--model", "detr"])
+
+
 def test_cli_refuses_bad_input_in_one_line_before_prefect_starts(tmp_path, capsys):
     from flows.cli import main
 
