@@ -458,7 +458,7 @@ def test_on_in_the_flow_resumes_mid_stage_and_tags_the_region_candidates(
     funnel = {f["stage"]: f for f in summary["funnel"]}
     assert funnel["region_captions"]["count"] == regions["region_captions"]
     assert funnel["region_new_candidates"]["count"] == regions["new_candidates"]
-    assert summary["stages"]["tag"]["region_candidates_tagged"] == regions["new_candidates"]
+    assert summary["stages"]["tag"]["candidates_from_region"] == regions["new_candidates"]
 
     # tagged and labelled: greedy tags every candidate; region rows carry negative caption ids, no source ids
     tags = pq.read_table(os.path.join(run.base, "tags", run.key("tag"))).to_pylist()

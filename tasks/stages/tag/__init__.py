@@ -103,7 +103,7 @@ def _stage_batch(ctx: RunContext, shard: int, batch: int) -> StageOutput:
     candidates, from_region = stage_candidates(ctx, shard, batch)
     out = TAGGERS[ctx.config.tag.tagger].run(ctx, batch_images(ctx, shard, batch), candidates)
     out.stats.put("tag_rows", Count(len(out.rows)))  # counted here, for every tagger: the funnel reads it
-    out.stats.put("region_candidates_tagged", Count(from_region))
+    out.stats.put("candidates_from_region", Count(from_region))
     return out
 
 
