@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from models.rlipv2.criterion import Criterion, LossSettings, PairTargets, pseudo_labels
+from models.rlipv2.criterion import Criterion, LossSettings, PairTargets, pseudo_labels, relation_similarity
 from models.rlipv2.label_sequence import batch_texts, extend_texts, split_lengths, text_frequencies
 from tests import rlipv2_loss_reference as ref
 
@@ -103,7 +103,7 @@ def test_the_fixed_batch_exercises_pseudo_labels_and_unmatched_slots():
     """Guards the parity test's power: pseudo-labels are non-zero on this batch, so dropping them changes
     loss_verb_ce; with 5 slots and at most 3 pairs, "no objects" slots exist."""
     outputs, targets = fixed_batch(0)
-    pl = pseudo_labels(outputs["rel_phrases"][0], torch.cat([t.rels for t in targets]))
+    pl = pseudo_labels(relation_similarity(outputs["rel_phrases"][0]), torch.cat([t.rels for t in targets]))
     assert (pl > 0).any()
     with_pl = Criterion(LossSettings())(outputs, targets)["loss_verb_ce"]
     without = Criterion(LossSettings(pseudo_verb=False))(outputs, targets)["loss_verb_ce"]
@@ -122,7 +122,7 @@ def test_summaries_add_up_to_the_total():
 def test_pseudo_labels_match_the_reference():
     outputs, targets = fixed_batch(1)
     rels = torch.cat([t.rels for t in targets])
-    got = pseudo_labels(outputs["rel_phrases"][0], rels, 0.3)
+    got = pseudo_labels(relation_similarity(outputs["rel_phrases"][0]), rels, 0.3)
     want = torch.tensor(
         ref.pseudo_labels(outputs["rel_phrases"][0].tolist(), rels.tolist(), 0.3), dtype=torch.float64
     )
@@ -430,3 +430,20 @@ def test_gradcheck_in_double():
     assert torch.autograd.gradcheck(
         total(hard, **dict.fromkeys(keys)), xs, eps=1e-6, atol=1e-6, fast_mode=True
     )
+
+
+def test_images_with_their_own_relation_features_get_their_own_pseudo_labels():
+    """reltag's per-image texts: image 1's pseudo-labels come from its own features, not image 0's (the
+    similarity matrix is reused only when an image's valid features equal the previous image's)."""
+    outputs, targets = fixed_batch(0)
+    other = torch.randn(TR, R, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    own = pseudo_labels(relation_similarity(other), targets[1].rels)
+    shared = pseudo_labels(relation_similarity(outputs["rel_phrases"][0]), targets[1].rels)
+    assert not torch.equal(own, shared)
+    mixed = dict(outputs, rel_phrases=torch.stack([outputs["rel_phrases"][0], other]))
+    got = Criterion(LossSettings())(mixed, targets)["loss_verb_ce"]
+    base = Criterion(LossSettings())(outputs, targets)["loss_verb_ce"]
+    assert abs(float(got - base)) > 1e-6
+    # and image 0 alone is unaffected by image 1's features: swap them and image 0's labels follow its own
+    swapped = dict(outputs, rel_phrases=torch.stack([other, outputs["rel_phrases"][0]]))
+    assert abs(float(Criterion(LossSettings())(swapped, targets)["loss_verb_ce"] - got)) > 1e-6

@@ -18,7 +18,7 @@ Per decoder layer (the last one and, with aux_loss, every earlier one, each matc
   of the matched boxes, 0 for unmatched slots (hoi.py loss_verb_labels, _soft_neg_loss); without it CornerNet's
   focal loss on the hard labels (_neg_loss). p = sigmoid(logit) clamped to [1e-6, 1 - 1e-6].
 - Relation Pseudo-Labels (hoi.py RLIP_ParSeD.forward, pseudo_verb_mode "online"): d = Euclidean distances
-  (torch.pairwise_distance, eps 1e-6) between the relation texts' phrase features before fusion, similarity
+  (with torch.pairwise_distance's eps 1e-6) between the relation texts' phrase features before fusion, similarity
   s[i, j] = max_k d[i, k] - d[i, j]; per pair t = y @ s divided by its maximum, its own labels set to 0, kept
   where > 0.3. Not detached: as in the reference, the text encoder gets gradient through them.
 """
@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from models.rlipv2.boxes import cxcywh_to_xyxy, generalized_box_iou
 from models.rlipv2.label_sequence import SAMPLING_STRATEGIES
@@ -103,18 +102,23 @@ class PairTargets:
     rels: torch.Tensor
 
 
-def pseudo_labels(phrases: torch.Tensor, rels: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
+def relation_similarity(phrases: torch.Tensor) -> torch.Tensor:
+    """The reference's relation-text similarity: s[i, j] = max_k d[i, k] - d[i, j], d[i, j] = ||x_i - x_j + 1e-6||
+    (torch.pairwise_distance's eps, the reference's metric; here pairwise by cdist without the matmul shortcut,
+    which would lose the near-zero diagonal to cancellation). phrases Tensor[Tr, R] -> Tensor[Tr, Tr]."""
+    x = phrases[None]
+    d = torch.cdist(x + 1e-6, x, p=2, compute_mode="donot_use_mm_for_euclid_dist")[0]
+    return d.max(-1, keepdim=True).values - d
+
+
+def pseudo_labels(sim: torch.Tensor, rels: torch.Tensor, threshold: float = 0.3) -> torch.Tensor:
     """Relation Pseudo-Labels of one image's pairs (the reference's target_verb_sim).
 
-    Args: phrases Tensor[Tr, R] the relation texts' features before fusion; rels Tensor[P, Tr] multi-hot.
+    Args: sim Tensor[Tr, Tr] (relation_similarity of the relation texts' features before fusion); rels
+        Tensor[P, Tr] multi-hot.
     Returns: Tensor[P, Tr], 0 on each pair's own labels and below `threshold`. A pair whose similarity row is all
     0 (one relation text, or identical features) gets none (the reference divides 0 by 0 there).
     """
-    n, r = phrases.shape
-    a = phrases[:, None, :].expand(n, n, r).reshape(-1, r)
-    b = phrases[None, :, :].expand(n, n, r).reshape(-1, r)
-    d = F.pairwise_distance(a, b, p=2).view(n, n)  # ||x_i - x_j + 1e-6||, the reference's metric
-    sim = d.max(-1, keepdim=True).values - d  # row i: how much closer j is than i's farthest text
     t = rels.to(sim.dtype) @ sim  # [P, Tr]: sum over the pair's labels i of sim[i, j]
     if t.shape[0]:
         m = t.max(-1, keepdim=True).values
@@ -177,13 +181,16 @@ class Criterion:
                 raise ValueError(
                     "criterion: pseudo_verb needs the output 'rel_phrases' (features before fusion)"
                 )
-            pseudo = []
+            pseudo, last = [], None
             for i, t in enumerate(targets):
                 v = rel_valid[i]
-                full = t.rels.new_zeros(t.rels.shape, dtype=outputs["rel_phrases"].dtype)
-                full[:, v] = pseudo_labels(
-                    outputs["rel_phrases"][i][v], t.rels[:, v], s.pseudo_verb_threshold
-                )
+                phrases = outputs["rel_phrases"][i][v]
+                # texts shared by the batch (the reference's case): one similarity matrix, as the reference
+                # computes it once from image 0's features
+                if last is None or not (torch.equal(last[0], v) and torch.equal(last[1], phrases)):
+                    last = (v, phrases, relation_similarity(phrases))
+                full = t.rels.new_zeros(t.rels.shape, dtype=phrases.dtype)
+                full[:, v] = pseudo_labels(last[2], t.rels[:, v], s.pseudo_verb_threshold)
                 pseudo.append(full)
         layers = [outputs]
         if s.aux_loss:
