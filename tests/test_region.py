@@ -477,3 +477,38 @@ def test_on_in_the_flow_resumes_mid_stage_and_tags_the_region_candidates(
     assert from_region and all(
         s is None for t in from_region for k, s in zip(t["caption_ids"], t["caption_source_ids"]) if k < 0
     )
+
+
+def test_cli_region_captions_with_tiny_blip_on_the_sample(
+    prefect_harness, tmp_path, blip_dir, capsys, monkeypatch
+):
+    """`reltag run --region-captions true`: the real BLIP loaded once from disk (region.model defaults to
+    caption.model), one caption per union box of the sample's candidate pairs, recorded with the run."""
+    from flows.cli import EXAMPLES, main
+    from flows.status import find_runs
+
+    clear_process_resources()
+    loads = []
+    real = region_mod.build_region_captioner
+    monkeypatch.setattr(region_mod, "build_region_captioner", lambda cfg: (loads.append(1), real(cfg))[1])
+    rc = main(["run", "--annotations", str(EXAMPLES / "sample_detections.json"), "--images", str(EXAMPLES / "images"),
+               "--captions", str(EXAMPLES / "sample_captions.json"), "--out", str(tmp_path / "out"), "--dataset",
+               "sample", "--caption-model", blip_dir, "--region-captions", "true", "--region-batch-size", "4",
+               "--batch-size", "2"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    (run,) = find_runs(str(tmp_path / "out"))
+    assert loads == [1]  # one load for the 3 batches of the process
+    record = json.loads(open(run.manifest).read())
+    assert record["revisions"]["region_captioner"].startswith("blip:local:")
+    link = {c["stage"]: c for c in record["chain"]}["region"]
+    assert link["settings"]["enabled"] is True and link["settings"]["num_beams"] == 3
+    cands = pq.read_table(os.path.join(run.base, "candidates", run.key("match"))).to_pylist()
+    rows = pq.read_table(os.path.join(run.base, "regions", run.key("region"))).to_pylist()
+    pairs = {(c["image_id"], frozenset((c["subject_ann_id"], c["object_ann_id"]))) for c in cands}
+    assert {(r["image_id"], frozenset((r["box_a_ann_id"], r["box_b_ann_id"]))) for r in rows} == pairs
+    assert all(
+        r["captioner"] == f"blip:{blip_dir}" and json.loads(r["sampling"])["mode"] == "beam" for r in rows
+    )
+    assert all(r["union_box"][2] > 0 and r["union_box"][3] > 0 and r["caption_id"] < 0 for r in rows)
+    stats = json.loads(open(run.run_stats).read())["stages"]["region"]
+    assert stats["region_captions"] == len({(r["image_id"], r["caption_id"]) for r in rows}) == len(pairs)
