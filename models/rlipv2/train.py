@@ -118,9 +118,8 @@ def make_batch(
         shared_texts = not denoise
     shared = None
     if shared_texts:
-        merged = entity_texts(model, [o.name for im in images for o in im.objects])[
-            :-1
-        ]  # without "no objects"
+        batch_labels = [o.name for im in images for o in im.objects]
+        merged = entity_texts(model, batch_labels)[:-1]  # the batch's class texts without "no objects"
         ent_list, predicates = batch_texts(
             [merged], [predicates], frequencies, negative_texts, sampling, generator
         )
@@ -238,7 +237,7 @@ def batch_targets(batch: TrainBatch) -> list[PairTargets]:
             sub_labels=batch.tgt_sub_labels[i, :n],
             obj_labels=batch.tgt_obj_labels[i, :n],
             rels=batch.tgt_rels[i, :n],
-        )  # fmt: skip
+        )
         for i, n in enumerate(batch.n_pairs)
     ]
 
