@@ -447,3 +447,43 @@ def test_images_with_their_own_relation_features_get_their_own_pseudo_labels():
     # and image 0 alone is unaffected by image 1's features: swap them and image 0's labels follow its own
     swapped = dict(outputs, rel_phrases=torch.stack([other, outputs["rel_phrases"][0]]))
     assert abs(float(Criterion(LossSettings())(swapped, targets)["loss_verb_ce"] - got)) > 1e-6
+
+
+@pytest.mark.parametrize("kind", ["parsed", "parseda"])
+def test_both_models_train_through_the_same_outputs(kind):
+    """RLIPv2-ParSeD and RLIPv2-ParSeDA: detect_loss gives finite terms on every layer, and the aux losses reach
+    parameters the last layer alone does not (the earlier layers' box heads)."""
+    from models.rlipv2.checkpoint import MODELS
+    from models.rlipv2.data import load_vg
+    from models.rlipv2.tokenizer import build_word_tokenizer
+    from models.rlipv2.train import detect_loss, make_batch, tiny_config
+
+    vg = os.path.join(os.path.dirname(__file__), "..", "examples", "vg_tiny", "relationships.json")
+    every = load_vg(vg)
+    freq = text_frequencies(every)
+    cfg_cls, model_cls = MODELS[kind]
+    cfg = cfg_cls.from_dict(tiny_config(entity_names=[], n_q=8).to_dict())
+    torch.manual_seed(0)
+    model = model_cls(
+        cfg, build_word_tokenizer(freq["object_names"] + freq["relationship_names"] + ["no objects"])
+    )
+    model.train()
+    images = every[:2]
+    preds = list(dict.fromkeys(r.predicate for im in images for r in im.relationships))
+    batch = make_batch(model, images, os.path.dirname(vg), preds, torch.Generator().manual_seed(0), denoise=False,
+                       frequencies=freq, negative_texts=12)  # fmt: skip
+
+    def grads(settings):
+        model.zero_grad(set_to_none=True)
+        terms = detect_loss(model, batch, settings)
+        assert all(torch.isfinite(v) for v in terms.values()), {k: float(v) for k, v in terms.items()}
+        terms["loss"].backward()
+        return terms, {
+            n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+        }
+
+    terms, with_aux = grads(LossSettings())
+    assert {f"loss_verb_ce_{i}" for i in range(cfg.dec_layers - 1)} <= set(terms)
+    _, last_only = grads(LossSettings(aux_loss=False))
+    assert last_only < with_aux, sorted(with_aux - last_only)[:5]
+    assert any("text_encoder" in n for n in with_aux)
