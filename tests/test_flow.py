@@ -127,7 +127,7 @@ def test_a_failed_batch_fails_the_flow_and_only_it_is_redone(prefect_harness, tm
     calls.clear()
     monkeypatch.setattr(pipeline, "compute", lambda *a: (calls.append(a[1:]), real(*a))[1])
     label_dataset(params)
-    assert calls == [("parse", 0, 2), ("match", 0, 2), ("tag", 0, 2), ("threshold", 0, 2)]
+    assert calls == [("parse", 0, 2), ("match", 0, 2), ("region", 0, 2), ("tag", 0, 2), ("threshold", 0, 2)]
     after = _done_markers(params.out)
     assert {k: v for k, v in after.items() if k in before} == before  # finished units untouched
     assert after["parse/shard-00000/batch-00002.done.json"]["attempts"] == 2
