@@ -141,6 +141,21 @@ def test_relations_naming_the_pairs_classes_become_candidates_of_that_pair_only(
     assert out.stats["new_candidates"] == 1 and out.stats["new_pairs"] == 0  # (11, 12) was a match pair
 
 
+def test_reference_mode_matches_against_the_pairs_classes_only_too(tmp_path, o365):
+    im = _image(tmp_path)
+    cap = Scripted(
+        {frozenset({11, 12}): "a man riding a horse", frozenset({11, 13}): "a dog next to a horse"}
+    )
+    cands = [_cand(1, 11, 12, "near"), _cand(1, 11, 13, "with", o_cat=DOG, o_lab="Dog")]
+    out = region_batch(
+        [im], cands, cap, str(tmp_path), RegionConfig(enabled=True), ParseConfig(), MatchConfig(mode="reference"),
+        o365,
+    )  # fmt: skip
+    got = [(r.box_a_ann_id, r.box_b_ann_id, r.subject_ann_id, r.object_ann_id, r.relation) for r in out.rows]
+    assert got == [(11, 12, 11, 12, "riding"), (11, 13, None, None, None)]
+    assert {r.subject_rule for r in out.rows if r.relation} == {"reference"}
+
+
 def test_the_reversed_orientation_is_a_candidate_of_the_reversed_pair(tmp_path, o365):
     im = _image(tmp_path)
     cap = Scripted({frozenset({11, 12}): "a horse standing next to a man"})
