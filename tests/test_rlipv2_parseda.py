@@ -287,8 +287,19 @@ def test_checkpoint_round_trip_says_which_model(converted, tmp_path):
     own = converted.state_dict()
     assert all(torch.equal(v, own[k]) for k, v in loaded.state_dict().items())
     stored = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
-    with pytest.raises(ValueError, match="unknown keys"):  # a ParSeD-only reader (the tag stage) refuses it
+    with pytest.raises(ValueError, match="unknown keys"):  # a ParSeD-only reader refuses it
         RLIPv2Config.from_dict(stored)
+    # the tagger and the tag stage refuse it by name, before loading anything
+    from models.rlipv2.tagger import load_tagger
+    from tasks.config import TagConfig
+    from tasks.stages.tag.rtagger import RTaggerRunner
+
+    with pytest.raises(
+        ValueError, match="holds an RLIPv2-ParSeDA model .* needs an RLIPv2-ParSeD checkpoint"
+    ):
+        load_tagger(tmp_path / "a")
+    with pytest.raises(ValueError, match="holds an RLIPv2-ParSeDA model"):
+        RTaggerRunner.from_config(TagConfig(tagger="rtagger", checkpoint=str(tmp_path / "a")))
     stored["model"] = "parsed"  # a config file that contradicts the weights' stamp
     (tmp_path / "a" / CONFIG_NAME).write_text(json.dumps(stored))
     with pytest.raises(ValueError, match="written by 'parseda'"):

@@ -93,6 +93,18 @@ def checkpoint_model(ckpt_dir: str | Path) -> str:
     return kind
 
 
+def require_tagger_checkpoint(ckpt_dir: str | Path) -> None:
+    """Refuse, by name, a checkpoint that is not an R-Tagger's: the tagger is RLIPv2-ParSeD fed with boxes;
+    a ParSeDA checkpoint (pre-training, DAB queries) cannot score given pairs."""
+    kind = checkpoint_model(ckpt_dir)
+    if kind != "parsed":
+        raise ValueError(
+            f"checkpoint {str(ckpt_dir)!r} holds an RLIPv2-ParSeDA model (a pre-training checkpoint, DAB queries), "
+            "which cannot score given box pairs; the R-Tagger needs an RLIPv2-ParSeD checkpoint (converted from "
+            "RLIPv2_Tagger.pth, or pre-trained with --model parsed)"
+        )
+
+
 def load_checkpoint(ckpt_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Model:
     """Rebuild the model (ParSeD or ParSeDA, as the config file says) from its stored config and load the weights
     strictly (missing/unexpected keys raise)."""

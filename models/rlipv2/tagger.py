@@ -263,7 +263,8 @@ class Tagger:
 
 def load_tagger(ckpt_dir: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Tagger:
     """Load a reltag checkpoint directory (converted from the reference, or trained by reltag)."""
-    from models.rlipv2.checkpoint import checkpoint_revision, load_checkpoint
+    from models.rlipv2.checkpoint import checkpoint_revision, load_checkpoint, require_tagger_checkpoint
 
+    require_tagger_checkpoint(ckpt_dir)
     model = load_checkpoint(ckpt_dir, device=device, dtype=dtype)
     return Tagger(model, checkpoint_revision(ckpt_dir))

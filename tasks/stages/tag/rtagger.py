@@ -48,12 +48,18 @@ class RTaggerRunner:
                 "models.rlipv2.checkpoint.save_checkpoint, e.g. by `python -m models.rlipv2.train`); random "
                 "initialisation would produce meaningless confidences"
             )
-        from models.rlipv2.checkpoint import CONFIG_NAME, checkpoint_revision, load_checkpoint
+        from models.rlipv2.checkpoint import (
+            CONFIG_NAME,
+            checkpoint_revision,
+            load_checkpoint,
+            require_tagger_checkpoint,
+        )
         from models.rlipv2.config import RLIPv2Config
 
         path = Path(cfg.checkpoint)
         if not (path / CONFIG_NAME).is_file():
             raise ValueError(f"TagConfig.checkpoint {cfg.checkpoint!r} has no {CONFIG_NAME}")
+        require_tagger_checkpoint(path)
 
         config_hash = RLIPv2Config.from_dict(json.loads((path / CONFIG_NAME).read_text())).hash()
         key = (str(path.resolve()), config_hash, cfg.device, cfg.dtype)
