@@ -23,7 +23,8 @@ class LabelParams(BaseModel):
     dataset: str | None = Field(
         None, description="dataset name in the output layout; default: config.dataset"
     )
-    config: PipelineConfig = PipelineConfig()
+    # a factory, not an instance made at import: stages imported later register their sections
+    config: PipelineConfig = Field(default_factory=PipelineConfig)
 
     @field_validator("annotations", "images", "out", "captions")
     @classmethod

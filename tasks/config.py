@@ -408,6 +408,10 @@ class PipelineConfig(_Frozen):
         if name in type(self).model_fields:
             return getattr(self, name)
         extra = self.__pydantic_extra__ or {}
+        if name not in extra and name in _SECTIONS:
+            # a config built before its stage registered the section (a default made at import time): the
+            # section's defaults, as validation would have filled them
+            return _SECTIONS[name]()
         if name not in extra:
             raise ValueError(
                 f"config has no section {name!r}; sections are {[*type(self).model_fields, *extra]}"

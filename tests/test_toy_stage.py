@@ -203,3 +203,23 @@ def _fields(st: Stage) -> dict:
     import dataclasses
 
     return {f.name: getattr(st, f.name) for f in dataclasses.fields(st)}
+
+
+def test_a_config_built_before_a_section_was_registered_gets_its_defaults():
+    """A PipelineConfig made at import time (a flow parameter's default, before the stages registered their
+    sections) answers a registered section with its defaults instead of failing in a worker."""
+    from pydantic import BaseModel
+
+    from tasks.config import PipelineConfig, register_section, unregister_section
+
+    class LateConfig(BaseModel):
+        level: int = 3
+
+    early = PipelineConfig()
+    register_section("late_toy", LateConfig)
+    try:
+        assert early.section("late_toy") == LateConfig()
+        with pytest.raises(ValueError, match="config has no section 'never_registered'"):
+            early.section("never_registered")
+    finally:
+        unregister_section("late_toy")
