@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.ms_deform_attn import MSDeformAttn
-from models.rlipv2.backbone import Backbone, downsample_mask, input_projections, sine_position_encoding
+from models.rlipv2.backbone import Backbone, input_projections
 from models.rlipv2.boxes import inverse_sigmoid
 from models.rlipv2.config import ParSeDAConfig
 from models.rlipv2.layers import MLP, BiAttentionBlock, DecoderLayer, FeatureResizer, VLFuse
@@ -36,8 +36,7 @@ from models.rlipv2.model import (
     DecoderOutput,
     EncodedImages,
     Encoder,
-    _encoder_reference_points,
-    _valid_ratio,
+    FusedEncoding,
 )
 from models.rlipv2.text import PhraseCache, build_roberta, roberta_config
 
@@ -159,7 +158,7 @@ class ParSeDATransformer(nn.Module):
         self.resizer = FeatureResizer(text_conf.hidden_size, d, 0.1)  # expander_dropout 0.1 in the reference
 
 
-class RLIPv2ParSeDA(nn.Module):
+class RLIPv2ParSeDA(FusedEncoding, nn.Module):
     """RLIPv2-ParSeDA with learned DAB queries: same encode() / decode() contract as RLIPv2ParSeD, so the same
     training code (Hungarian matching, losses) trains both. There is no R-Tagger mode (the released tagger is a
     ParSeD): decode() refuses query boxes.
@@ -198,97 +197,9 @@ class RLIPv2ParSeDA(nn.Module):
         for m in (self.sub_bbox_embed[0], self.obj_bbox_embed[0]):
             nn.init.constant_(m.layers[-1].bias[2:], -2.0)  # the first layer's sizes start at sigmoid(-2)
 
-    def train(self, mode: bool = True):
-        if mode:
-            self.phrase_cache.clear()  # weights will change: cached phrase features would go stale
-        return super().train(mode)
-
-    # ---------------------------------------------------------------- encoder
-    def phrase_features(self, texts: list[str], use_cache: bool | None = None) -> torch.Tensor:
-        """Pooled RoBERTa features, Tensor[n, R]; cached when not training and no grad (use_cache None)."""
-        if use_cache is None:
-            use_cache = not self.training and not torch.is_grad_enabled()
-        return self.phrase_cache.encode(
-            self.transformer.text_encoder, self.tokenizer, texts, self.cfg.max_text_tokens, use_cache
-        )
-
-    def encode(
-        self,
-        pixel_values: torch.Tensor,
-        pixel_mask: torch.Tensor,
-        entity_texts: list[list[str]],
-        rel_texts: list[list[str]],
-        use_phrase_cache: bool | None = None,
-    ) -> EncodedImages:
-        """Args: pixel_values Tensor[B, 3, H, W] normalised; pixel_mask Tensor[B, H, W] bool, True on padding;
-        entity_texts per image (labels ..., "no objects" last); rel_texts per image (may be empty)."""
-        b = pixel_values.shape[0]
-        if len(entity_texts) != b or len(rel_texts) != b:
-            raise ValueError(
-                f"encode: {b} images but {len(entity_texts)} entity and {len(rel_texts)} relation text lists"
-            )
-        d = self.cfg.d_model
-        feats = self.backbone[0].body(pixel_values)
-        srcs, masks = [], []
-        for lvl, f in enumerate(feats):
-            srcs.append(self.input_proj[lvl](f))
-            masks.append(downsample_mask(pixel_mask, f.shape[-2:]))
-        extra = self.input_proj[len(feats)](feats[-1])  # level 4 from the raw last ResNet map
-        srcs.append(extra)
-        masks.append(downsample_mask(pixel_mask, extra.shape[-2:]))
-        flat_src, flat_pos, flat_mask, shapes = [], [], [], []
-        for lvl, (src, mask) in enumerate(zip(srcs, masks)):
-            shapes.append(tuple(src.shape[-2:]))
-            pos = sine_position_encoding(mask, d).to(src.dtype)
-            flat_src.append(src.flatten(2).transpose(1, 2))  # [B, d, H, W] -> [B, H*W, d]
-            flat_pos.append(pos.flatten(2).transpose(1, 2) + self.transformer.level_embed[lvl])
-            flat_mask.append(mask.flatten(1))
-        src, pos, mask_flat = torch.cat(flat_src, 1), torch.cat(flat_pos, 1), torch.cat(flat_mask, 1)
-        device = src.device
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
-        level_start_index = torch.cat(
-            [spatial_shapes.new_zeros(1), (spatial_shapes[:, 0] * spatial_shapes[:, 1]).cumsum(0)[:-1]]
-        )
-        valid_ratios32 = torch.stack([_valid_ratio(m) for m in masks], 1)
-        ref = _encoder_reference_points(spatial_shapes, valid_ratios32, device).to(src.dtype)
-        lang, lang_mask, n_ent = self._phrases(entity_texts, rel_texts, src.dtype, device, use_phrase_cache)
-        memory, text = self.transformer.encoder(
-            src, pos, mask_flat, ref, spatial_shapes, level_start_index, lang, lang_mask
-        )
-        return EncodedImages(
-            memory=memory,
-            memory_mask=mask_flat,
-            spatial_shapes=spatial_shapes,
-            level_start_index=level_start_index,
-            valid_ratios=valid_ratios32.to(src.dtype),
-            text=self.transformer.resizer(text),
-            n_entity=n_ent,
-            entity_mask=lang_mask[:, :n_ent],
-            rel_mask=lang_mask[:, n_ent:],
-            phrases=lang,  # before fusion: the criterion's Relation Pseudo-Labels read the relation part
-        )
-
-    def _phrases(self, entity_texts, rel_texts, dtype, device, use_cache):
-        """Pooled features laid out [B, Te_max + Tr_max, R] (entities, then relations) with a pad mask."""
-        unique = list(dict.fromkeys(t for row in entity_texts + rel_texts for t in row))
-        index = {t: i for i, t in enumerate(unique)}
-        feats = self.phrase_features(unique, use_cache).to(dtype)  # [U, R]
-        n_ent = max(len(r) for r in entity_texts)
-        n_rel = max((len(r) for r in rel_texts), default=0)
-        b = len(entity_texts)
-        idx = torch.zeros(b, n_ent + n_rel, dtype=torch.long, device=device)
-        mask = torch.ones(b, n_ent + n_rel, dtype=torch.bool, device=device)
-        for i, (ents, rels) in enumerate(zip(entity_texts, rel_texts)):
-            if not ents:
-                raise ValueError(
-                    f"encode: image {i} of the batch has no entity texts (needs at least 'no objects')"
-                )
-            idx[i, : len(ents)] = torch.tensor([index[t] for t in ents], device=device)
-            mask[i, : len(ents)] = False
-            if rels:
-                idx[i, n_ent : n_ent + len(rels)] = torch.tensor([index[t] for t in rels], device=device)
-                mask[i, n_ent : n_ent + len(rels)] = False
-        return feats[idx], mask, n_ent
+    @property
+    def fused_encoder(self) -> nn.Module:
+        return self.transformer.encoder
 
     # ---------------------------------------------------------------- decoders
     def decode(
