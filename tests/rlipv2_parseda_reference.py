@@ -37,6 +37,7 @@ from tests.rlipv2_reference import (
     _resnet,
     _sine_pos,
     _std_for,
+    random_state_dict,
     reference_key_table,
 )
 
@@ -181,25 +182,7 @@ def _std_for_a(key: str, shape: tuple[int, ...], kind: str) -> tuple[str, float,
 
 def reference_state_dict_parseda(sizes: SizesA = TINY_A, seed: int = 0) -> dict[str, torch.Tensor]:
     """A random float32 state dict laid out exactly as a ParSeDA checkpoint's 'model' dict (aliases share)."""
-    g = torch.Generator().manual_seed(seed)
-    sd: dict[str, torch.Tensor] = {}
-    table = reference_key_table_parseda(sizes)
-    for e in table:
-        if e.kind == "alias":
-            continue
-        if e.kind == "position_ids":
-            sd[e.key] = torch.arange(e.shape[1], dtype=torch.int64)[None]
-            continue
-        dist, scale, centre = _std_for_a(e.key, e.shape, e.kind)
-        if dist == "uniform":
-            t = centre + scale * torch.rand(e.shape, generator=g, dtype=torch.float64)
-        else:
-            t = centre + scale * torch.randn(e.shape, generator=g, dtype=torch.float64)
-        sd[e.key] = t.to(torch.float32)
-    for e in table:
-        if e.kind == "alias":
-            sd[e.key] = sd[e.alias_of]
-    return {e.key: sd[e.key] for e in table}
+    return random_state_dict(reference_key_table_parseda(sizes), _std_for_a, seed)
 
 
 # ----------------------------------------------------------------------------------------- float64 re-statement

@@ -277,16 +277,21 @@ def reference_state_dict(sizes: Sizes = TINY, seed: int = 0) -> dict[str, torch.
 
     Aliased box-MLP keys hold the very tensor of the key they alias (torch.save keeps the sharing).
     """
+    return random_state_dict(reference_key_table(sizes), _std_for, seed)
+
+
+def random_state_dict(table, std_for, seed: int) -> dict[str, torch.Tensor]:
+    """Random float32 tensors for a key table (std_for(key, shape, kind) -> (dist, scale, centre)), the
+    position-ids buffer as 0..N-1, aliases sharing the tensor of the key they alias; in the table's order."""
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
-    table = reference_key_table(sizes)
     for e in table:
         if e.kind == "alias":
             continue
         if e.kind == "position_ids":
             sd[e.key] = torch.arange(e.shape[1], dtype=torch.int64)[None]
             continue
-        dist, scale, centre = _std_for(e.key, e.shape, e.kind)
+        dist, scale, centre = std_for(e.key, e.shape, e.kind)
         if dist == "uniform":
             t = centre + scale * torch.rand(e.shape, generator=g, dtype=torch.float64)
         else:
