@@ -259,6 +259,29 @@ class FusedEncoding:
                 mask[i, n_ent : n_ent + len(rels)] = False
         return feats[idx], mask, n_ent
 
+    def decoder_output(self, state, img_index, layers_out, all_layers: bool, lang_aux: bool) -> DecoderOutput:
+        """Each wanted decoder layer's boxes and its logits (`_heads`) against fusion round l (lang_aux) or the
+        last round; the last layer's are the output, the earlier ones `aux`."""
+        wanted = range(len(layers_out)) if all_layers else [len(layers_out) - 1]
+        heads = []
+        for lvl in wanted:
+            o = layers_out[lvl]
+            rnd = lvl if lang_aux else state.text.shape[0] - 1
+            (sub, obj), rel = self._heads(state, img_index, rnd, o["h_sub"], o["h_obj"], o["h_rel"])
+            heads.append(
+                {"sub_boxes": o["sub_boxes"], "obj_boxes": o["obj_boxes"], "sub_logits": sub, "obj_logits": obj,
+                 "rel_logits": rel}
+            )  # fmt: skip
+        last = heads[-1]
+        return DecoderOutput(
+            sub_boxes=last["sub_boxes"],
+            obj_boxes=last["obj_boxes"],
+            sub_logits=last["sub_logits"],
+            obj_logits=last["obj_logits"],
+            rel_logits=last["rel_logits"],
+            aux=heads[:-1],
+        )
+
 
 class RLIPv2ParSeD(FusedEncoding, nn.Module):
     """RLIPv2-ParSeD with R-Tagger queries (ground-truth boxes) or learned queries.
@@ -386,25 +409,7 @@ class RLIPv2ParSeD(FusedEncoding, nn.Module):
             ref_s = self._refine(self.sub_bbox_embed[n_dec + lvl](xv), ref_s).detach()
             ref_o = self._refine(self.obj_bbox_embed[n_dec + lvl](xv), ref_o).detach()
             layers_out[lvl]["h_rel"] = xv
-        wanted = range(len(layers_out)) if all_layers else [len(layers_out) - 1]
-        heads = []
-        for lvl in wanted:
-            o = layers_out[lvl]
-            rnd = lvl if lang_aux else state.text.shape[0] - 1
-            ent_logits, rel_logits = self._heads(state, img_index, rnd, o["h_sub"], o["h_obj"], o["h_rel"])
-            heads.append(
-                {"sub_boxes": o["sub_boxes"], "obj_boxes": o["obj_boxes"], "sub_logits": ent_logits[0],
-                 "obj_logits": ent_logits[1], "rel_logits": rel_logits}
-            )  # fmt: skip
-        last = heads[-1]
-        return DecoderOutput(
-            sub_boxes=last["sub_boxes"],
-            obj_boxes=last["obj_boxes"],
-            sub_logits=last["sub_logits"],
-            obj_logits=last["obj_logits"],
-            rel_logits=last["rel_logits"],
-            aux=heads[:-1],
-        )
+        return self.decoder_output(state, img_index, layers_out, all_layers, lang_aux)
 
     def _heads(self, state, img_index, lvl, h_sub, h_obj, h_rel):
         """Logits of decoder layer lvl against the texts of fusion round lvl (the last round if fewer rounds)."""

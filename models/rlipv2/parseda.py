@@ -262,25 +262,7 @@ class RLIPv2ParSeDA(FusedEncoding, nn.Module):
             ref_s = (self.sub_bbox_embed[n_dec + lid](xv) + inverse_sigmoid(ref_s)).sigmoid().detach()
             ref_o = (self.obj_bbox_embed[n_dec + lid](xv) + inverse_sigmoid(ref_o)).sigmoid().detach()
             layers_out[lid]["h_rel"] = xv
-        wanted = range(len(layers_out)) if all_layers else [len(layers_out) - 1]
-        heads = []
-        for lvl in wanted:
-            o = layers_out[lvl]
-            rnd = lvl if lang_aux else state.text.shape[0] - 1
-            (sub, obj), rel = self._heads(state, img_index, rnd, o["h_sub"], o["h_obj"], o["h_rel"])
-            heads.append(
-                {"sub_boxes": o["sub_boxes"], "obj_boxes": o["obj_boxes"], "sub_logits": sub, "obj_logits": obj,
-                 "rel_logits": rel}
-            )  # fmt: skip
-        last = heads[-1]
-        return DecoderOutput(
-            sub_boxes=last["sub_boxes"],
-            obj_boxes=last["obj_boxes"],
-            sub_logits=last["sub_logits"],
-            obj_logits=last["obj_logits"],
-            rel_logits=last["rel_logits"],
-            aux=heads[:-1],
-        )
+        return self.decoder_output(state, img_index, layers_out, all_layers, lang_aux)
 
     def _heads(self, state, img_index, rnd, h_sub, h_obj, h_rel):
         """Logits of a decoder layer against the texts of fusion round rnd: (h + a) . projection_text(L2norm(t)
