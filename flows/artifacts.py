@@ -67,7 +67,7 @@ def summary_markdown(summary: dict, report_link: str) -> str:
     yield_line = (
         f"Matching yield: {y['relations_with_candidates']} of {y['relations']} parsed relations became candidates "
         f"({y['yield']:.3f}); lost: " + (", ".join(f"{k} {v}" for k, v in y["lost"].items()) or "none")
-        + (f"; top synonym extensions: " + ", ".join(f"{k} ({n})" for k, n in y["extension_candidates"][:5])
+        + ("; top synonym extensions: " + ", ".join(f"{k} ({n})" for k, n in y["extension_candidates"][:5])
            if y.get("extension_candidates") else "")
         if y else "Matching yield: not recorded."
     )  # fmt: skip

@@ -51,6 +51,20 @@ def test_summary_markdown_names_the_run_its_funnel_and_what_is_missing():
     assert "| blorft | 2 | a blorft on a mat |" in md and "Widget" in md
     assert "file:///x/t/p/report/abc123.html" in md
     assert funnel_rows(_summary())[0]["dropped"] == "below_eta: 4, x|y: 1"
+    assert "Matching yield: not recorded." in md  # a run from before the yield statistics
+
+
+def test_summary_markdown_gives_the_matching_yield_and_the_top_extensions():
+    y = {
+        "relations": 10, "relations_with_candidates": 4, "yield": 0.4,
+        "lost": {"no_object_match": 5, "partitive_link": 1}, "partitive_matches": {"group": 1},
+        "extension_candidates": [["kid -> person", 3], ["table -> dining table", 1]],
+    }  # fmt: skip
+    md = summary_markdown({**_summary(), "matching_yield": y}, "r.html")
+    assert (
+        "Matching yield: 4 of 10 parsed relations became candidates (0.400); lost: no_object_match 5, "
+        "partitive_link 1; top synonym extensions: kid -> person (3), table -> dining table (1)"
+    ) in md
 
 
 def _read(keys: dict[str, str]):

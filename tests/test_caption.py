@@ -270,5 +270,7 @@ def test_the_configs_captioner_choices_are_the_registered_captioners():
 
     ann = CaptionConfig.model_fields["captioner"].annotation
     names = {str(a) for alt in typing.get_args(ann) for a in typing.get_args(alt) if isinstance(a, str)}
-    names |= {str(a) for alt in typing.get_args(ann) for x in typing.get_args(alt) for a in typing.get_args(x)}
+    names |= {
+        str(a) for alt in typing.get_args(ann) for x in typing.get_args(alt) for a in typing.get_args(x)
+    }
     assert names - {"lavis"} == set(CAPTIONERS) == {"oracle", "blip", "blip2"}

@@ -383,7 +383,9 @@ def test_run_audit_matches_an_independent_computation_from_the_parquet_outputs(
         "relations": len(parses),
         "matched": run["stages"]["match"]["relations_matched"],
         "candidate_pairs": len({(c["image_id"], c["subject_ann_id"], c["object_ann_id"]) for c in cands}),
-        **dict.fromkeys(("region_captions", "region_relations", "region_new_candidates"), 0),  # region stage off
+        **dict.fromkeys(
+            ("region_captions", "region_relations", "region_new_candidates"), 0
+        ),  # region stage off
         "tagged": len(tagged),
         "accepted": len(triplets),
     }

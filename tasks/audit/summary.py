@@ -206,7 +206,8 @@ def audit_tables(a: Mapping) -> dict[str, pa.Table]:
         ],
         "classes_without_synonyms": [{"class_name": c} for c in a["classes_without_synonyms"]],
         "extension_candidates": [
-            {"extension": k, "candidates": n} for k, n in a.get("matching_yield", {}).get("extension_candidates", [])
+            {"extension": k, "candidates": n}
+            for k, n in a.get("matching_yield", {}).get("extension_candidates", [])
         ],
         "triplets_per_image": [{"triplets": int(k), "images": n} for k, n in a["triplets_per_image"].items()],
     }
