@@ -165,6 +165,31 @@ class FusedEncoding:
     def fused_encoder(self) -> nn.Module:
         raise NotImplementedError
 
+    def _init_encoding(self, cfg, tokenizer, pretrained: bool) -> None:
+        """The modules before the transformer, in registration order (which fixes the random initialisation)."""
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.phrase_cache = PhraseCache()
+        self.backbone = nn.ModuleList([Backbone(cfg)])
+        if pretrained:
+            from models.rlipv2.backbone import load_imagenet_resnet
+
+            load_imagenet_resnet(self.backbone[0], cfg.backbone)
+        self.input_proj = input_projections(cfg, self.backbone[0].body.channels)
+
+    def _init_heads(self, cfg) -> None:
+        """The text-scored heads and the box-refinement MLPs (0..L-1 entity decoder, L..2L-1 relation decoder),
+        their last layers zero."""
+        d = cfg.d_model
+        self.projection_text = nn.Linear(d, d)
+        self.bias_obj_a = nn.Parameter(torch.zeros(d))
+        self.bias_pred_a = nn.Parameter(torch.zeros(d))
+        self.sub_bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(2 * cfg.dec_layers))
+        self.obj_bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(2 * cfg.dec_layers))
+        for m in list(self.sub_bbox_embed) + list(self.obj_bbox_embed):
+            nn.init.zeros_(m.layers[-1].weight)
+            nn.init.zeros_(m.layers[-1].bias)
+
     def train(self, mode: bool = True):
         if mode:
             self.phrase_cache.clear()  # weights will change: cached phrase features would go stale
@@ -296,28 +321,12 @@ class RLIPv2ParSeD(FusedEncoding, nn.Module):
 
     def __init__(self, cfg: RLIPv2Config, tokenizer, pretrained: bool = False):
         super().__init__()
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.phrase_cache = PhraseCache()
+        self._init_encoding(cfg, tokenizer, pretrained)
         d = cfg.d_model
-        self.backbone = nn.ModuleList([Backbone(cfg)])
-        if pretrained:
-            from models.rlipv2.backbone import load_imagenet_resnet
-
-            load_imagenet_resnet(self.backbone[0], cfg.backbone)
-        self.input_proj = input_projections(cfg, self.backbone[0].body.channels)
         self.transformer = ParSeDTransformer(cfg, pretrained)
         # learned queries (detection mode); the tagger reads only its row count, as the reference does
         self.query_embed = nn.Embedding(2 * cfg.n_q, 3 * d)
-        self.projection_text = nn.Linear(d, d)
-        self.bias_obj_a = nn.Parameter(torch.zeros(d))
-        self.bias_pred_a = nn.Parameter(torch.zeros(d))
-        # box refinement: MLPs 0..L-1 for the entity decoder, L..2L-1 for the relation decoder
-        self.sub_bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(2 * cfg.dec_layers))
-        self.obj_bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(2 * cfg.dec_layers))
-        for m in list(self.sub_bbox_embed) + list(self.obj_bbox_embed):
-            nn.init.zeros_(m.layers[-1].weight)
-            nn.init.zeros_(m.layers[-1].bias)
+        self._init_heads(cfg)
 
     @property
     def fused_encoder(self) -> nn.Module:

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.ms_deform_attn import MSDeformAttn
-from models.rlipv2.backbone import Backbone, input_projections
 from models.rlipv2.boxes import inverse_sigmoid
 from models.rlipv2.config import ParSeDAConfig
 from models.rlipv2.layers import MLP, BiAttentionBlock, DecoderLayer, FeatureResizer, VLFuse
@@ -38,7 +37,7 @@ from models.rlipv2.model import (
     Encoder,
     FusedEncoding,
 )
-from models.rlipv2.text import PhraseCache, build_roberta, roberta_config
+from models.rlipv2.text import build_roberta, roberta_config
 
 
 def box_sine_embedding(boxes: torch.Tensor, n_feats: int) -> torch.Tensor:
@@ -170,30 +169,14 @@ class RLIPv2ParSeDA(FusedEncoding, nn.Module):
         super().__init__()
         if not isinstance(cfg, ParSeDAConfig):
             raise ValueError(f"RLIPv2ParSeDA needs a ParSeDAConfig, got {type(cfg).__name__}")
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.phrase_cache = PhraseCache()
+        self._init_encoding(cfg, tokenizer, pretrained)
         d = cfg.d_model
-        self.backbone = nn.ModuleList([Backbone(cfg)])
-        if pretrained:
-            from models.rlipv2.backbone import load_imagenet_resnet
-
-            load_imagenet_resnet(self.backbone[0], cfg.backbone)
-        self.input_proj = input_projections(cfg, self.backbone[0].body.channels)
         self.transformer = ParSeDATransformer(cfg, pretrained)
         nq = 2 * cfg.n_q  # subject slots then object slots
         self.tgt_embed = nn.Embedding(nq, d)
         self.verb_tgt_embed = nn.Embedding(nq, d)
         self.refpoint_embed = nn.Embedding(nq, 4)  # anchors before the sigmoid (random_refpoints_xy off)
-        self.projection_text = nn.Linear(d, d)
-        self.bias_obj_a = nn.Parameter(torch.zeros(d))
-        self.bias_pred_a = nn.Parameter(torch.zeros(d))
-        # box refinement: MLPs 0..L-1 for the entity decoder, L..2L-1 for the relation decoder
-        self.sub_bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(2 * cfg.dec_layers))
-        self.obj_bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(2 * cfg.dec_layers))
-        for m in list(self.sub_bbox_embed) + list(self.obj_bbox_embed):
-            nn.init.zeros_(m.layers[-1].weight)
-            nn.init.zeros_(m.layers[-1].bias)
+        self._init_heads(cfg)
         for m in (self.sub_bbox_embed[0], self.obj_bbox_embed[0]):
             nn.init.constant_(m.layers[-1].bias[2:], -2.0)  # the first layer's sizes start at sigmoid(-2)
 
