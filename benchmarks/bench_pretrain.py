@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import PeakRSS, add_device_args, check_device, machine, result_path  # noqa: E402
+from benchmarks.synth import RELATION_TEXTS, class_phrases  # noqa: E402
 from models.rlipv2.checkpoint import model_kind  # noqa: E402
 from models.rlipv2.config import ParSeDAConfig, RLIPv2Config  # noqa: E402
 from models.rlipv2.criterion import LossSettings  # noqa: E402
@@ -50,12 +51,7 @@ from models.rlipv2.pretrain_settings import PretrainSettings  # noqa: E402
 from models.rlipv2.tokenizer import build_word_tokenizer  # noqa: E402
 from models.rlipv2.train import make_batch  # noqa: E402
 
-ADJ = ["red", "small", "wooden", "plastic", "glass", "metal", "paper", "leather", "baby", "traffic", "street",
-       "tennis", "soccer", "coffee", "dining", "cell", "wine", "flower", "hot", "fire"]  # fmt: skip
-NOUN = ["cup", "chair", "table", "bottle", "lamp", "sign", "light", "racket", "ball", "phone", "glass", "pot",
-        "truck", "bag", "hat", "boot", "bowl", "plate", "box", "pen"]  # fmt: skip
-VERB = ["on", "next to", "holding", "riding", "sitting on", "in front of", "behind", "wearing", "near",
-        "looking at", "carrying", "under", "above", "standing on", "in"]  # fmt: skip
+VERB = RELATION_TEXTS
 ADV = ["", "partly", "slowly", "quickly", "almost", "barely", "always", "still", "often", "never", "nearly",
        "just"]  # fmt: skip
 
@@ -63,7 +59,7 @@ ADV = ["", "partly", "slowly", "quickly", "almost", "barely", "always", "still",
 def vocabulary() -> tuple[list[str], list[str]]:
     """365 class names of one or two words (Objects365 has 365), 180 relation texts of one to three words (more
     than the 167 relation texts a step is extended to)."""
-    names = (NOUN + [f"{a} {n}" for a in ADJ for n in NOUN])[:365]
+    names = class_phrases()[:365]
     rels = [f"{a} {v}".strip() for a in ADV for v in VERB][:180]
     return names, rels
 

@@ -45,22 +45,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import PeakRSS, add_device_args, check_device, machine, result_path  # noqa: E402
+from benchmarks.synth import RELATION_TEXTS, class_phrases  # noqa: E402
 from models.rlipv2.config import RLIPv2Config  # noqa: E402
 from models.rlipv2.model import RLIPv2ParSeD  # noqa: E402
 from models.rlipv2.tagger import entity_texts, pad_images, tag_image  # noqa: E402
 from models.rlipv2.tokenizer import build_word_tokenizer  # noqa: E402
 
-ADJ = ["red", "small", "wooden", "plastic", "glass", "metal", "paper", "leather", "baby", "traffic", "street",
-       "tennis", "soccer", "coffee", "dining", "cell", "wine", "flower", "hot", "fire"]  # fmt: skip
-NOUN = ["cup", "chair", "table", "bottle", "lamp", "sign", "light", "racket", "ball", "phone", "glass", "pot",
-        "truck", "bag", "hat", "boot", "bowl", "plate", "box", "pen"]  # fmt: skip
-RELS = ["on", "next to", "holding", "riding", "sitting on", "in front of", "behind", "wearing", "near",
-        "looking at", "carrying", "under", "above", "standing on", "in"]  # fmt: skip
+RELS = RELATION_TEXTS
 
 
 def class_names() -> list[str]:
     """365 distinct synthetic class names of one or two words (Objects365 has 365 classes)."""
-    names = NOUN + [f"{a} {n}" for a in ADJ for n in NOUN]
+    names = class_phrases()
     return names[:365]
 
 

@@ -32,6 +32,21 @@ O365_NAMES = [
 ]
 
 
+#: Words of the class phrases and relation texts of the model benchmarks (bench_tagger, bench_pretrain): 20 bare
+#: nouns and 400 "adjective noun" phrases, as many distinct texts as a large vocabulary has.
+PHRASE_ADJ = ["red", "small", "wooden", "plastic", "glass", "metal", "paper", "leather", "baby", "traffic", "street",
+              "tennis", "soccer", "coffee", "dining", "cell", "wine", "flower", "hot", "fire"]  # fmt: skip
+PHRASE_NOUN = ["cup", "chair", "table", "bottle", "lamp", "sign", "light", "racket", "ball", "phone", "glass", "pot",
+               "truck", "bag", "hat", "boot", "bowl", "plate", "box", "pen"]  # fmt: skip
+RELATION_TEXTS = ["on", "next to", "holding", "riding", "sitting on", "in front of", "behind", "wearing", "near",
+                  "looking at", "carrying", "under", "above", "standing on", "in"]  # fmt: skip
+
+
+def class_phrases() -> list[str]:
+    """The 20 nouns, then every "adjective noun" (420 texts)."""
+    return PHRASE_NOUN + [f"{a} {n}" for a in PHRASE_ADJ for n in PHRASE_NOUN]
+
+
 def categories() -> list[dict]:
     import os
 
