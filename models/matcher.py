@@ -361,25 +361,17 @@ class Vocabulary:
             lemma_rule = "extension" if rule == "extension" else "lemma"
             self._lemma.setdefault(tuple(self.lemma(x) for x in w), []).append((cid, lemma_rule, p))
         self.max_words = max((len(w) for w, *_ in phrases), default=0)
-        # (category id, extension phrase) that do not name an entity with an "of" complement
-        flagged = (
-            {(e.key, e.phrase) for e in extensions(synonyms) if e.not_with_of} if extensions_on else set()
-        )
-        self._not_with_of = {
-            (c.category_id, p) for c in classes for p in c.extensions if (c.key, p) in flagged
-        }
-        # (category id, extension phrase) -> the words right before the phrase that veto it
-        after = (
-            {(e.key, e.phrase): set(e.not_after) for e in extensions(synonyms) if e.not_after}
-            if extensions_on
-            else {}
-        )
-        self._not_after = {
-            (c.category_id, p): after[(c.key, p)]
-            for c in classes
-            for p in c.extensions
-            if (c.key, p) in after
-        }
+        # the extension phrases' vetoes by (category id, phrase): no "of" complement, not right after given words
+        entries = {(e.key, e.phrase): e for e in extensions(synonyms)} if extensions_on else {}
+        self._not_with_of: set[tuple[int, str]] = set()
+        self._not_after: dict[tuple[int, str], set[str]] = {}
+        for c in classes:
+            for p in c.extensions:
+                e = entries.get((c.key, p))
+                if e is not None and e.not_with_of:
+                    self._not_with_of.add((c.category_id, p))
+                if e is not None and e.not_after:
+                    self._not_after[(c.category_id, p)] = set(e.not_after)
 
     # ---- construction ---------------------------------------------------------------------------------
     @classmethod
