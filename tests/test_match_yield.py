@@ -5,6 +5,7 @@ reference mode and its keys."""
 from __future__ import annotations
 
 import json
+from importlib import resources
 
 import pytest
 
@@ -16,12 +17,12 @@ from tasks.run import registry
 from tasks.stages.match import match_batch
 from tasks.stages.parse import parse_batch
 
-COCO = json.loads(
-    __import__("importlib.resources", fromlist=["files"])
-    .files("models.data.synonyms")
-    .joinpath("coco_object_names.json")
-    .read_text()
-)
+
+def _synonym_file(name: str):
+    return json.loads(resources.files("models.data.synonyms").joinpath(name).read_text())
+
+
+COCO = _synonym_file("coco_object_names.json")
 
 
 def _image(image_id: int, *classes: str) -> ImageRecord:
@@ -208,12 +209,7 @@ def test_partitive_list_has_no_container_and_resolves_plurals():
 
 @pytest.mark.parametrize("name", ["coco", "o365"])
 def test_every_extension_has_provenance_and_adds_something_new(name):
-    para = json.loads(
-        __import__("importlib.resources", fromlist=["files"])
-        .files("models.data.synonyms")
-        .joinpath(f"{name}_obj_paraphrase.json" if name == "o365" else "coco_obj_paraphrase.json")
-        .read_text()
-    )
+    para = _synonym_file(f"{name}_obj_paraphrase.json")
     ext = extensions(name)
     assert len(ext) >= 50
     for e in ext:
